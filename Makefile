@@ -1,0 +1,41 @@
+# The README's two commands, `make test` and `make bench`, do all set-up on a
+# fresh machine: venv, dependencies, native build, then tests or benchmarks.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEPS   := $(VENV)/.deps-installed
+EDITABLE := $(VENV)/.fastreg-editable
+export FASTREG_RESULTS_DIR ?= bench/results
+
+.PHONY: venv build test test-fast bench gpu-check clean
+
+$(DEPS): Makefile pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q 'torch>=2.6,<=2.14.1' numba numpy pybind11 ninja setuptools wheel \
+		pytest pytest-benchmark scikit-learn matplotlib
+	touch $@
+
+venv: $(DEPS)
+
+$(EDITABLE): $(DEPS) setup.py pyproject.toml
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# Editable install once, then incremental native rebuilds (ninja, in build/).
+build: $(EDITABLE)
+	$(BIN)/python setup.py -q build_ext --inplace
+
+test: build
+	$(BIN)/python -m pytest -q tests
+
+bench: build
+	$(BIN)/python -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds \
+		--benchmark-json=$(FASTREG_RESULTS_DIR)/last-run.json
+	$(BIN)/python bench/summary.py $(FASTREG_RESULTS_DIR)/last-run.json
+
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf build fastreg/_C*.so $(EDITABLE)

@@ -1,0 +1,11 @@
+"""fastreg: fused, memory-cheap regularisation kernels for PyTorch."""
+
+from fastreg import _native
+from fastreg._backend import forced_backend, set_backend, use_backend
+from fastreg.ops import rng
+
+__version__ = "0.1.0"
+
+_native.native()  # one warning at import if the native extension is missing
+
+__all__ = ["rng", "set_backend", "use_backend", "forced_backend", "__version__"]

@@ -1,0 +1,100 @@
+"""Backend selection by device, with a forced override for tests and debugging.
+
+Default: CPU tensors -> "numba"; CUDA tensors -> the family's GPU backend
+("triton" for elementwise ops, "cuda" for multi-tensor and integer-state ops).
+FASTREG_BACKEND=numba|triton|cuda|torch, or `fastreg.set_backend(...)` /
+`with fastreg.use_backend(...)`, forces one. "torch" is the pure-PyTorch
+reference and runs everywhere. "triton" on CPU tensors needs TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+from fastreg import _native
+
+BACKENDS = ("numba", "triton", "cuda", "torch")
+_state = threading.local()
+
+
+def _check_name(name: str | None, arg: str) -> None:
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"{arg} must be one of {BACKENDS} or None, got {name!r}")
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every op in this thread (None: choose by device)."""
+    _check_name(name, "backend")
+    _state.forced = name
+
+
+def forced_backend() -> str | None:
+    name = getattr(_state, "forced", None)
+    if name is not None:
+        return name
+    env = os.environ.get("FASTREG_BACKEND", "").strip() or None
+    _check_name(env, "FASTREG_BACKEND")
+    return env
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Context manager form of set_backend."""
+    _check_name(name, "backend")
+    prev = getattr(_state, "forced", None)
+    _state.forced = name
+    try:
+        yield
+    finally:
+        _state.forced = prev
+
+
+def _usable(name: str, device: torch.device) -> str | None:
+    """None if `name` can run on `device`, else the reason it cannot."""
+    if name == "torch":
+        return None
+    if name == "numba":
+        if device.type != "cpu":
+            return "numba runs on CPU tensors only"
+        return None if _native.numba_available() else "numba is not installed"
+    if name == "triton":
+        if not _native.triton_available():
+            return "triton is not installed"
+        if device.type == "cuda" or _native.triton_interpreted():
+            return None
+        return "triton needs a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors"
+    if name == "cuda":
+        if device.type != "cuda":
+            return "the cuda backend needs CUDA tensors"
+        return None if _native.native_cuda() is not None else "fastreg._C was built without CUDA"
+    return f"unknown backend {name!r}"
+
+
+def select(device: torch.device, supported: tuple[str, ...], op: str) -> str:
+    """The backend that runs `op` on `device`.
+
+    `supported` lists the backends the op implements, in order of preference
+    for that device (the first usable wins); "torch" is always implied last.
+    """
+    forced = forced_backend()
+    if forced is not None:
+        if forced != "torch" and forced not in supported:
+            raise RuntimeError(f"fastreg.{op}: backend {forced!r} is not implemented for this op")
+        why = _usable(forced, device)
+        if why is not None:
+            raise RuntimeError(f"fastreg.{op}: forced backend {forced!r} cannot run here: {why}")
+        return forced
+    for name in supported:
+        if name == "numba" and device.type != "cpu":
+            continue
+        if name in ("cuda",) and device.type != "cuda":
+            continue
+        if name == "triton" and device.type != "cuda":
+            continue  # the interpreter is for tests: only when forced
+        if _usable(name, device) is None:
+            return name
+    return "torch"

@@ -1,0 +1,1 @@
+"""torch.library op definitions, one module per family."""

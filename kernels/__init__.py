@@ -1,0 +1,1 @@
+"""Compiled kernels (installed as fastreg.kernels): triton/<family>.py and numba/<family>.py."""
