@@ -1,0 +1,1 @@
+"""Modules built on fastreg ops (one module file per family)."""

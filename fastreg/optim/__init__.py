@@ -1,0 +1,1 @@
+"""Optimizers built on fastreg kernels."""
