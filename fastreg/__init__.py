@@ -3,9 +3,11 @@
 from fastreg import _native
 from fastreg._backend import forced_backend, set_backend, use_backend
 from fastreg.ops import rng
+from fastreg.ops.dropout import dropout, dropout_add
+from fastreg import nn, optim  # noqa: E402
 
 __version__ = "0.1.0"
 
 _native.native()  # one warning at import if the native extension is missing
 
-__all__ = ["rng", "set_backend", "use_backend", "forced_backend", "__version__"]
+__all__ = ["dropout", "dropout_add", "nn", "optim", "rng", "set_backend", "use_backend", "forced_backend", "__version__"]

@@ -15,20 +15,32 @@ import torch
 SEED_LIMIT = 2**63  # seeds live in [0, 2^63): a non-negative int64
 
 
-def seed_tensor(seed, device: torch.device, op: str) -> torch.Tensor:
+def check_seed(seed, op: str) -> None:
+    """Validate a seed argument without drawing anything."""
     if seed is None:
-        return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64, device=device)
+        return
     if isinstance(seed, torch.Tensor):
         if seed.dim() != 0 or seed.dtype != torch.int64:
             raise TypeError(f"fastreg.{op}: seed tensor must be a 0-dim int64 tensor, got "
                             f"shape {tuple(seed.shape)} dtype {seed.dtype}")
-        return seed.to(device)
+        return
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"fastreg.{op}: seed must be an int in [0, 2^63) or None, got {seed!r}")
-    seed = int(seed)
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"fastreg.{op}: seed must be in [0, 2^63), got {seed}")
-    return torch.full((), seed, dtype=torch.int64, device=device)
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"fastreg.{op}: seed must be in [0, 2^63), got {int(seed)}")
+
+
+def seed_tensor(seed, device: torch.device, op: str) -> torch.Tensor:
+    """The seed as a 0-dim int64 tensor on `device` (a fresh draw for None).
+
+    A seed tensor is used as given (moved to `device`); its value is not range-checked,
+    as that would need a device sync."""
+    check_seed(seed, op)
+    if seed is None:
+        return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64, device=device)
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device)
+    return torch.full((), int(seed), dtype=torch.int64, device=device)
 
 
 def check_stream(stream, op: str) -> int:
@@ -41,5 +53,13 @@ def check_stream(stream, op: str) -> int:
 
 
 def keep_threshold(p: float) -> int:
-    """t = min(round(p * 2^32), 2^32 - 1): keep iff word >= t (p = 1 handled by callers)."""
+    """Keep iff word >= t, t = min(round(p * 2^32), 2^32 - 1) for p < 1 (round half to
+    even), and t = 2^32 for p = 1 so that nothing is kept. Kernels compare in 64 bits."""
+    if p >= 1.0:
+        return 2**32
     return min(int(round(p * 2.0**32)), 2**32 - 1)
+
+
+def dropout_scale(p: float) -> float:
+    """1 / (1 - p) in float64; 0 for p = 1 (output = input * 0, as torch does)."""
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)

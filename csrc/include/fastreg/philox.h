@@ -43,7 +43,10 @@ FASTREG_HD float uniform_from_word(uint32_t word) {
   return (static_cast<float>(word >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
 
-// Dropout keep decision: integer compare against t = min(round(p * 2^32), 2^32 - 1).
-FASTREG_HD bool keep_from_word(uint32_t word, uint32_t threshold) { return word >= threshold; }
+// Dropout keep decision: integer compare against t = min(round(p * 2^32), 2^32 - 1);
+// t = 2^32 (p = 1) keeps nothing, which is why t is 64-bit.
+FASTREG_HD bool keep_from_word(uint32_t word, uint64_t threshold) {
+  return static_cast<uint64_t>(word) >= threshold;
+}
 
 }  // namespace fastreg

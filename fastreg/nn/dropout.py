@@ -1,0 +1,41 @@
+"""fastreg.nn.Dropout: a drop-in for torch.nn.Dropout on fastreg's fused kernels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastreg._validate import check_probability
+from fastreg.ops.dropout import MASK_MODES, dropout
+
+
+class Dropout(nn.Module):
+    """Same constructor, extra_repr and eval behaviour (identity) as torch.nn.Dropout.
+
+    mask="seed" (default) saves nothing per element for backward; "bits" saves a
+    packed 1-bit mask. inplace=True writes the result back into the input
+    (input.copy_(result), recorded by autograd like any in-place op); it exists for
+    API compatibility and saves no memory over inplace=False.
+    Each call draws a fresh seed from torch's default generator for the input's
+    device, unless `seed` is given (then every call uses the same mask).
+    """
+
+    def __init__(self, p: float = 0.5, inplace: bool = False, *, mask: str = "seed", seed=None):
+        super().__init__()
+        self.p = check_probability(p, "p", "nn.Dropout")
+        if mask not in MASK_MODES:
+            raise ValueError(f"fastreg.nn.Dropout: mask must be one of {MASK_MODES}, got {mask!r}")
+        self.inplace = inplace
+        self.mask = mask
+        self.seed = seed
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = dropout(input, self.p, self.training, seed=self.seed, mask=self.mask)
+        if self.inplace and out is not input:
+            return input.copy_(out)
+        return out
+
+    def extra_repr(self) -> str:
+        extra = f", mask={self.mask}" if self.mask != "seed" else ""
+        return f"p={self.p}, inplace={self.inplace}{extra}"
+

@@ -1,0 +1,315 @@
+"""Dropout family: torch.library ops, fake kernels, autograd and dispatch.
+
+The pattern every elementwise family follows:
+
+* A public op (`torch.ops.fastreg.dropout_fwd`, ...) is a `triton_op`: its body
+  picks a backend by device (fastreg._backend.select). On CUDA (or the Triton
+  interpreter) it launches the Triton kernel through `wrap_triton`, so
+  torch.compile sees inside; on CPU it calls an opaque inner custom op
+  (`fastreg::dropout_fwd_cpu`) that runs Numba; the "torch" backend is the
+  reference composition below.
+* The seed is a 0-dim int64 tensor on the input's device (fastreg._seed), so a
+  fresh seed per call neither recompiles nor syncs; `stream` is an int.
+* Backward regenerates the mask from (seed, stream): dropout is linear in its
+  input, so its backward is the same op applied to the gradient. mask="bits"
+  saves a 1-bit packed mask instead (bit b of byte k is element 8k + b).
+* Inputs of any strides are read in logical row-major order (made contiguous);
+  outputs are contiguous.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from fastreg import _backend
+from fastreg._seed import check_seed, check_stream, dropout_scale, keep_threshold, seed_tensor
+from fastreg._validate import check_float_tensor, check_probability, check_same, compute_dtype
+from fastreg.ops.rng import words_reference
+
+BACKENDS = ("numba", "triton")
+MASK_MODES = ("seed", "bits")
+
+
+# ---------------------------------------------------------------- reference
+def dropout_multipliers_reference(n: int, seed, stream: int, p: float, dtype, device, start=0):
+    """m[i] = scale if word(start + i) >= t else 0, in the compute dtype of `dtype`."""
+    idx = torch.arange(n, dtype=torch.int64, device=device) + start
+    keep = words_reference(idx, seed, stream) >= keep_threshold(p)
+    cd = compute_dtype(dtype)
+    scale = torch.tensor(dropout_scale(p), dtype=cd, device=device)
+    return torch.where(keep, scale, torch.zeros((), dtype=cd, device=device)), keep
+
+
+def pack_bits_reference(keep: Tensor) -> Tensor:
+    """Bit b of byte k is keep[8k + b]."""
+    n = keep.numel()
+    padded = torch.zeros(((n + 7) // 8) * 8, dtype=torch.int32, device=keep.device)
+    padded[:n] = keep.to(torch.int32)
+    weights = 2 ** torch.arange(8, dtype=torch.int32, device=keep.device)
+    return (padded.view(-1, 8) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_bits_reference(bits: Tensor, n: int) -> Tensor:
+    shifts = torch.arange(8, dtype=torch.int32, device=bits.device)
+    return ((bits.to(torch.int32)[:, None] >> shifts) & 1).reshape(-1)[:n].bool()
+
+
+def dropout_reference(x: Tensor, seed, stream: int, p: float, start: int = 0):
+    """(out, keep): out = x * keep * scale computed in the compute dtype."""
+    m, keep = dropout_multipliers_reference(x.numel(), seed, stream, p, x.dtype, x.device, start)
+    out = (x.reshape(-1).to(m.dtype) * m).to(x.dtype).reshape(x.shape)
+    return out, keep.reshape(x.shape)
+
+
+# ---------------------------------------------------------------- Numba (CPU)
+def _numba_in(t: Tensor):
+    """Contiguous 1-D numpy view of t in its compute dtype."""
+    cd = compute_dtype(t.dtype)
+    return t.to(cd).contiguous().view(-1).numpy()
+
+
+def _numba_out(arr, like: Tensor) -> Tensor:
+    return torch.from_numpy(arr).to(like.dtype).view(like.shape)
+
+
+def _np_scale(p: float, dtype: torch.dtype):
+    import numpy as np
+
+    return (np.float64 if compute_dtype(dtype) == torch.float64 else np.float32)(dropout_scale(p))
+
+
+@torch.library.custom_op("fastreg::dropout_fwd_cpu", mutates_args=(), device_types="cpu")
+def _dropout_fwd_cpu(x: Tensor, seed: Tensor, stream: int, p: float,
+                     with_bits: bool) -> tuple[Tensor, Tensor]:
+    import numpy as np
+
+    from fastreg.kernels.numba import dropout as nb
+
+    n = x.numel()
+    xa = _numba_in(x)
+    out = np.empty_like(xa)
+    args = (int(seed), stream, keep_threshold(p), _np_scale(p, x.dtype), 0)
+    if with_bits:
+        bits = np.empty((n + 7) // 8, dtype=np.uint8)
+        nb.dropout_fwd_bits(xa, out, bits, *args)
+        return _numba_out(out, x), torch.from_numpy(bits)
+    nb.dropout_fwd(xa, out, *args)
+    return _numba_out(out, x), torch.empty(0, dtype=torch.uint8)
+
+
+@_dropout_fwd_cpu.register_fake
+def _(x, seed, stream, p, with_bits):
+    nbits = (x.numel() + 7) // 8 if with_bits else 0
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(nbits, dtype=torch.uint8)
+
+
+@torch.library.custom_op("fastreg::dropout_add_fwd_cpu", mutates_args=(), device_types="cpu")
+def _dropout_add_fwd_cpu(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
+    import numpy as np
+
+    from fastreg.kernels.numba import dropout as nb
+
+    xa, ra = _numba_in(x), _numba_in(residual)
+    out = np.empty_like(xa)
+    nb.dropout_add_fwd(xa, ra, out, int(seed), stream, keep_threshold(p), _np_scale(p, x.dtype), 0)
+    return _numba_out(out, x)
+
+
+@_dropout_add_fwd_cpu.register_fake
+def _(x, residual, seed, stream, p):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("fastreg::dropout_bits_apply_cpu", mutates_args=(), device_types="cpu")
+def _dropout_bits_apply_cpu(grad: Tensor, bits: Tensor, p: float) -> Tensor:
+    import numpy as np
+
+    from fastreg.kernels.numba import dropout as nb
+
+    ga = _numba_in(grad)
+    out = np.empty_like(ga)
+    nb.dropout_bits_apply(ga, bits.contiguous().numpy(), out, _np_scale(p, grad.dtype))
+    return _numba_out(out, grad)
+
+
+@_dropout_bits_apply_cpu.register_fake
+def _(grad, bits, p):
+    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+
+
+# ---------------------------------------------------------------- public ops
+def _scale_bits(p: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", dropout_scale(p)))[0]
+
+
+def _is_f64(t: Tensor) -> bool:
+    return t.dtype == torch.float64
+
+
+@triton_op("fastreg::dropout_fwd", mutates_args=())
+def dropout_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
+                with_bits: bool) -> tuple[Tensor, Tensor]:
+    """(x * keep / (1 - p), packed keep bits if with_bits else an empty uint8 tensor)."""
+    backend = _backend.select(x.device, BACKENDS, "dropout")
+    n = x.numel()
+    if backend == "numba":
+        return torch.ops.fastreg.dropout_fwd_cpu(x, seed, stream, p, with_bits)
+    if backend == "triton":
+        from fastreg.kernels.triton import dropout as tk
+
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        bits = torch.empty((n + 7) // 8 if with_bits else 0, dtype=torch.uint8, device=x.device)
+        if n > 0:
+            wrap_triton(tk.dropout_fwd_kernel)[tk.grid(n)](
+                x.contiguous(), out, bits, seed, stream, keep_threshold(p), _scale_bits(p), 0, n,
+                WITH_BITS=with_bits, COMPUTE_F64=_is_f64(x), BLOCK=tk.BLOCK)
+        return out, bits
+    out, keep = dropout_reference(x, seed, stream, p)
+    bits = pack_bits_reference(keep.reshape(-1)) if with_bits else x.new_empty(0, dtype=torch.uint8)
+    return out, bits
+
+
+@triton_op("fastreg::dropout_add_fwd", mutates_args=())
+def dropout_add_fwd(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
+    """residual + x * keep / (1 - p), in one pass."""
+    backend = _backend.select(x.device, BACKENDS, "dropout_add")
+    n = x.numel()
+    if backend == "numba":
+        return torch.ops.fastreg.dropout_add_fwd_cpu(x, residual, seed, stream, p)
+    if backend == "triton":
+        from fastreg.kernels.triton import dropout as tk
+
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if n > 0:
+            wrap_triton(tk.dropout_add_fwd_kernel)[tk.grid(n)](
+                x.contiguous(), residual.contiguous(), out, seed, stream, keep_threshold(p),
+                _scale_bits(p), 0, n, COMPUTE_F64=_is_f64(x), BLOCK=tk.BLOCK)
+        return out
+    m, _ = dropout_multipliers_reference(n, seed, stream, p, x.dtype, x.device)
+    cd = m.dtype
+    out = residual.reshape(-1).to(cd) + x.reshape(-1).to(cd) * m
+    return out.to(x.dtype).reshape(x.shape)
+
+
+@triton_op("fastreg::dropout_bits_apply", mutates_args=())
+def dropout_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
+    """grad * keep / (1 - p) with keep read from the packed mask."""
+    backend = _backend.select(grad.device, BACKENDS, "dropout")
+    n = grad.numel()
+    if backend == "numba":
+        return torch.ops.fastreg.dropout_bits_apply_cpu(grad, bits, p)
+    if backend == "triton":
+        from fastreg.kernels.triton import dropout as tk
+
+        out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+        if n > 0:
+            wrap_triton(tk.dropout_bits_apply_kernel)[tk.grid(n)](
+                grad.contiguous(), bits, out, _scale_bits(p), n, COMPUTE_F64=_is_f64(grad),
+                BLOCK=tk.BLOCK)
+        return out
+    keep = unpack_bits_reference(bits, n)
+    cd = compute_dtype(grad.dtype)
+    scale = torch.tensor(dropout_scale(p), dtype=cd, device=grad.device)
+    m = torch.where(keep, scale, torch.zeros((), dtype=cd, device=grad.device))
+    return (grad.reshape(-1).to(cd) * m).to(grad.dtype).reshape(grad.shape)
+
+
+# ---------------------------------------------------------------- autograd
+def _fwd_setup(ctx, inputs, output):
+    _, seed, stream, p, with_bits = inputs
+    bits = output[1]
+    ctx.mark_non_differentiable(bits)
+    ctx.stream, ctx.p, ctx.with_bits = stream, p, with_bits
+    ctx.save_for_backward(bits if with_bits else seed)
+
+
+def _fwd_backward(ctx, grad_out, _grad_bits):
+    (saved,) = ctx.saved_tensors
+    if ctx.with_bits:
+        g = torch.ops.fastreg.dropout_bits_apply(grad_out, saved, ctx.p)
+    else:
+        g = torch.ops.fastreg.dropout_fwd(grad_out, saved, ctx.stream, ctx.p, False)[0]
+    return g, None, None, None, None
+
+
+dropout_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+def _add_setup(ctx, inputs, output):
+    _, _, seed, stream, p = inputs
+    ctx.stream, ctx.p = stream, p
+    ctx.save_for_backward(seed)
+
+
+def _add_backward(ctx, grad_out):
+    (seed,) = ctx.saved_tensors
+    g = torch.ops.fastreg.dropout_fwd(grad_out, seed, ctx.stream, ctx.p, False)[0]
+    return g, grad_out, None, None, None
+
+
+dropout_add_fwd.register_autograd(_add_backward, setup_context=_add_setup)
+
+
+def _bits_setup(ctx, inputs, output):
+    _, bits, p = inputs
+    ctx.p = p
+    ctx.save_for_backward(bits)
+
+
+def _bits_backward(ctx, grad_out):
+    (bits,) = ctx.saved_tensors
+    return torch.ops.fastreg.dropout_bits_apply(grad_out, bits, ctx.p), None, None
+
+
+dropout_bits_apply.register_autograd(_bits_backward, setup_context=_bits_setup)
+
+
+# ---------------------------------------------------------------- Python API
+def _check_training(training, op):
+    if not isinstance(training, bool):
+        raise TypeError(f"fastreg.{op}: training must be a bool, got {training!r}")
+
+
+def dropout(input: Tensor, p: float = 0.5, training: bool = True, *, seed=None, stream: int = 0,
+            mask: str = "seed") -> Tensor:
+    """Dropout: input * keep / (1 - p), keep from the fastreg RNG spec (docs/rng.md).
+
+    seed: None draws a fresh seed from torch's default generator for input's
+    device (so torch.manual_seed makes runs reproducible); an int in [0, 2^63)
+    or a 0-dim int64 tensor fixes the mask. stream separates draws sharing a seed.
+    mask: "seed" saves nothing per element (backward regenerates the mask);
+    "bits" saves a 1-bit-per-element packed mask.
+    training=False, p=0 or an empty input return the input itself, as torch does.
+    """
+    check_float_tensor(input, "input", "dropout")
+    p = check_probability(p, "p", "dropout")
+    _check_training(training, "dropout")
+    if mask not in MASK_MODES:
+        raise ValueError(f"fastreg.dropout: mask must be one of {MASK_MODES}, got {mask!r}")
+    stream = check_stream(stream, "dropout")
+    check_seed(seed, "dropout")
+    if not training or p == 0.0 or input.numel() == 0:
+        return input  # draws no seed: eval mode leaves the generator untouched
+    seed_t = seed_tensor(seed, input.device, "dropout")
+    return torch.ops.fastreg.dropout_fwd(input, seed_t, stream, p, mask == "bits")[0]
+
+
+def dropout_add(input: Tensor, residual: Tensor, p: float = 0.5, training: bool = True, *,
+                seed=None, stream: int = 0) -> Tensor:
+    """residual + dropout(input), one pass forward and one pass backward, nothing saved
+    per element. training=False or p=0 give input + residual."""
+    check_float_tensor(input, "input", "dropout_add")
+    check_float_tensor(residual, "residual", "dropout_add")
+    check_same(input, residual, ("input", "residual"), "dropout_add")
+    p = check_probability(p, "p", "dropout_add")
+    _check_training(training, "dropout_add")
+    stream = check_stream(stream, "dropout_add")
+    check_seed(seed, "dropout_add")
+    if not training or p == 0.0 or input.numel() == 0:
+        return residual + input
+    seed_t = seed_tensor(seed, input.device, "dropout_add")
+    return torch.ops.fastreg.dropout_add_fwd(input, residual, seed_t, stream, p)
