@@ -5,6 +5,7 @@ from fastreg._backend import forced_backend, set_backend, use_backend
 from fastreg.ops import rng
 from fastreg.ops.dropout import dropout, dropout_add
 from fastreg import nn, optim  # noqa: E402
+from fastreg import adversarial  # noqa: E402  (issue 5: fastreg.adversarial.fgsm / pgd_step)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,219 @@
+"""Adversarial perturbation steps: FGSM and one projected-gradient (PGD) step, fused.
+
+    fgsm(x, grad, eps)            = clamp(x + eps * sign(grad), lo, hi)
+    pgd_step(x, x0, grad, s, eps) = clamp(proj_{||v - x0||_inf <= eps}(x + s * sign(grad)), lo, hi)
+
+Each is one pass over memory (read x, [x0,] grad; write out) on every backend.
+sign(0) = 0 and, as torch.sign does, sign(NaN) = 0: a NaN gradient takes no step.
+A NaN in x or x0 propagates to the output (torch.maximum/minimum/clamp semantics).
+
+These are attack *steps*, not layers: they are not differentiable. Their outputs
+never require grad (the autograd registration marks them non-differentiable), so
+`x_adv = fgsm(x, x.grad, eps)` is already detached, as adversarial training wants.
+
+Ops (namespace fastreg):
+    pgd_step(Tensor x, Tensor? x0, Tensor grad, float step, float eps, float lo, float hi)
+        the one public op (a triton_op: torch.compile sees the Triton kernel);
+        x0=None is FGSM. Its body dispatches by backend: Triton (CUDA, or forced
+        under TRITON_INTERPRET=1), the Numba kernel through the opaque inner op
+        adversarial_numba, or the pure-PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import struct
+
+import numpy as np
+import torch
+from torch.library import triton_op, wrap_triton
+
+from fastreg import _backend, _native
+from fastreg._validate import check_float_tensor, check_same, compute_dtype
+
+_SUPPORTED = ("numba", "triton")
+_BLOCK = 1024
+
+
+# ---------------------------------------------------------------- reference
+def pgd_step_reference(x, x0, grad, step, eps, lo=-math.inf, hi=math.inf):
+    """The oracle: plain torch, in float64 for float64 inputs and float32 otherwise.
+
+    x0=None is FGSM (no projection). Returns a contiguous tensor of x's dtype.
+    """
+    ct = compute_dtype(x.dtype)
+    d = (grad > 0).to(ct) - (grad < 0).to(ct)
+    v = x.to(ct) + step * d
+    if x0 is not None:
+        x0c = x0.to(ct)
+        v = torch.minimum(torch.maximum(v, x0c - eps), x0c + eps)
+    v = v.clamp(lo, hi)
+    return v.to(x.dtype).contiguous()
+
+
+def fgsm_reference(x, grad, eps, lo=-math.inf, hi=math.inf):
+    return pgd_step_reference(x, None, grad, eps, 0.0, lo, hi)
+
+
+# ---------------------------------------------------------------- Numba (opaque inner op)
+@torch.library.custom_op("fastreg::adversarial_numba", mutates_args=(), device_types="cpu")
+def _adversarial_numba(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor,
+                       step: float, eps: float, lo: float, hi: float) -> torch.Tensor:
+    from fastreg.kernels.numba import adversarial as nb
+
+    ct = compute_dtype(x.dtype)
+    # float16/bfloat16: Numba has no such arrays; convert around the kernel
+    # (same rounding as the reference: compute in float32, round once at the end).
+    xc = x.detach().to(ct).contiguous()
+    gc = grad.detach().to(ct).contiguous()
+    out = torch.empty(x.shape, dtype=ct)
+    npt = np.float64 if ct == torch.float64 else np.float32
+    if out.numel():
+        xa, ga, oa = xc.view(-1).numpy(), gc.view(-1).numpy(), out.view(-1).numpy()
+        if x0 is None:
+            nb.fgsm(xa, ga, oa, npt(step), npt(lo), npt(hi))
+        else:
+            x0a = x0.detach().to(ct).contiguous().view(-1).numpy()
+            nb.pgd_step(xa, x0a, ga, oa, npt(step), npt(eps), npt(lo), npt(hi))
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+@_adversarial_numba.register_fake
+def _(x, x0, grad, step, eps, lo, hi):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+# ---------------------------------------------------------------- Triton
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
+def _f64_bits(v: float) -> int:
+    """The bits of a float64 as an int64 (Triton would round a Python float to float32)."""
+    return struct.unpack("<q", struct.pack("<d", v))[0]
+
+
+def _pgd_triton(x, x0, grad, step, eps, lo, hi):
+    from fastreg.kernels.triton.adversarial import pgd_kernel
+
+    if _native.triton_interpreted() and _is_fake(x):
+        # The interpreter cannot be traced (wrap_triton hands back the plain Python
+        # kernel): while tracing CPU tensors, record the reference, which computes
+        # the same values. Compiled Triton on CUDA is traced as a kernel call.
+        return pgd_step_reference(x, x0, grad, step, eps, lo, hi)
+    x = x.contiguous()
+    grad = grad.contiguous()
+    x0c = x if x0 is None else x0.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n = x.numel()
+    if n:
+        grid = ((n + _BLOCK - 1) // _BLOCK,)
+        wrap_triton(pgd_kernel)[grid](x, x0c, grad, out, n, _f64_bits(step), _f64_bits(eps),
+                                      _f64_bits(lo), _f64_bits(hi), HAS_X0=x0 is not None,
+                                      F64=x.dtype == torch.float64, BLOCK=_BLOCK)
+    return out
+
+
+# ---------------------------------------------------------------- the public op
+@triton_op("fastreg::pgd_step", mutates_args=())
+def _pgd_step_op(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor, step: float,
+                 eps: float, lo: float, hi: float) -> torch.Tensor:
+    backend = _backend.select(x.device, _SUPPORTED, "adversarial")
+    if backend == "numba":
+        return torch.ops.fastreg.adversarial_numba(x, x0, grad, step, eps, lo, hi)
+    if backend == "triton":
+        return _pgd_triton(x, x0, grad, step, eps, lo, hi)
+    return pgd_step_reference(x, x0, grad, step, eps, lo, hi)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output)
+
+
+def _backward(ctx, grad_out):
+    return None, None, None, None, None, None, None
+
+
+_pgd_step_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- validation + public API
+def _check_scalar(v, name: str, op: str, *, nonneg: bool) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"fastreg.adversarial.{op}: {name} must be a real number, got {v!r}")
+    v = float(v)
+    if not math.isfinite(v) or (nonneg and v < 0):
+        raise ValueError(f"fastreg.adversarial.{op}: {name} must be a finite number"
+                         f"{' >= 0' if nonneg else ''}, got {v}")
+    return v
+
+
+def _check_clamp(clamp, op: str) -> tuple[float, float]:
+    if clamp is None:
+        return -math.inf, math.inf
+    if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
+        raise TypeError(f"fastreg.adversarial.{op}: clamp must be None or a pair (lo, hi) of "
+                        f"numbers or None, got {clamp!r}")
+    lo, hi = clamp
+    out = []
+    for name, v, default in (("clamp[0] (lo)", lo, -math.inf), ("clamp[1] (hi)", hi, math.inf)):
+        if v is None:
+            out.append(default)
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"fastreg.adversarial.{op}: {name} must be a real number or None, "
+                            f"got {v!r}")
+        if math.isnan(float(v)):
+            raise ValueError(f"fastreg.adversarial.{op}: {name} must not be NaN")
+        out.append(float(v))
+    if out[0] > out[1]:
+        raise ValueError(f"fastreg.adversarial.{op}: clamp must have lo <= hi, got {clamp!r}")
+    return out[0], out[1]
+
+
+def _check_grad(x, grad, op: str) -> None:
+    check_float_tensor(grad, "grad", op)
+    for attr in ("shape", "device"):
+        if getattr(x, attr) != getattr(grad, attr):
+            raise ValueError(f"fastreg.adversarial.{op}: grad must have the same {attr} as x: "
+                             f"x.{attr}={getattr(x, attr)}, grad.{attr}={getattr(grad, attr)}")
+
+
+def fgsm(x: torch.Tensor, grad: torch.Tensor, eps: float, *, clamp=None) -> torch.Tensor:
+    """Fast gradient sign step: clamp(x + eps * sign(grad), lo, hi), in one fused pass.
+
+    x: float tensor of any shape and strides; grad: the loss gradient w.r.t. x (same
+    shape and device, any float dtype: only its sign is read). eps >= 0.
+    clamp: None, or (lo, hi) with either side None for unbounded (e.g. (0, 1) for images).
+    The result is contiguous, has x's dtype, and does not require grad.
+    """
+    op = "fgsm"
+    check_float_tensor(x, "x", op)
+    _check_grad(x, grad, op)
+    eps = _check_scalar(eps, "eps", op, nonneg=True)
+    lo, hi = _check_clamp(clamp, op)
+    return torch.ops.fastreg.pgd_step(x, None, grad, eps, 0.0, lo, hi)
+
+
+def pgd_step(x: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, step: float, eps: float, *,
+             clamp=None) -> torch.Tensor:
+    """One projected-gradient-descent (ascent) step of an L-inf attack, in one fused pass:
+
+        clamp(min(max(x + step * sign(grad), x0 - eps), x0 + eps), lo, hi)
+
+    x: the current iterate; x0: the clean input (same shape, dtype and device);
+    grad: the loss gradient w.r.t. x (same shape and device). step, eps >= 0.
+    The result is contiguous, has x's dtype, and does not require grad.
+    """
+    op = "pgd_step"
+    check_float_tensor(x, "x", op)
+    check_float_tensor(x0, "x0", op)
+    check_same(x, x0, ("x", "x0"), f"adversarial.{op}")
+    _check_grad(x, grad, op)
+    step = _check_scalar(step, "step", op, nonneg=True)
+    eps = _check_scalar(eps, "eps", op, nonneg=True)
+    lo, hi = _check_clamp(clamp, op)
+    return torch.ops.fastreg.pgd_step(x, x0, grad, step, eps, lo, hi)
