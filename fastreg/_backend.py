@@ -98,3 +98,14 @@ def select(device: torch.device, supported: tuple[str, ...], op: str) -> str:
         if _usable(name, device) is None:
             return name
     return "torch"
+
+
+def launch_kernel(t: torch.Tensor) -> bool:
+    """False when a Triton launch must be skipped: under the interpreter (CPU tests)
+    the kernel cannot run on fake tensors, so fake-mode tracing only allocates the
+    outputs. On a GPU the launch is always traced (wrap_triton records it)."""
+    if not _native.triton_interpreted() or t.device.type == "cuda":
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t) and t.device.type != "meta"

@@ -163,7 +163,7 @@ def dropout_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
 
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         bits = torch.empty((n + 7) // 8 if with_bits else 0, dtype=torch.uint8, device=x.device)
-        if n > 0:
+        if n > 0 and _backend.launch_kernel(x):
             wrap_triton(tk.dropout_fwd_kernel)[tk.grid(n)](
                 x.contiguous(), out, bits, seed, stream, keep_threshold(p), _scale_bits(p), 0, n,
                 WITH_BITS=with_bits, COMPUTE_F64=_is_f64(x), BLOCK=tk.BLOCK)
@@ -184,7 +184,7 @@ def dropout_add_fwd(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: f
         from fastreg.kernels.triton import dropout as tk
 
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        if n > 0:
+        if n > 0 and _backend.launch_kernel(x):
             wrap_triton(tk.dropout_add_fwd_kernel)[tk.grid(n)](
                 x.contiguous(), residual.contiguous(), out, seed, stream, keep_threshold(p),
                 _scale_bits(p), 0, n, COMPUTE_F64=_is_f64(x), BLOCK=tk.BLOCK)
@@ -206,7 +206,7 @@ def dropout_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
         from fastreg.kernels.triton import dropout as tk
 
         out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-        if n > 0:
+        if n > 0 and _backend.launch_kernel(grad):
             wrap_triton(tk.dropout_bits_apply_kernel)[tk.grid(n)](
                 grad.contiguous(), bits, out, _scale_bits(p), n, COMPUTE_F64=_is_f64(grad),
                 BLOCK=tk.BLOCK)

@@ -11,6 +11,7 @@ and is rounded to the compute dtype here, as the other backends do.
 import triton
 import triton.language as tl
 
+from fastreg.kernels.triton.convert import to_output
 from fastreg.kernels.triton.rng import philox_block
 
 BLOCK = 1024
@@ -54,9 +55,9 @@ def dropout_fwd_kernel(x_ptr, out_ptr, bits_ptr, seed_ptr, stream, threshold, sc
     m, keep = _multipliers(tl.load(seed_ptr), stream, counters, threshold, scale, BLOCK)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0)
     y = x.to(scale.dtype) * m
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inb)
+    tl.store(out_ptr + offs, to_output(y, out_ptr.dtype.element_ty), mask=inb)
     if WITH_BITS:
-        kb = tl.reshape(keep.to(tl.int32), (BLOCK // 8, 8))
+        kb = tl.reshape((keep & inb).to(tl.int32), (BLOCK // 8, 8))  # bits past n stay 0
         weights = (1 << tl.arange(0, 8))[None, :]
         byte = tl.sum(kb * weights, axis=1)
         boffs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8).to(tl.int64)
@@ -74,7 +75,7 @@ def dropout_add_fwd_kernel(x_ptr, r_ptr, out_ptr, seed_ptr, stream, threshold, s
     m, keep = _multipliers(tl.load(seed_ptr), stream, counters, threshold, scale, BLOCK)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(scale.dtype)
     r = tl.load(r_ptr + offs, mask=inb, other=0.0).to(scale.dtype)
-    tl.store(out_ptr + offs, (r + x * m).to(out_ptr.dtype.element_ty), mask=inb)
+    tl.store(out_ptr + offs, to_output(r + x * m, out_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
@@ -89,7 +90,7 @@ def dropout_bits_apply_kernel(g_ptr, bits_ptr, out_ptr, scale_bits, n, COMPUTE_F
     byte = tl.load(bits_ptr + rows, mask=rows * 8 < n, other=0).to(tl.int32)
     keep = ((byte[:, None] >> tl.arange(0, 8)[None, :]) & 1) != 0
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(scale.dtype)
-    tl.store(out_ptr + offs, (g * tl.where(keep, scale, scale * 0)).to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + offs, to_output(g * tl.where(keep, scale, scale * 0), out_ptr.dtype.element_ty),
              mask=inb)
 
 

@@ -1,0 +1,306 @@
+import numpy as np
+import pytest
+import torch
+
+import fastreg
+from fastreg.ops import dropout as D
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SHAPES = [(1,), (3,), (7, 5), (2, 3, 13), (4, 1, 9, 3), (257,)]
+
+
+def views(x):
+    """x itself plus non-contiguous views holding the same logical values."""
+    yield "contiguous", x
+    if x.dim() >= 2:
+        t = x.transpose(0, -1).contiguous().transpose(0, -1)  # same values, permuted strides
+        assert not t.is_contiguous() or x.shape[0] == 1 or x.shape[-1] == 1
+        yield "transposed", t
+    big = torch.empty(x.shape + (2,), dtype=x.dtype)
+    big[..., 0] = x
+    yield "strided", big[..., 0]
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask", ["seed", "bits"])
+def test_forward_matches_reference_bitwise(backend, dtype, mask, gen):
+    for shape in SHAPES:
+        x = torch.randn(shape, generator=gen).to(dtype)
+        seed = int(torch.randint(0, 2**62, (), generator=gen))
+        p = float(torch.rand((), generator=gen)) * 0.9
+        ref, keep = D.dropout_reference(x, seed, 3, p)
+        for name, xv in views(x):
+            with fastreg.use_backend(backend):
+                out = fastreg.dropout(xv, p, seed=seed, stream=3, mask=mask)
+            assert out.dtype == dtype and out.shape == x.shape
+            assert torch.equal(out, ref), (shape, name)
+        # the mask really drops: dropped elements are exactly 0, kept ones scaled
+        assert torch.equal(ref == 0, ~keep | (x == 0))
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba", "triton"])
+def test_reference_semantics(backend, gen):
+    x = torch.randn(1000, generator=gen, dtype=torch.float64)
+    with fastreg.use_backend(backend):
+        out = fastreg.dropout(x, 0.25, seed=99)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] * (1 / 0.75), rtol=0, atol=0)  # torch: x * (mask / (1-p))
+    assert 0.65 < kept.double().mean() < 0.85
+
+
+def test_keep_fraction_statistics():
+    x = torch.ones(1 << 20)
+    for p in (0.1, 0.5, 0.9):
+        frac = (fastreg.dropout(x, p, seed=1) != 0).double().mean().item()
+        assert abs(frac - (1 - p)) < 3e-3
+
+
+def test_mask_follows_spec_words():
+    # keep iff word(i) >= round(p * 2^32)
+    from fastreg.ops import rng
+
+    n, seed, stream, p = 203, 77, 5, 0.4
+    w = rng.words(n, seed, stream, backend="numba")
+    out = fastreg.dropout(torch.ones(n), p, seed=seed, stream=stream)
+    assert torch.equal(out != 0, w >= round(p * 2**32))
+
+
+@pytest.mark.parametrize("start", [0, 2**31 - 8, 2**32 - 16, 2**32 + 8, 2**40])
+def test_high_indices_numba_and_triton_kernels(start, gen):
+    """64-bit indexing: the kernels' start offset reaches indices past 2^32."""
+    import triton  # noqa: F401  (interpreter set by conftest)
+
+    from fastreg.kernels.numba import dropout as nb
+    from fastreg.kernels.triton import dropout as tk
+
+    n, seed, stream, p = 999, 12345, 7, 0.3
+    x = torch.randn(n, generator=gen)
+    ref, keep = D.dropout_reference(x, seed, stream, p, start=start)
+    out = np.empty(n, dtype=np.float32)
+    bits = np.empty((n + 7) // 8, dtype=np.uint8)
+    args = (seed, stream, D.keep_threshold(p), np.float32(D.dropout_scale(p)), start)
+    nb.dropout_fwd(x.numpy(), out, *args)
+    assert torch.equal(torch.from_numpy(out), ref)
+    nb.dropout_fwd_bits(x.numpy(), out, bits, *args)
+    assert torch.equal(torch.from_numpy(out), ref)
+    assert torch.equal(torch.from_numpy(bits), D.pack_bits_reference(keep))
+
+    tout = torch.empty(n)
+    tbits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    tk.dropout_fwd_kernel[tk.grid(n)](x, tout, tbits, torch.tensor(seed), stream,
+                                      D.keep_threshold(p), D._scale_bits(p), start, n,
+                                      WITH_BITS=True, COMPUTE_F64=False, BLOCK=tk.BLOCK)
+    assert torch.equal(tout, ref)
+    assert torch.equal(tbits, D.pack_bits_reference(keep))
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
+@pytest.mark.parametrize("mask", ["seed", "bits"])
+def test_backward_regenerates_the_same_mask(backend, mask, gen):
+    x = torch.randn(6, 37, generator=gen, dtype=torch.float32, requires_grad=True)
+    g = torch.randn(6, 37, generator=gen)
+    with fastreg.use_backend(backend):
+        out = fastreg.dropout(x, 0.6, seed=2024, mask=mask)
+        out.backward(g)
+    _, keep = D.dropout_reference(x.detach(), 2024, 0, 0.6)
+    expected = (g * keep.float() * np.float32(1 / 0.4))
+    assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
+def test_dropout_add_forward_backward(backend, gen):
+    for dtype in DTYPES:
+        x = torch.randn(5, 33, generator=gen).to(dtype)
+        r = torch.randn(5, 33, generator=gen).to(dtype)
+        m, _ = D.dropout_multipliers_reference(x.numel(), 11, 2, 0.35, dtype, "cpu")
+        ref = (r.reshape(-1).to(m.dtype) + x.reshape(-1).to(m.dtype) * m).to(dtype).view(5, 33)
+        xv = x.t().contiguous().t()  # non-contiguous, same values
+        with fastreg.use_backend(backend):
+            out = fastreg.dropout_add(xv, r, 0.35, seed=11, stream=2)
+        assert torch.equal(out, ref), dtype
+    x = torch.randn(4, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 9, generator=gen, dtype=torch.float64)
+    with fastreg.use_backend(backend):
+        fastreg.dropout_add(x, r, 0.5, seed=3).backward(g)
+    m, _ = D.dropout_multipliers_reference(36, 3, 0, 0.5, torch.float64, "cpu")
+    assert torch.equal(x.grad, g * m.view(4, 9))
+    assert torch.equal(r.grad, g)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
+def test_gradcheck_float64(backend, gen):
+    x = torch.randn(3, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    with fastreg.use_backend(backend):
+        for mask in ("seed", "bits"):
+            assert torch.autograd.gradcheck(lambda t: fastreg.dropout(t, 0.3, seed=5, mask=mask), (x,))
+            assert torch.autograd.gradgradcheck(
+                lambda t: fastreg.dropout(t, 0.3, seed=5, mask=mask), (x,))
+        assert torch.autograd.gradcheck(lambda a, b: fastreg.dropout_add(a, b, 0.3, seed=5), (x, r))
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_opcheck(backend, gen):
+    x = torch.randn(4, 6, generator=gen, requires_grad=True)
+    r = torch.randn(4, 6, generator=gen, requires_grad=True)
+    seed = torch.tensor(17)
+    # The interpreter cannot run kernels on fake tensors, so compiled (aot_dispatch)
+    # checks of the Triton path need a GPU: test_gpu_opcheck_and_compile runs them all.
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    kw = {} if backend == "numba" else {"test_utils": utils}
+    with fastreg.use_backend(backend):
+        for with_bits in (False, True):
+            torch.library.opcheck(torch.ops.fastreg.dropout_fwd, (x, seed, 1, 0.4, with_bits), **kw)
+        torch.library.opcheck(torch.ops.fastreg.dropout_add_fwd, (x, r, seed, 1, 0.4), **kw)
+        bits = torch.ops.fastreg.dropout_fwd(x.detach(), seed, 1, 0.4, True)[1]
+        torch.library.opcheck(torch.ops.fastreg.dropout_bits_apply, (x, bits, 0.4), **kw)
+    if backend == "numba":
+        torch.library.opcheck(torch.ops.fastreg.dropout_fwd_cpu, (x.detach(), seed, 1, 0.4, True))
+
+
+def test_torch_compile_fullgraph_matches_eager(gen):
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 16)
+
+        def forward(self, x, seed):
+            h = fastreg.dropout(self.lin(x), 0.25, seed=seed)
+            return fastreg.dropout_add(h, x, 0.1, seed=seed, stream=1)
+
+    torch._dynamo.reset()
+    model = Block()
+    x = torch.randn(8, 16, generator=gen, requires_grad=True)
+    eager = model(x, 42)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x, 42)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    g_compiled = x.grad.clone()
+    x.grad = None
+    eager.sum().backward()
+    torch.testing.assert_close(g_compiled, x.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_module_is_drop_in():
+    ours, theirs = fastreg.nn.Dropout(0.3), torch.nn.Dropout(0.3)
+    assert repr(ours) == repr(theirs)
+    assert repr(fastreg.nn.Dropout(0.1, inplace=True)) == repr(torch.nn.Dropout(0.1, inplace=True))
+    x = torch.randn(10, 10)
+    ours.eval()
+    assert ours(x) is x
+    ours.train()
+    y = ours(x)
+    assert ((y == 0) | torch.isclose(y, x / 0.7)).all()
+    xi = x.clone()
+    out = fastreg.nn.Dropout(0.3, inplace=True)(xi)
+    assert out is xi and ((xi == 0) | torch.isclose(xi, x / 0.7)).all()
+
+
+def test_identity_cases_and_extremes(gen):
+    x = torch.randn(9, 4, generator=gen)
+    assert fastreg.dropout(x, 0.5, training=False) is x
+    assert fastreg.dropout(x, 0.0) is x
+    e = torch.empty(0, 3)
+    assert fastreg.dropout(e, 0.5) is e
+    y = fastreg.dropout(x, 1.0)
+    assert torch.equal(y, torch.zeros_like(x))
+    x.requires_grad_(True)
+    fastreg.dropout(x, 1.0, mask="bits").sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_nan_inf_propagate_like_torch():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0] * 64)
+    out = fastreg.dropout(x, 0.5, seed=8)
+    m, keep = D.dropout_multipliers_reference(x.numel(), 8, 0, 0.5, x.dtype, "cpu")
+    expected = x * m  # dropped inf -> nan, as torch's input * mask * scale gives
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    same = ~torch.isnan(expected)
+    assert torch.equal(out[same], expected[same])
+
+
+def test_seed_none_is_reproducible_with_manual_seed():
+    x = torch.randn(100)
+    torch.manual_seed(0)
+    a = fastreg.dropout(x, 0.5)
+    b = fastreg.dropout(x, 0.5)
+    torch.manual_seed(0)
+    assert torch.equal(a, fastreg.dropout(x, 0.5))
+    assert not torch.equal(a, b)
+
+
+def test_saved_bytes():
+    import sys, os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    from _util import saved_bytes_per_elem
+
+    n = 1 << 16
+    x = torch.randn(n, requires_grad=True)
+    seed_mode = saved_bytes_per_elem(lambda: fastreg.dropout(x, 0.5, seed=1), n)
+    bits_mode = saved_bytes_per_elem(lambda: fastreg.dropout(x, 0.5, seed=1, mask="bits"), n)
+    torch_mode = saved_bytes_per_elem(lambda: torch.nn.functional.dropout(x, 0.5), n)
+    assert seed_mode == 8 / n  # the 0-dim int64 seed only
+    assert bits_mode == 0.125
+    assert torch_mode >= 1.0
+
+
+def test_bad_input_errors():
+    x = torch.randn(4)
+    with pytest.raises(ValueError, match="p must be in"):
+        fastreg.dropout(x, 1.5)
+    with pytest.raises(ValueError, match="p must be in"):
+        fastreg.dropout(x, float("nan"))
+    with pytest.raises(TypeError, match="p must be a real"):
+        fastreg.dropout(x, True)
+    for bad in (torch.ones(3, dtype=torch.int32), torch.ones(3, dtype=torch.bool),
+                torch.ones(3, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match="input must have a floating dtype"):
+            fastreg.dropout(bad)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        fastreg.dropout([1.0, 2.0])
+    with pytest.raises(ValueError, match="mask must be one of"):
+        fastreg.dropout(x, mask="bytes")
+    with pytest.raises(ValueError, match="seed must be in"):
+        fastreg.dropout(x, seed=2**63)
+    with pytest.raises(ValueError, match="seed must be in"):
+        fastreg.dropout(x, seed=-1)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        fastreg.dropout(x, seed=1.0)
+    with pytest.raises(ValueError, match="residual must have the same shape"):
+        fastreg.dropout_add(x, torch.randn(5))
+    with pytest.raises(ValueError, match="residual must have the same dtype"):
+        fastreg.dropout_add(x, torch.randn(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="mask must be one of"):
+        fastreg.nn.Dropout(0.5, mask="x")
+    with pytest.raises(ValueError, match="FASTREG_BACKEND|backend must be"):
+        fastreg.set_backend("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_bit_identical_to_cpu(dtype):
+    x = torch.randn(3, 1001, 7).to(dtype)
+    for mask in ("seed", "bits"):
+        cpu = fastreg.dropout(x, 0.37, seed=31337, mask=mask)
+        gpu = fastreg.dropout(x.cuda(), 0.37, seed=31337, mask=mask)
+        assert torch.equal(cpu, gpu.cpu())
+    r = torch.randn_like(x)
+    assert torch.equal(fastreg.dropout_add(x, r, 0.2, seed=4),
+                       fastreg.dropout_add(x.cuda(), r.cuda(), 0.2, seed=4).cpu())
+    xg = x.cuda().requires_grad_(True)
+    fastreg.dropout(xg, 0.37, seed=31337).backward(torch.ones_like(xg))
+    assert torch.equal(xg.grad.cpu(), fastreg.dropout(torch.ones_like(x), 0.37, seed=31337))
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_and_compile():
+    x = torch.randn(64, 33, device="cuda", requires_grad=True)
+    seed = torch.tensor(5, device="cuda")
+    torch.library.opcheck(torch.ops.fastreg.dropout_fwd, (x, seed, 0, 0.3, True))
+    torch.library.opcheck(torch.ops.fastreg.dropout_add_fwd, (x, x.detach(), seed, 0, 0.3))
+    f = torch.compile(lambda t: fastreg.dropout(t, 0.3, seed=5), fullgraph=True)
+    assert torch.equal(f(x), fastreg.dropout(x, 0.3, seed=5))
