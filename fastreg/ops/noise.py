@@ -1,0 +1,405 @@
+"""Noise family: Gaussian dropout, multiplicative and additive (input) noise.
+
+    multiplicative:  y = x * (1 + sigma * eps)      additive:  y = x + sigma * eps
+
+eps(i) for the element at logical row-major index i follows docs/rng.md:
+"gaussian" is the spec's Box-Muller normal z(i) ~ N(0, 1); "uniform" is
+sqrt(3) * (2 u(i) - 1), uniform on (-sqrt(3), sqrt(3)): zero mean and unit
+variance, so sigma is the standard deviation of the noise for both
+distributions. sigma is a scalar or a tensor broadcast over x (per channel, per
+feature, ...); gaussian_dropout is multiplicative Gaussian noise with
+sigma = sqrt(p / (1 - p)) (Srivastava et al. 2014).
+
+The op pattern is the dropout family's (fastreg/ops/dropout.py): the public ops
+`fastreg::noise_fwd` and `fastreg::noise_bwd` are triton_ops whose bodies pick a
+backend (Triton via wrap_triton on CUDA / the interpreter; an opaque inner
+custom op running Numba on CPU; the reference composition for "torch"); the
+seed is a 0-dim int64 tensor; backward regenerates eps from (seed, stream).
+
+Saved for backward: the seed and sigma, never eps. x is saved only when sigma
+needs a gradient in the multiplicative form (d y / d sigma = x * eps); so
+Gaussian dropout and noise with a fixed sigma save 0 bytes per element.
+Backward is one pass: grad_x = grad * (1 + sigma * eps) and, fused into the same
+pass, grad_sigma = sum over sigma's broadcast dims of grad * x * eps (or
+grad * eps for additive noise).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from fastreg import _backend
+from fastreg._seed import check_seed, check_stream, seed_tensor
+from fastreg._validate import check_float_tensor, check_probability, compute_dtype
+from fastreg.ops.rng import normals_reference, uniform_from_words_reference, words_reference
+
+BACKENDS = ("numba", "triton")
+DISTS = ("gaussian", "uniform")
+SQRT3_F32 = 1.7320508075688772  # rounded to float32 where used, as every backend does
+
+
+# ---------------------------------------------------------------- reference
+def eps_reference(n: int, seed, stream: int, dist: int, device) -> Tensor:
+    """eps(i) for i < n, float32 (dist 0: gaussian, 1: uniform with unit variance)."""
+    idx = torch.arange(n, dtype=torch.int64, device=device)
+    if dist == 0:
+        return normals_reference(idx, seed, stream)
+    u = uniform_from_words_reference(words_reference(idx, seed, stream))
+    return torch.tensor(SQRT3_F32, dtype=torch.float32, device=device) * (2.0 * u - 1.0)
+
+
+def noise_reference(x: Tensor, sigma: Tensor, seed, stream: int, dist: int, additive: bool) -> Tensor:
+    cd = compute_dtype(x.dtype)
+    e = eps_reference(x.numel(), seed, stream, dist, x.device).to(cd).reshape(x.shape)
+    s = sigma.to(cd)
+    y = x.to(cd) + s * e if additive else x.to(cd) * (1 + s * e)
+    return y.to(x.dtype)
+
+
+def noise_bwd_reference(grad: Tensor, x: Tensor, sigma: Tensor, seed, stream: int, dist: int,
+                        additive: bool, need_gx: bool, need_gs: bool):
+    cd = compute_dtype(grad.dtype)
+    e = eps_reference(grad.numel(), seed, stream, dist, grad.device).to(cd).reshape(grad.shape)
+    g = grad.to(cd)
+    s = sigma.to(cd)
+    gx = (g * (1 + s * e)).to(grad.dtype) if need_gx else grad.new_empty(0)
+    if need_gs:
+        d = g * e if additive else g * x.to(cd) * e
+        gs = d.to(torch.float64).sum_to_size(sigma.shape).to(sigma.dtype)
+    else:
+        gs = sigma.new_empty(0)
+    return gx, gs
+
+
+# ---------------------------------------------------------------- layout of sigma's broadcast
+def broadcast_layout(shape, sshape) -> tuple[list[int], list[int]]:
+    """x's shape collapsed to (sizes, sstr): sigma's offset of logical index i is
+    sum_d index_d(i) * sstr[d] (sigma contiguous, sstr 0 on broadcast dims)."""
+    nd = len(shape)
+    ss = (1,) * (nd - len(sshape)) + tuple(sshape)
+    dims = []
+    acc = 1
+    for d in reversed(range(nd)):
+        st = 0 if ss[d] == 1 else acc
+        acc *= ss[d]
+        if shape[d] != 1:
+            dims.append((int(shape[d]), st))
+    dims.reverse()
+    sizes, sstr = [], []
+    for size, st in dims:
+        if sizes and ((st == 0 and sstr[-1] == 0) or (st != 0 and sstr[-1] == st * size)):
+            sizes[-1] *= size
+            sstr[-1] = st
+        else:
+            sizes.append(size)
+            sstr.append(st)
+    if not sizes:
+        return [1], [0]
+    return sizes, sstr
+
+
+def _gs_mode(x_numel: int, sigma: Tensor) -> int:
+    """1: sigma has one value per element; 2: reduced over broadcast dims; 3: scalar."""
+    if sigma.numel() == 1:
+        return 3
+    return 1 if sigma.numel() == x_numel else 2
+
+
+# ---------------------------------------------------------------- Numba (CPU)
+def _np_in(t: Tensor, cd):
+    return t.to(cd).contiguous().view(-1).numpy()
+
+
+def _np_one(cd):
+    import numpy as np
+
+    return np.float64(1.0) if cd == torch.float64 else np.float32(1.0)
+
+
+def _np_layout(x: Tensor, sigma: Tensor):
+    import numpy as np
+
+    sizes, sstr = broadcast_layout(x.shape, sigma.shape)
+    return np.asarray(sizes, dtype=np.int64), np.asarray(sstr, dtype=np.int64)
+
+
+@torch.library.custom_op("fastreg::noise_fwd_cpu", mutates_args=(), device_types="cpu")
+def _noise_fwd_cpu(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
+                   additive: bool) -> Tensor:
+    import numpy as np
+
+    from fastreg.kernels.numba import noise as nb
+
+    cd = compute_dtype(x.dtype)
+    xa = _np_in(x, cd)
+    out = np.empty_like(xa)
+    sizes, sstr = _np_layout(x, sigma)
+    nb.noise_fwd(xa, _np_in(sigma, cd), out, sizes, sstr, int(seed), stream, dist, additive,
+                 _np_one(cd))
+    return torch.from_numpy(out).to(x.dtype).view(x.shape)
+
+
+@_noise_fwd_cpu.register_fake
+def _(x, sigma, seed, stream, dist, additive):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("fastreg::noise_bwd_cpu", mutates_args=(), device_types="cpu")
+def _noise_bwd_cpu(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
+                   additive: bool, need_gx: bool, need_gs: bool) -> tuple[Tensor, Tensor]:
+    import numba
+    import numpy as np
+
+    from fastreg.kernels.numba import noise as nb
+
+    cd = compute_dtype(grad.dtype)
+    n = grad.numel()
+    ga = _np_in(grad, cd)
+    xa = _np_in(x, cd) if (need_gs and not additive) else ga
+    sa = _np_in(sigma, cd)
+    mode = 0 if not need_gs else min(_gs_mode(n, sigma), 2)
+    gx = np.empty(n if need_gx else 0, dtype=ga.dtype)
+    gs = np.empty(n if mode == 1 else 0, dtype=ga.dtype)
+    nparts = max(1, numba.get_num_threads())
+    part = np.zeros((nparts, sigma.numel() if mode == 2 else 1), dtype=np.float64)
+    sizes, sstr = _np_layout(grad, sigma)
+    nb.noise_bwd(ga, xa, sa, gx, gs, part, sizes, sstr, int(seed), stream, dist, additive,
+                 need_gx, mode, _np_one(cd))
+    gx_t = torch.from_numpy(gx).to(grad.dtype).view(grad.shape) if need_gx else grad.new_empty(0)
+    if mode == 1:
+        gs_t = torch.from_numpy(gs).to(sigma.dtype).view(sigma.shape)
+    elif mode == 2:
+        gs_t = torch.from_numpy(part.sum(0)).to(sigma.dtype).view(sigma.shape)
+    else:
+        gs_t = sigma.new_empty(0)
+    return gx_t, gs_t
+
+
+@_noise_bwd_cpu.register_fake
+def _(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs):
+    gx = torch.empty(grad.shape if need_gx else (0,), dtype=grad.dtype, device=grad.device)
+    gs = torch.empty(sigma.shape if need_gs else (0,), dtype=sigma.dtype, device=sigma.device)
+    return gx, gs
+
+
+# ---------------------------------------------------------------- public ops
+def _layout_tensors(x: Tensor, sigma: Tensor):
+    sizes, sstr = broadcast_layout(x.shape, sigma.shape)
+    return (torch.tensor(sizes, dtype=torch.int64, device=x.device),
+            torch.tensor(sstr, dtype=torch.int64, device=x.device), len(sizes))
+
+
+@triton_op("fastreg::noise_fwd", mutates_args=())
+def noise_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
+              additive: bool) -> Tensor:
+    """x * (1 + sigma * eps), or x + sigma * eps when additive (sigma broadcast over x)."""
+    backend = _backend.select(x.device, BACKENDS, "noise")
+    n = x.numel()
+    if backend == "numba":
+        return torch.ops.fastreg.noise_fwd_cpu(x, sigma, seed, stream, dist, additive)
+    if backend == "triton":
+        from fastreg.kernels.triton import noise as tk
+
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if n > 0:
+            sizes, sstr, ndim = _layout_tensors(x, sigma)
+            wrap_triton(tk.noise_fwd_kernel)[tk.grid(n)](
+                x.contiguous(), sigma.contiguous(), out, sizes, sstr, seed, stream, n,
+                NDIM=ndim, SCALAR=sigma.numel() == 1, DIST=dist, ADDITIVE=additive,
+                COMPUTE_F64=x.dtype == torch.float64, BLOCK=tk.BLOCK)
+        return out
+    return noise_reference(x, sigma, seed, stream, dist, additive)
+
+
+@triton_op("fastreg::noise_bwd", mutates_args=())
+def noise_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
+              additive: bool, need_gx: bool, need_gs: bool) -> tuple[Tensor, Tensor]:
+    """(grad_x or an empty tensor, grad_sigma or an empty tensor) in one pass.
+
+    grad_x = grad * (1 + sigma * eps) (multiplicative only: the additive one is grad);
+    grad_sigma = sum over sigma's broadcast dims of grad * x * eps (additive: grad * eps).
+    x is read only for the multiplicative grad_sigma (else pass any tensor)."""
+    if additive and need_gx:
+        raise ValueError("fastreg.noise_bwd: additive noise has grad_x = grad; need_gx must be False")
+    backend = _backend.select(grad.device, BACKENDS, "noise")
+    n = grad.numel()
+    if backend == "numba":
+        return torch.ops.fastreg.noise_bwd_cpu(grad, x, sigma, seed, stream, dist, additive,
+                                                need_gx, need_gs)
+    if backend == "triton":
+        from fastreg.kernels.triton import noise as tk
+
+        cd = compute_dtype(grad.dtype)
+        gx = torch.empty(grad.shape if need_gx else (0,), dtype=grad.dtype, device=grad.device)
+        mode = _gs_mode(n, sigma) if need_gs else 0
+        nprog = tk.grid(n)[0]
+        if mode == 1:
+            gsb = torch.empty(n, dtype=cd, device=grad.device)
+        elif mode == 2:
+            gsb = torch.zeros(sigma.numel(), dtype=cd, device=grad.device)
+        else:
+            gsb = torch.zeros(nprog if mode == 3 else 0, dtype=cd, device=grad.device)
+        if n > 0 and (need_gx or need_gs):
+            sizes, sstr, ndim = _layout_tensors(grad, sigma)
+            xx = x.contiguous() if (need_gs and not additive) else grad
+            wrap_triton(tk.noise_bwd_kernel)[tk.grid(n)](
+                grad.contiguous(), xx, sigma.contiguous(), gx, gsb, sizes, sstr, seed, stream,
+                n, NDIM=ndim, SCALAR=sigma.numel() == 1, DIST=dist, ADDITIVE=additive,
+                NEED_GX=need_gx, GS_MODE=mode, COMPUTE_F64=cd == torch.float64,
+                BLOCK=tk.BLOCK)
+        if not need_gs:
+            gs = sigma.new_empty(0)
+        elif mode == 3:
+            gs = gsb.sum().to(sigma.dtype).reshape(sigma.shape)
+        else:
+            gs = gsb.to(sigma.dtype).reshape(sigma.shape)
+        return gx, gs
+    return noise_bwd_reference(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs)
+
+
+# ---------------------------------------------------------------- autograd
+def _noise_setup(ctx, inputs, output):
+    x, sigma, seed, stream, dist, additive = inputs
+    ctx.stream, ctx.dist, ctx.additive = stream, dist, additive
+    need_gs = ctx.needs_input_grad[1]
+    # x only when d y / d sigma = x * eps is needed: Gaussian dropout saves nothing per element.
+    keep_x = x if (need_gs and not additive) else None
+    ctx.save_for_backward(keep_x, sigma, seed)
+
+
+def _noise_backward(ctx, grad):
+    x, sigma, seed = ctx.saved_tensors
+    need_gx, need_gs = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if x is None:
+        x = grad
+    if ctx.additive:
+        gx = grad if need_gx else None
+        gs = None
+        if need_gs:
+            gs = torch.ops.fastreg.noise_bwd(grad, x, sigma, seed, ctx.stream, ctx.dist, True,
+                                             False, True)[1]
+        return gx, gs, None, None, None, None
+    if not (need_gx or need_gs):
+        return None, None, None, None, None, None
+    gx, gs = torch.ops.fastreg.noise_bwd(grad, x, sigma, seed, ctx.stream, ctx.dist, False,
+                                         need_gx, need_gs)
+    return (gx if need_gx else None), (gs if need_gs else None), None, None, None, None
+
+
+noise_fwd.register_autograd(_noise_backward, setup_context=_noise_setup)
+
+
+# ---------------------------------------------------------------- Python API
+def _check_dist(dist, op: str) -> int:
+    if dist not in DISTS:
+        raise ValueError(f"fastreg.{op}: dist must be one of {DISTS}, got {dist!r}")
+    return DISTS.index(dist)
+
+
+def _sigma_tensor(sigma, input: Tensor, op: str) -> Tensor:
+    """sigma as a tensor on input's device that broadcasts over input without growing it."""
+    if isinstance(sigma, Tensor):
+        if not sigma.dtype.is_floating_point:
+            raise TypeError(f"fastreg.{op}: sigma must be a real number or a floating tensor, "
+                            f"got a tensor of dtype {sigma.dtype}")
+        check_float_tensor(sigma, "sigma", op)
+        if sigma.device != input.device:
+            if sigma.dim() == 0 and sigma.device.type == "cpu":
+                sigma = sigma.to(input.device)
+            else:
+                raise ValueError(f"fastreg.{op}: sigma must be on input's device ({input.device}),"
+                                 f" got {sigma.device}")
+        try:
+            shape = torch.broadcast_shapes(sigma.shape, input.shape)
+        except RuntimeError:
+            shape = None
+        if shape != input.shape:
+            raise ValueError(f"fastreg.{op}: sigma must broadcast over input without changing its "
+                             f"shape: sigma.shape={tuple(sigma.shape)}, "
+                             f"input.shape={tuple(input.shape)}")
+        return sigma
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+        raise TypeError(f"fastreg.{op}: sigma must be a real number or a floating tensor, "
+                        f"got {sigma!r}")
+    sigma = float(sigma)
+    if not (math.isfinite(sigma) and sigma >= 0.0):
+        raise ValueError(f"fastreg.{op}: sigma must be a finite number >= 0, got {sigma}")
+    return torch.full((), sigma, dtype=torch.float64, device=input.device)
+
+
+def _check_training(training, op: str) -> None:
+    if not isinstance(training, bool):
+        raise TypeError(f"fastreg.{op}: training must be a bool, got {training!r}")
+
+
+def gaussian_dropout(input: Tensor, p: float = 0.5, training: bool = True, *, seed=None,
+                     stream: int = 0) -> Tensor:
+    """Gaussian dropout: input * (1 + sigma * eps), eps ~ N(0, 1), sigma = sqrt(p / (1 - p)).
+
+    The multiplicative noise has mean 1 and the variance p / (1 - p) of dropout's
+    keep / (1 - p) factor. p in [0, 1). Saves nothing per element for backward
+    (eps is regenerated from (seed, stream)). seed: None draws a fresh seed from
+    torch's default generator for input's device; an int in [0, 2^63) or a 0-dim
+    int64 tensor fixes the noise. training=False, p=0 or an empty input return
+    the input itself.
+    """
+    check_float_tensor(input, "input", "gaussian_dropout")
+    p = check_probability(p, "p", "gaussian_dropout")
+    if p >= 1.0:
+        raise ValueError("fastreg.gaussian_dropout: p must be in [0, 1) (sigma = sqrt(p/(1-p)) "
+                         f"is infinite at p = 1), got {p}")
+    _check_training(training, "gaussian_dropout")
+    stream = check_stream(stream, "gaussian_dropout")
+    check_seed(seed, "gaussian_dropout")
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    sigma = torch.full((), math.sqrt(p / (1.0 - p)), dtype=torch.float64, device=input.device)
+    seed_t = seed_tensor(seed, input.device, "gaussian_dropout")
+    return torch.ops.fastreg.noise_fwd(input, sigma, seed_t, stream, 0, False)
+
+
+def multiplicative_noise(input: Tensor, sigma, *, dist: str = "gaussian", seed=None,
+                         stream: int = 0) -> Tensor:
+    """input * (1 + sigma * eps), eps of zero mean and unit variance.
+
+    dist="gaussian": eps ~ N(0, 1); dist="uniform": eps = sqrt(3) * (2u - 1),
+    u ~ U(0, 1), i.e. eps uniform on (-sqrt(3), sqrt(3)). sigma: a number >= 0, or
+    a floating tensor that broadcasts over input (per channel, per feature, ...);
+    it may require grad, its gradient is fused into the backward pass.
+    Saves nothing per element unless sigma requires grad (then input is saved).
+    """
+    check_float_tensor(input, "input", "multiplicative_noise")
+    d = _check_dist(dist, "multiplicative_noise")
+    sigma_t = _sigma_tensor(sigma, input, "multiplicative_noise")
+    stream = check_stream(stream, "multiplicative_noise")
+    check_seed(seed, "multiplicative_noise")
+    seed_t = seed_tensor(seed, input.device, "multiplicative_noise")
+    return torch.ops.fastreg.noise_fwd(input, sigma_t, seed_t, stream, d, False)
+
+
+def input_noise(input: Tensor, sigma, *, dist: str = "gaussian", seed=None,
+                stream: int = 0) -> Tensor:
+    """Additive input perturbation: input + sigma * eps (eps as in multiplicative_noise).
+
+    sigma: a number >= 0 or a floating tensor broadcast over input, may require grad
+    (its gradient, sum of grad * eps over the broadcast dims, is one fused pass).
+    Saves nothing per element.
+    """
+    check_float_tensor(input, "input", "input_noise")
+    d = _check_dist(dist, "input_noise")
+    sigma_t = _sigma_tensor(sigma, input, "input_noise")
+    stream = check_stream(stream, "input_noise")
+    check_seed(seed, "input_noise")
+    seed_t = seed_tensor(seed, input.device, "input_noise")
+    return torch.ops.fastreg.noise_fwd(input, sigma_t, seed_t, stream, d, True)
+
+
+def gaussian_dropout_sigma(p: float) -> float:
+    return math.sqrt(p / (1.0 - p))
+
+

@@ -1,0 +1,338 @@
+"""Numba CPU kernels of the noise family: multiplicative and additive noise
+(Gaussian dropout is multiplicative Gaussian noise with a scalar sigma).
+
+Random numbers follow docs/rng.md: element i (logical row-major index) takes
+word(i) of Philox4x32-10 at counter i >> 2; the Gaussian eps(i) is Box-Muller
+on the lane pairs (0,1), (2,3) of its counter; the uniform eps is
+sqrt(3) * (2 u(i) - 1) (zero mean, unit variance).
+
+Loop structure (it decides the speed): each parallel chunk of BLOCK counters
+(4 * BLOCK elements) fills a small eps array first -- two straight-line loops,
+Philox then Box-Muller, that LLVM vectorises -- and then streams the elements
+through it in runs along the innermost dimension of sigma's broadcast. eps stays
+in L1; no full-size temporary exists.
+
+Why this file carries its own forms of the RNG building blocks:
+* `philox_unrolled` is kernels/numba/rng.philox4x32_10 with its ten rounds
+  written out. The loop form does not get unrolled inside Numba's parallel loops,
+  so the counter loop is not the innermost loop and LLVM does not vectorise it
+  (measured on the 2-core AMD EPYC: 4.7x slower). The words are bit-identical
+  (tests/test_noise.py checks them against fastreg.rng.words).
+* `box_muller_fast` is rng.box_muller with float32 polynomial log / sin / cos
+  (Cephes coefficients, Cody-Waite reduction of the float32 angle 2*pi*u) in
+  place of libm, because libm calls are scalar: the libm form runs at about
+  170 ms per 2^24 normals here, this one at about 15 ms. It agrees with the
+  libm normals to a few ulp (test_noise.py bounds the difference), as
+  DESIGN.md allows for normals across backends.
+Both would belong in kernels/numba/rng.py; they live here until that file adopts them.
+"""
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from fastreg.kernels.numba.rng import MASK32
+
+BLOCK = 512  # counters per chunk = 2048 elements: the eps buffer is 8 KiB
+F = np.float32
+_M0 = np.uint64(0xD2511F53)
+_M1 = np.uint64(0xCD9E8D57)
+_W0 = np.uint64(0x9E3779B9)
+_W1 = np.uint64(0xBB67AE85)
+_S32 = np.uint64(32)
+_S9 = np.uint64(9)
+U_SCALE = F(2.0**-23)
+TWO_PI = F(2.0 * math.pi)  # float32(2*pi), as rng.box_muller uses
+SQRT3 = F(math.sqrt(3.0))
+DIST_GAUSSIAN = 0
+DIST_UNIFORM = 1
+
+
+# ---------------------------------------------------------------- bit casts
+@intrinsic
+def _f32_as_i32(typingctx, x):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _i32_as_f32(typingctx, x):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+# ---------------------------------------------------------------- Philox, unrolled
+@numba.njit(inline="always", cache=True)
+def _round(c0, c1, c2, c3, k0, k1):
+    p0 = _M0 * c0
+    p1 = _M1 * c2
+    return (p1 >> _S32) ^ c1 ^ k0, p1 & MASK32, (p0 >> _S32) ^ c3 ^ k1, p0 & MASK32
+
+
+@numba.njit(inline="always", cache=True)
+def _bump(k0, k1):
+    return (k0 + _W0) & MASK32, (k1 + _W1) & MASK32
+
+
+@numba.njit(inline="always", cache=True)
+def philox_unrolled(k0, k1, s0, s1, counter):
+    """rng.philox_block(seed, stream, counter) with k0/k1 = lo/hi(seed), s0/s1 = lo/hi(stream)."""
+    c0, c1, c2, c3 = _round(counter & MASK32, counter >> _S32, s0, s1, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    return _round(c0, c1, c2, c3, k0, k1)
+
+
+@numba.njit(inline="always", cache=True)
+def uniform_fast(w):
+    """rng.uniform_from_word: ((w >> 9) + 0.5) * 2^-23 (w >> 9 < 2^23: int32 is exact)."""
+    return (F(np.int32(w >> _S9)) + F(0.5)) * U_SCALE
+
+
+# ---------------------------------------------------------------- Box-Muller, vectorisable
+@numba.njit(inline="always", cache=True)
+def _logf(x):
+    """Natural log of a positive normal float32 (Cephes logf, about 1 ulp)."""
+    b = _f32_as_i32(x)
+    e = (b >> np.int32(23)) - np.int32(126)
+    m = _i32_as_f32((b & np.int32(0x007FFFFF)) | np.int32(0x3F000000))  # [0.5, 1)
+    small = m < F(0.70710678118654752440)
+    e = e - np.int32(1) if small else e
+    m = (m + m - F(1.0)) if small else (m - F(1.0))
+    fe = F(e)
+    z = m * m
+    y = (((((((( F(7.0376836292e-2) * m - F(1.1514610310e-1)) * m + F(1.1676998740e-1)) * m
+              - F(1.2420140846e-1)) * m + F(1.4249322787e-1)) * m - F(1.6668057665e-1)) * m
+           + F(2.0000714765e-1)) * m - F(2.4999993993e-1)) * m + F(3.3333331174e-1)) * m * z
+    y = y + F(-2.12194440e-4) * fe
+    y = y - F(0.5) * z
+    return m + y + F(0.693359375) * fe
+
+
+@numba.njit(inline="always", cache=True)
+def _sincosf(a):
+    """(sin a, cos a) for float32 a in [0, 2*pi] (Cephes sinf/cosf, Cody-Waite reduction)."""
+    q = np.int32(a * F(0.63661977236758134308) + F(0.5))
+    fq = F(q)
+    r = ((a - fq * F(1.5703125)) - fq * F(4.837512969970703125e-4)) - fq * F(7.54978995489188216e-8)
+    z = r * r
+    s = ((F(-1.9515295891e-4) * z + F(8.3321608736e-3)) * z - F(1.6666654611e-1)) * z * r + r
+    c = ((F(2.443315711809948e-5) * z - F(1.388731625493765e-3)) * z
+         + F(4.166664568298827e-2)) * z * z - F(0.5) * z + F(1.0)
+    odd = (q & np.int32(1)) != 0
+    sn = c if odd else s
+    cs = s if odd else c
+    return (sn * (F(1.0) - F(q & np.int32(2))),
+            cs * (F(1.0) - F((q + np.int32(1)) & np.int32(2))))
+
+
+@numba.njit(inline="always", cache=True)
+def box_muller_fast(ua, ub):
+    """rng.box_muller: rho = sqrt(-2 ln ua), (rho cos(2 pi ub), rho sin(2 pi ub))."""
+    rho = math.sqrt(F(-2.0) * _logf(ua))
+    sn, cs = _sincosf(TWO_PI * ub)
+    return rho * cs, rho * sn
+
+
+# ---------------------------------------------------------------- eps of one chunk
+@numba.njit(inline="always", cache=True)
+def fill_eps(z, ua, ub, k0, k1, s0, s1, c_first, count, dist):
+    """z[4j + lane] = eps(4 (c_first + j) + lane) for j < count (float32).
+
+    ua, ub: scratch of 2 * BLOCK float32 each."""
+    if dist == DIST_GAUSSIAN:
+        for j in range(count):
+            r0, r1, r2, r3 = philox_unrolled(k0, k1, s0, s1, c_first + np.uint64(j))
+            ua[j] = uniform_fast(r0)
+            ub[j] = uniform_fast(r1)
+            ua[BLOCK + j] = uniform_fast(r2)
+            ub[BLOCK + j] = uniform_fast(r3)
+        for j in range(count):
+            za, zb = box_muller_fast(ua[j], ub[j])
+            zc, zd = box_muller_fast(ua[BLOCK + j], ub[BLOCK + j])
+            z[4 * j] = za
+            z[4 * j + 1] = zb
+            z[4 * j + 2] = zc
+            z[4 * j + 3] = zd
+    else:
+        for j in range(count):
+            r0, r1, r2, r3 = philox_unrolled(k0, k1, s0, s1, c_first + np.uint64(j))
+            z[4 * j] = SQRT3 * (F(2.0) * uniform_fast(r0) - F(1.0))
+            z[4 * j + 1] = SQRT3 * (F(2.0) * uniform_fast(r1) - F(1.0))
+            z[4 * j + 2] = SQRT3 * (F(2.0) * uniform_fast(r2) - F(1.0))
+            z[4 * j + 3] = SQRT3 * (F(2.0) * uniform_fast(r3) - F(1.0))
+
+
+@numba.njit(inline="always", cache=True)
+def _keys(seed, stream):
+    seed = np.uint64(seed)
+    stream = np.uint64(stream)
+    return seed & MASK32, seed >> _S32, stream & MASK32, stream >> _S32
+
+
+@numba.njit(parallel=True, cache=True)
+def eps_fill(out, seed, stream, dist):
+    """out[k] = eps(k) for k < out.size (float32): the noise itself, for tests."""
+    n = out.size
+    k0, k1, s0, s1 = _keys(seed, stream)
+    for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
+        base = ch * 4 * BLOCK
+        length = min(4 * BLOCK, n - base)
+        z = np.empty(4 * BLOCK, np.float32)
+        ua = np.empty(2 * BLOCK, np.float32)
+        ub = np.empty(2 * BLOCK, np.float32)
+        fill_eps(z, ua, ub, k0, k1, s0, s1, np.uint64(ch * BLOCK), (length + 3) // 4, dist)
+        for e in range(length):
+            out[base + e] = z[e]
+
+
+# ---------------------------------------------------------------- broadcast runs
+@numba.njit(inline="always", cache=True)
+def _locate(i, sizes, sstr):
+    """(sigma offset of logical index i, position of i along the innermost dim)."""
+    nd = sizes.size
+    so = 0
+    pos = 0
+    rem = i
+    for dd in range(nd):
+        d = nd - 1 - dd
+        q = rem // sizes[d]
+        r = rem - q * sizes[d]
+        so += r * sstr[d]
+        if dd == 0:
+            pos = r
+        rem = q
+    return so, pos
+
+
+@numba.njit(parallel=True, cache=True)
+def noise_fwd(x, sig, out, sizes, sstr, seed, stream, dist, additive, one):
+    """out = x * (1 + sigma * eps) (additive=False) or x + sigma * eps (additive=True).
+
+    x, out: 1-D contiguous, float32 or float64 (the compute dtype); sig: sigma's
+    values in the same dtype, contiguous. sizes/sstr (int64): x's shape collapsed
+    so that sigma's offset of element i is sum(index_d * sstr[d]) (sstr 0 on
+    broadcast dims). one: 1 in the compute dtype.
+    """
+    n = x.size
+    k0, k1, s0, s1 = _keys(seed, stream)
+    inner = sizes[sizes.size - 1]
+    st = sstr[sstr.size - 1]
+    for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
+        base = ch * 4 * BLOCK
+        length = min(4 * BLOCK, n - base)
+        z = np.empty(4 * BLOCK, np.float32)
+        ua = np.empty(2 * BLOCK, np.float32)
+        ub = np.empty(2 * BLOCK, np.float32)
+        fill_eps(z, ua, ub, k0, k1, s0, s1, np.uint64(ch * BLOCK), (length + 3) // 4, dist)
+        e = 0
+        while e < length:
+            i = base + e
+            so, pos = _locate(i, sizes, sstr)
+            run = min(inner - pos, length - e)
+            if st == 0:
+                s = sig[so]
+                if additive:
+                    for k in range(run):
+                        out[i + k] = x[i + k] + s * z[e + k]
+                else:
+                    for k in range(run):
+                        out[i + k] = x[i + k] * (one + s * z[e + k])
+            else:
+                if additive:
+                    for k in range(run):
+                        out[i + k] = x[i + k] + sig[so + k] * z[e + k]
+                else:
+                    for k in range(run):
+                        out[i + k] = x[i + k] * (one + sig[so + k] * z[e + k])
+            e += run
+
+
+@numba.njit(parallel=True, cache=True)
+def noise_bwd(g, x, sig, gx, gs, part, sizes, sstr, seed, stream, dist, additive, need_gx,
+              gs_mode, one):
+    """The backward of noise_fwd in one pass.
+
+    need_gx (multiplicative only): gx = g * (1 + sigma * eps).
+    gs_mode 0: no sigma gradient; 1: elementwise (sigma has x's shape): gs[i] = d(i);
+    2: reduced: part[t, so] += d(i) over the elements of thread-partition t (float64),
+    the caller sums part over t. d(i) = g x eps (multiplicative) or g eps (additive).
+    x is read only when gs_mode != 0 and not additive.
+    """
+    n = g.size
+    k0, k1, s0, s1 = _keys(seed, stream)
+    inner = sizes[sizes.size - 1]
+    st = sstr[sstr.size - 1]
+    nch = (n + 4 * BLOCK - 1) // (4 * BLOCK)
+    nparts = part.shape[0]
+    for t in numba.prange(nparts):
+        ch_lo = nch * t // nparts
+        ch_hi = nch * (t + 1) // nparts
+        z = np.empty(4 * BLOCK, np.float32)
+        ua = np.empty(2 * BLOCK, np.float32)
+        ub = np.empty(2 * BLOCK, np.float32)
+        for ch in range(ch_lo, ch_hi):
+            base = ch * 4 * BLOCK
+            length = min(4 * BLOCK, n - base)
+            fill_eps(z, ua, ub, k0, k1, s0, s1, np.uint64(ch * BLOCK), (length + 3) // 4, dist)
+            e = 0
+            while e < length:
+                i = base + e
+                so, pos = _locate(i, sizes, sstr)
+                run = min(inner - pos, length - e)
+                if need_gx:
+                    if st == 0:
+                        s = sig[so]
+                        for k in range(run):
+                            gx[i + k] = g[i + k] * (one + s * z[e + k])
+                    else:
+                        for k in range(run):
+                            gx[i + k] = g[i + k] * (one + sig[so + k] * z[e + k])
+                if gs_mode == 1:
+                    if additive:
+                        for k in range(run):
+                            gs[i + k] = g[i + k] * z[e + k]
+                    else:
+                        for k in range(run):
+                            gs[i + k] = g[i + k] * x[i + k] * z[e + k]
+                elif gs_mode == 2:
+                    if st == 0:
+                        acc = 0.0
+                        if additive:
+                            for k in range(run):
+                                acc += g[i + k] * z[e + k]
+                        else:
+                            for k in range(run):
+                                acc += g[i + k] * x[i + k] * z[e + k]
+                        part[t, so] += acc
+                    else:
+                        if additive:
+                            for k in range(run):
+                                part[t, so + k] += g[i + k] * z[e + k]
+                        else:
+                            for k in range(run):
+                                part[t, so + k] += g[i + k] * x[i + k] * z[e + k]
+                e += run
