@@ -1,3 +1,5 @@
 """Modules built on fastreg ops (one module file per family)."""
 
 from fastreg.nn.dropout import Dropout  # noqa: F401
+from fastreg.nn.variational import VariationalDropoutLinear  # noqa: F401  (issue 5)
+from fastreg.nn.noise import GaussianDropout, MultiplicativeNoise  # noqa: F401  (issue 5: noise)

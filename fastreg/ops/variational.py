@@ -1,0 +1,204 @@
+"""Variational-dropout family: the local reparameterisation sample as one fused op.
+
+    vd_sample(mu, var) = mu + sqrt(var + eps) * z,   z ~ N(0, 1) from the fastreg RNG
+
+is the output of a layer whose weights carry Gaussian multiplicative noise, drawn on
+the output instead of the weights (Kingma, Salimans & Welling 2015; Molchanov,
+Ashukha & Vetrov 2017): mu = x W^T + b, var = (x^2)(sigma^2)^T. z is element i of
+normals(seed, stream) at logical row-major index i (docs/rng.md), so it is never
+stored: backward regenerates it. Gradients: d/dmu = 1, d/dvar = z / (2 sqrt(var + eps)).
+Saved for backward: var (needed for d/dvar) and the 0-dim seed, nothing for z.
+
+Ops (namespace fastreg), each a triton_op whose body dispatches by backend (Triton
+on CUDA or forced under TRITON_INTERPRET=1; Numba through the opaque inner ops
+*_cpu; the pure-PyTorch reference):
+    vd_sample(Tensor mu, Tensor var, Tensor seed, int stream, float eps) -> Tensor
+    vd_sample_grad_var(Tensor grad, Tensor var, Tensor seed, int stream, float eps) -> Tensor
+Double backward is not implemented.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import struct
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from fastreg import _backend, _native
+from fastreg._seed import check_stream, seed_tensor
+from fastreg._validate import check_float_tensor, check_same, compute_dtype
+from fastreg.ops.rng import normals_reference
+
+BACKENDS = ("numba", "triton")
+
+
+# ---------------------------------------------------------------- reference
+def normals_like_reference(t: Tensor, seed, stream: int) -> Tensor:
+    """z(i) for i < t.numel(), float32, shaped like t (the spec's normals).
+
+    seed: an int or a 0-dim int64 tensor (kept a tensor, so tracing needs no sync)."""
+    idx = torch.arange(t.numel(), dtype=torch.int64, device=t.device)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(t.device)
+    return normals_reference(idx, seed, stream).reshape(t.shape)
+
+
+def vd_sample_reference(mu: Tensor, var: Tensor, seed, stream: int, eps: float, z=None) -> Tensor:
+    """mu + sqrt(var + eps) * z in the compute dtype; z defaults to the spec's normals."""
+    ct = compute_dtype(mu.dtype)
+    z = normals_like_reference(mu, seed, stream) if z is None else z.reshape(mu.shape)
+    out = mu.to(ct) + torch.sqrt(var.to(ct) + eps) * z.to(ct)
+    return out.to(mu.dtype).contiguous()
+
+
+def vd_sample_grad_var_reference(grad: Tensor, var: Tensor, seed, stream: int, eps: float,
+                                 z=None) -> Tensor:
+    ct = compute_dtype(grad.dtype)
+    z = normals_like_reference(grad, seed, stream) if z is None else z.reshape(grad.shape)
+    out = grad.to(ct) * z.to(ct) * 0.5 / torch.sqrt(var.to(ct) + eps)
+    return out.to(grad.dtype).contiguous()
+
+
+# ---------------------------------------------------------------- Numba (opaque inner ops)
+def _np(t: Tensor):
+    return t.detach().to(compute_dtype(t.dtype)).contiguous().view(-1).numpy()
+
+
+def _np_scalar(v: float, dtype: torch.dtype):
+    return (np.float64 if compute_dtype(dtype) == torch.float64 else np.float32)(v)
+
+
+@torch.library.custom_op("fastreg::vd_sample_cpu", mutates_args=(), device_types="cpu")
+def _vd_sample_cpu(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
+    from fastreg.kernels.numba import variational as nb
+
+    ma, va = _np(mu), _np(var)
+    out = np.empty_like(ma)
+    if out.size:
+        nb.vd_sample_fwd(ma, va, out, int(seed), stream, _np_scalar(eps, mu.dtype))
+    return torch.from_numpy(out).to(mu.dtype).view(mu.shape)
+
+
+@_vd_sample_cpu.register_fake
+def _(mu, var, seed, stream, eps):
+    return torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+
+
+@torch.library.custom_op("fastreg::vd_sample_grad_var_cpu", mutates_args=(), device_types="cpu")
+def _vd_sample_grad_var_cpu(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
+                            eps: float) -> Tensor:
+    from fastreg.kernels.numba import variational as nb
+
+    ga, va = _np(grad), _np(var)
+    out = np.empty_like(ga)
+    if out.size:
+        nb.vd_sample_grad_var(ga, va, out, int(seed), stream, _np_scalar(eps, grad.dtype),
+                              _np_scalar(0.5, grad.dtype))
+    return torch.from_numpy(out).to(grad.dtype).view(grad.shape)
+
+
+@_vd_sample_grad_var_cpu.register_fake
+def _(grad, var, seed, stream, eps):
+    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+
+
+# ---------------------------------------------------------------- Triton
+def _f64_bits(v: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", v))[0]
+
+
+def _interpreted_trace(t: Tensor) -> bool:
+    """True while tracing CPU tensors for the Triton interpreter, which cannot be traced
+    (wrap_triton hands back the plain Python kernel): the reference is recorded instead."""
+    if not _native.triton_interpreted():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
+def _launch(kernel, a: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
+    from fastreg.kernels.triton import variational as tk
+
+    out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    n = a.numel()
+    if n:
+        grid = ((n + tk.BLOCK - 1) // tk.BLOCK,)
+        wrap_triton(kernel)[grid](a.contiguous(), var.contiguous(), out, seed, stream,
+                                  _f64_bits(eps), n, F64=a.dtype == torch.float64,
+                                  BLOCK=tk.BLOCK)
+    return out
+
+
+# ---------------------------------------------------------------- public ops
+@triton_op("fastreg::vd_sample", mutates_args=())
+def vd_sample_op(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
+    """mu + sqrt(var + eps) * z, z the spec's normals at (seed, stream)."""
+    backend = _backend.select(mu.device, BACKENDS, "vd_sample")
+    if backend == "numba":
+        return torch.ops.fastreg.vd_sample_cpu(mu, var, seed, stream, eps)
+    if backend == "triton" and not _interpreted_trace(mu):
+        from fastreg.kernels.triton.variational import vd_sample_fwd_kernel
+
+        return _launch(vd_sample_fwd_kernel, mu, var, seed, stream, eps)
+    return vd_sample_reference(mu, var, seed, stream, eps)
+
+
+@triton_op("fastreg::vd_sample_grad_var", mutates_args=())
+def vd_sample_grad_var_op(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
+                          eps: float) -> Tensor:
+    """grad * z / (2 sqrt(var + eps)), z regenerated from (seed, stream)."""
+    backend = _backend.select(grad.device, BACKENDS, "vd_sample")
+    if backend == "numba":
+        return torch.ops.fastreg.vd_sample_grad_var_cpu(grad, var, seed, stream, eps)
+    if backend == "triton" and not _interpreted_trace(grad):
+        from fastreg.kernels.triton.variational import vd_sample_grad_var_kernel
+
+        return _launch(vd_sample_grad_var_kernel, grad, var, seed, stream, eps)
+    return vd_sample_grad_var_reference(grad, var, seed, stream, eps)
+
+
+def _setup(ctx, inputs, output):
+    _, var, seed, stream, eps = inputs
+    ctx.stream, ctx.eps = stream, eps
+    ctx.save_for_backward(var if ctx.needs_input_grad[1] else None, seed)
+
+
+def _backward(ctx, grad_out):
+    var, seed = ctx.saved_tensors
+    grad_mu = grad_out if ctx.needs_input_grad[0] else None
+    grad_var = None
+    if ctx.needs_input_grad[1]:
+        grad_var = torch.ops.fastreg.vd_sample_grad_var(grad_out, var, seed, ctx.stream, ctx.eps)
+    return grad_mu, grad_var, None, None, None
+
+
+vd_sample_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------- Python API
+def vd_sample(mu: Tensor, var: Tensor, *, seed=None, stream: int = 0, eps: float = 1e-8) -> Tensor:
+    """mu + sqrt(var + eps) * z, z ~ N(0, 1) from the fastreg RNG, in one fused pass.
+
+    mu, var: float tensors of the same shape, dtype and device (any strides); var >= 0
+    (a negative var + eps gives NaN). eps >= 0 keeps d/dvar finite at var = 0.
+    seed: None draws a fresh seed from torch's default generator for mu's device; an
+    int in [0, 2^63) or a 0-dim int64 tensor fixes z. stream separates draws sharing a
+    seed (e.g. different layers). Saves var and the seed for backward, nothing for z.
+    """
+    op = "vd_sample"
+    check_float_tensor(mu, "mu", op)
+    check_float_tensor(var, "var", op)
+    check_same(mu, var, ("mu", "var"), op)
+    stream = check_stream(stream, op)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"fastreg.{op}: eps must be a real number >= 0, got {eps!r}")
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"fastreg.{op}: eps must be a finite number >= 0, got {eps}")
+    seed_t = seed_tensor(seed, mu.device, op)
+    return torch.ops.fastreg.vd_sample(mu, var, seed_t, stream, eps)
