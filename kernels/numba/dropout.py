@@ -45,61 +45,139 @@ def _chunk(ch, n, start):
     return base, length, c_first, (length + 3) // 4
 
 
-@numba.njit(parallel=True, cache=True)
-def dropout_fwd(x, out, seed, stream, threshold, scale, start):
-    """out = x * keep * scale."""
+# Each kernel is one chunk body (inlined) run by two drivers: `parallel` over
+# chunks for large arrays, and a serial loop below SERIAL_BELOW elements, where
+# waking the thread pool costs more than the work (and a busy core would stall
+# the whole parallel region).
+SERIAL_BELOW = 1 << 16
+
+
+@numba.njit(inline="always", cache=True)
+def _nchunks(n):
+    return (n + 4 * BLOCK - 1) // (4 * BLOCK)
+
+
+@numba.njit(inline="always", cache=True)
+def _fwd_chunk(ch, x, out, seed, stream, t, scale, start):
     n = x.size
-    seed, stream, t = np.uint64(seed), np.uint64(stream), np.uint64(threshold)
-    for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
-        base, length, c_first, count = _chunk(ch, n, start)
-        m = np.empty(4 * BLOCK, dtype=x.dtype)
-        _fill_multipliers(m, seed, stream, t, scale, c_first, count)
-        for e in range(length):
-            out[base + e] = x[base + e] * m[e]
+    base, length, c_first, count = _chunk(ch, n, start)
+    m = np.empty(4 * BLOCK, dtype=x.dtype)
+    _fill_multipliers(m, seed, stream, t, scale, c_first, count)
+    for e in range(length):
+        out[base + e] = x[base + e] * m[e]
 
 
-@numba.njit(parallel=True, cache=True)
-def dropout_add_fwd(x, residual, out, seed, stream, threshold, scale, start):
-    """out = residual + x * keep * scale."""
+@numba.njit(inline="always", cache=True)
+def _add_chunk(ch, x, residual, out, seed, stream, t, scale, start):
     n = x.size
-    seed, stream, t = np.uint64(seed), np.uint64(stream), np.uint64(threshold)
-    for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
-        base, length, c_first, count = _chunk(ch, n, start)
-        m = np.empty(4 * BLOCK, dtype=x.dtype)
-        _fill_multipliers(m, seed, stream, t, scale, c_first, count)
-        for e in range(length):
-            out[base + e] = residual[base + e] + x[base + e] * m[e]
+    base, length, c_first, count = _chunk(ch, n, start)
+    m = np.empty(4 * BLOCK, dtype=x.dtype)
+    _fill_multipliers(m, seed, stream, t, scale, c_first, count)
+    for e in range(length):
+        out[base + e] = residual[base + e] + x[base + e] * m[e]
 
 
-@numba.njit(parallel=True, cache=True)
-def dropout_fwd_bits(x, out, bits, seed, stream, threshold, scale, start):
-    """dropout_fwd that also packs the keep mask: bit b of bits[k] is element 8k+b.
-    Needs p < 1 (scale > 0), so that keep is exactly m != 0."""
+@numba.njit(inline="always", cache=True)
+def _bits_chunk(ch, x, out, bits, seed, stream, t, scale, start):
+    """Also packs the keep mask: bit b of bits[k] is element 8k+b. Needs p < 1
+    (scale > 0), so that keep is exactly m != 0; p = 1 has t = 2^32, m = 0, bits 0."""
     n = x.size
-    seed, stream, t = np.uint64(seed), np.uint64(stream), np.uint64(threshold)
-    for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
-        base, length, c_first, count = _chunk(ch, n, start)
-        m = np.empty(4 * BLOCK, dtype=x.dtype)
-        _fill_multipliers(m, seed, stream, t, scale, c_first, count)
-        for e in range(length):
-            out[base + e] = x[base + e] * m[e]
-        for b in range((length + 7) // 8):
-            byte = 0
-            for j in range(8):
-                e = 8 * b + j
-                if e < length and m[e] != 0:
-                    byte |= 1 << j
-            bits[base // 8 + b] = np.uint8(byte)
+    base, length, c_first, count = _chunk(ch, n, start)
+    m = np.empty(4 * BLOCK, dtype=x.dtype)
+    _fill_multipliers(m, seed, stream, t, scale, c_first, count)
+    for e in range(length):
+        out[base + e] = x[base + e] * m[e]
+    for b in range((length + 7) // 8):
+        byte = 0
+        for j in range(8):
+            e = 8 * b + j
+            if e < length and m[e] != 0:
+                byte |= 1 << j
+        bits[base // 8 + b] = np.uint8(byte)
 
 
-@numba.njit(parallel=True, cache=True)
-def dropout_bits_apply(g, bits, out, scale):
-    """out = g * bit * scale: the backward of the packed-mask mode."""
+@numba.njit(inline="always", cache=True)
+def _apply_chunk(ch, g, bits, out, scale):
     n = g.size
     zero = scale - scale  # same type as scale (scale * 0 would widen to float64)
-    for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
-        base = ch * 4 * BLOCK
-        length = min(4 * BLOCK, n - base)
-        for e in range(length):
-            i = base + e
-            out[i] = g[i] * (scale if (bits[i >> 3] >> (i & 7)) & 1 else zero)
+    base = ch * 4 * BLOCK
+    length = min(4 * BLOCK, n - base)
+    for e in range(length):
+        i = base + e
+        out[i] = g[i] * (scale if (bits[i >> 3] >> (i & 7)) & 1 else zero)
+
+
+@numba.njit(parallel=True, cache=True)
+def _fwd_parallel(x, out, seed, stream, t, scale, start):
+    for ch in numba.prange(_nchunks(x.size)):
+        _fwd_chunk(ch, x, out, seed, stream, t, scale, start)
+
+
+@numba.njit(cache=True)
+def _fwd_serial(x, out, seed, stream, t, scale, start):
+    for ch in range(_nchunks(x.size)):
+        _fwd_chunk(ch, x, out, seed, stream, t, scale, start)
+
+
+@numba.njit(parallel=True, cache=True)
+def _add_parallel(x, residual, out, seed, stream, t, scale, start):
+    for ch in numba.prange(_nchunks(x.size)):
+        _add_chunk(ch, x, residual, out, seed, stream, t, scale, start)
+
+
+@numba.njit(cache=True)
+def _add_serial(x, residual, out, seed, stream, t, scale, start):
+    for ch in range(_nchunks(x.size)):
+        _add_chunk(ch, x, residual, out, seed, stream, t, scale, start)
+
+
+@numba.njit(parallel=True, cache=True)
+def _bits_parallel(x, out, bits, seed, stream, t, scale, start):
+    for ch in numba.prange(_nchunks(x.size)):
+        _bits_chunk(ch, x, out, bits, seed, stream, t, scale, start)
+
+
+@numba.njit(cache=True)
+def _bits_serial(x, out, bits, seed, stream, t, scale, start):
+    for ch in range(_nchunks(x.size)):
+        _bits_chunk(ch, x, out, bits, seed, stream, t, scale, start)
+
+
+@numba.njit(parallel=True, cache=True)
+def _apply_parallel(g, bits, out, scale):
+    for ch in numba.prange(_nchunks(g.size)):
+        _apply_chunk(ch, g, bits, out, scale)
+
+
+@numba.njit(cache=True)
+def _apply_serial(g, bits, out, scale):
+    for ch in range(_nchunks(g.size)):
+        _apply_chunk(ch, g, bits, out, scale)
+
+
+def _u64(v):
+    return np.uint64(v)
+
+
+def dropout_fwd(x, out, seed, stream, threshold, scale, start):
+    """out = x * keep * scale. `start` (logical index of x[0]) a multiple of 8."""
+    f = _fwd_serial if x.size < SERIAL_BELOW else _fwd_parallel
+    f(x, out, _u64(seed), _u64(stream), _u64(threshold), scale, start)
+
+
+def dropout_add_fwd(x, residual, out, seed, stream, threshold, scale, start):
+    """out = residual + x * keep * scale."""
+    f = _add_serial if x.size < SERIAL_BELOW else _add_parallel
+    f(x, residual, out, _u64(seed), _u64(stream), _u64(threshold), scale, start)
+
+
+def dropout_fwd_bits(x, out, bits, seed, stream, threshold, scale, start):
+    """dropout_fwd that also writes the packed keep mask."""
+    f = _bits_serial if x.size < SERIAL_BELOW else _bits_parallel
+    f(x, out, bits, _u64(seed), _u64(stream), _u64(threshold), scale, start)
+
+
+def dropout_bits_apply(g, bits, out, scale):
+    """out = g * bit * scale: the backward of the packed-mask mode."""
+    f = _apply_serial if g.size < SERIAL_BELOW else _apply_parallel
+    f(g, bits, out, scale)
