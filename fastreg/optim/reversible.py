@@ -1,0 +1,469 @@
+"""ReversibleSGD: exactly reversible momentum SGD and hypergradients through training.
+
+Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter Optimization through
+Reversible Learning", ICML 2015, made practical: fixed-point w and v, the bits that
+the multiplication by gamma destroys kept in a per-element streaming arithmetic code
+(a 64-bit head per element plus 32-bit spill words), fused kernels for the forward
+step and for the two halves of the reverse step. The maths is in docs/reversible.md.
+
+    opt = ReversibleSGD(model.parameters(), lr=lr_schedule, momentum=0.9)
+    for t in range(T):
+        opt.zero_grad(); loss_fn(model, batch(t)).backward(); opt.step()
+    opt.reverse(lambda: val_loss(model), lambda t: loss_fn(model, batch(t)))
+    lr_schedule.grad, [p.grad for p in model.parameters()]   # hypergradients
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+from fastreg.ops import reversible as K
+
+_HYPERS = ("lr", "momentum", "weight_decay")
+
+
+class ReversibleOverflowError(OverflowError):
+    """A value left the fixed-point range (or a gradient was not finite)."""
+
+
+class ReversibleSGD(torch.optim.Optimizer):
+    """Momentum SGD whose training run can be undone bit for bit.
+
+    Update of step t (paper form, v0 = 0), per parameter group:
+        v <- gamma_t * v - (1 - gamma_t) * (g + lambda_t * w)
+        w <- w + alpha_t * v
+    w and v are integers times 2^-frac_bits; gamma_t is rounded to n_t / 2^momentum_bits.
+
+    Args:
+        params: parameters or parameter groups (groups may carry their own lr,
+            momentum, weight_decay).
+        lr (alpha), momentum (gamma), weight_decay (lambda): a float, a 0-dim tensor
+            (constant), or a 1-D tensor of length T (one value per step: a schedule).
+            Tensors with requires_grad receive hypergradients in `.grad` from `reverse`.
+        frac_bits: F, the fixed-point resolution 2^-F; values must stay below
+            2^(62-F) in magnitude (default 44: resolution 5.7e-14, range 262144).
+        momentum_bits: k, gamma is represented as n / 2^k (default 16).
+        backend: None (by device: Numba on CPU, CUDA C++ on GPU), "numba", "cpp" (the
+            C++ host build of the CUDA header), "cuda" or "torch" (the reference).
+
+    The parameters are rounded to the fixed-point grid when they join the optimizer,
+    so the model only ever sees values that `reverse` can restore exactly.
+    A parameter whose `.grad` is None is stepped with a zero gradient.
+    """
+
+    def __init__(self, params, lr, momentum, *, weight_decay=0.0, frac_bits: int = 44,
+                 momentum_bits: int = 16, backend: str | None = None):
+        if not isinstance(frac_bits, int) or not 8 <= frac_bits <= 60:
+            raise ValueError(f"frac_bits must be an int in [8, 60], got {frac_bits!r}")
+        if not isinstance(momentum_bits, int) or not 2 <= momentum_bits <= 24:
+            raise ValueError(f"momentum_bits must be an int in [2, 24], got {momentum_bits!r}")
+        if backend not in (None, "numba", "cpp", "cuda", "torch"):
+            raise ValueError(f"backend must be None, 'numba', 'cpp', 'cuda' or 'torch', got {backend!r}")
+        self.frac_bits = frac_bits
+        self.momentum_bits = momentum_bits
+        self.scale = 2.0**frac_bits
+        self.inv_scale = 2.0**-frac_bits
+        self._backend_name = backend
+        self._t = 0
+        self._checksums: dict[int, str] = {}
+        self._broken: str | None = None
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    # ------------------------------------------------------------ set-up
+    @property
+    def range(self) -> float:
+        """Largest magnitude a weight or velocity may take: 2^(62 - frac_bits)."""
+        return 2.0 ** (62 - self.frac_bits)
+
+    @property
+    def resolution(self) -> float:
+        return self.inv_scale
+
+    @property
+    def steps(self) -> int:
+        """Steps taken (and not yet reversed)."""
+        return self._t
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        for name in _HYPERS:
+            _check_hyper(group[name], name)
+        m = group["momentum"]
+        vals = m.detach().reshape(-1).tolist() if isinstance(m, torch.Tensor) else [m]
+        for x in vals:
+            if not 0.0 < x <= 1.0 or round(x * 2**self.momentum_bits) < 2:
+                raise ValueError(f"momentum must lie in (0, 1] and be at least 2^-{self.momentum_bits - 1} "
+                                 f"(momentum_bits={self.momentum_bits}), got {x!r}")
+        for pi, p in enumerate(group["params"]):
+            if p.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise TypeError(f"params: {self._pname(gi, pi)} has dtype {p.dtype}; ReversibleSGD "
+                                "takes float16, bfloat16, float32 or float64 parameters")
+            self._init_state(p, gi, pi)
+
+    def _pname(self, gi: int, pi: int) -> str:
+        names = self.param_groups[gi].get("param_names") if gi < len(self.param_groups) else None
+        p = self.param_groups[gi]["params"][pi]
+        base = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+        return f"parameter {names[pi]!r} = {base}" if names else f"parameter {base}"
+
+    def _init_state(self, p: torch.Tensor, gi: int, pi: int) -> None:
+        if self._t != 0:
+            raise RuntimeError("ReversibleSGD: parameter groups can only be added before the first step")
+        with torch.no_grad():
+            x = p.detach().to(torch.float64).reshape(-1) * self.scale
+            if not bool(torch.isfinite(x).all()) or bool((x.abs() >= 2.0**62).any()):
+                raise ReversibleOverflowError(
+                    f"ReversibleSGD: {self._pname(gi, pi)} has values outside the fixed-point range "
+                    f"|w| < {self.range:g} (frac_bits={self.frac_bits}) or non-finite values")
+            w = torch.round(x).to(torch.int64)
+            st = self.state[p]
+            st["w"] = w
+            st["v"] = torch.zeros_like(w)
+            st["head"] = torch.full_like(w, K.L)
+            st["count"] = torch.zeros(w.numel(), dtype=torch.int32, device=p.device)
+            st["spill"] = torch.zeros((0, w.numel()), dtype=torch.int32, device=p.device)
+            st["bound"] = 0
+            self._write_param(p, w)
+
+    def _write_param(self, p: torch.Tensor, w: torch.Tensor) -> None:
+        p.data.copy_((w.to(torch.float64) * self.inv_scale).view_as(p))
+
+    # ------------------------------------------------------------ hyperparameters
+    def _hyper(self, group: dict, name: str, t: int) -> float:
+        h = group[name]
+        if isinstance(h, torch.Tensor):
+            if h.dim() == 0:
+                return float(h.detach())
+            if t >= h.shape[0]:
+                raise ValueError(f"ReversibleSGD: the {name} schedule has {h.shape[0]} steps; step {t} "
+                                 "needs a longer one")
+            return float(h[t].detach())
+        return float(h)
+
+    def _step_consts(self, group: dict, t: int):
+        alpha = self._hyper(group, "lr", t)
+        n = int(round(self._hyper(group, "momentum", t) * 2**self.momentum_bits))
+        lam = self._hyper(group, "weight_decay", t)
+        gamma = n / 2.0**self.momentum_bits
+        omg = 1.0 - gamma  # exact: n / 2^k is a dyadic rational
+        return alpha, n, gamma, omg, omg * self.scale, lam
+
+    def quantized_momentum(self, group_index: int = 0, t: int = 0) -> float:
+        """The momentum the run really uses at step t: n / 2^momentum_bits."""
+        return self._step_consts(self.param_groups[group_index], t)[2]
+
+    # ------------------------------------------------------------ kernels plumbing
+    def _backend(self, p: torch.Tensor) -> str:
+        if self._backend_name is not None:
+            return self._backend_name
+        return K.backend_for(p.device)
+
+    @staticmethod
+    def _fbuf(p: torch.Tensor) -> torch.dtype:
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    def _out_view(self, p: torch.Tensor):
+        """A flat float32/float64 buffer the kernel writes the new parameter values into."""
+        if p.dtype in (torch.float32, torch.float64) and p.data.is_contiguous():
+            return p.data.view(-1), False
+        return torch.empty(p.numel(), dtype=self._fbuf(p), device=p.device), True
+
+    def _flat(self, t: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
+        if t is None:
+            return torch.zeros(p.numel(), dtype=self._fbuf(p), device=p.device)
+        return t.detach().to(self._fbuf(p)).contiguous().view(-1)
+
+    def _ensure_capacity(self, st: dict) -> None:
+        cap = st["spill"].shape[0]
+        if st["bound"] + 1 <= cap:
+            return
+        st["bound"] = int(st["count"].max()) if st["count"].numel() else 0
+        if st["bound"] + 1 <= cap:
+            return
+        grow = max(8, cap // 4)
+        spill = st["spill"]
+        new = torch.zeros((cap + grow, spill.shape[1]), dtype=spill.dtype, device=spill.device)
+        new[:cap] = spill
+        st["spill"] = new
+
+    def _check_ok(self):
+        if self._broken is not None:
+            raise RuntimeError(f"ReversibleSGD: the state is invalid after an earlier error ({self._broken}); "
+                               "load a checkpoint or build a new optimizer")
+
+    def _raise(self, code: int, gi: int, pi: int, t: int, where: str) -> None:
+        what = []
+        if code & K.BAD_NONFINITE:
+            what.append("a non-finite (or huge) gradient")
+        if code & K.BAD_V_RANGE:
+            what.append(f"a velocity outside the fixed-point range |v| < {self.range:g}")
+        if code & K.BAD_W_RANGE:
+            what.append(f"a weight outside the fixed-point range |w| < {self.range:g}")
+        if code & K.BAD_CAPACITY:
+            what.append("an information buffer without room (internal error)")
+        msg = (f"ReversibleSGD {where} step {t}: {self._pname(gi, pi)} got " + " and ".join(what)
+               + f" (frac_bits={self.frac_bits}: resolution 2^-{self.frac_bits}, range 2^{62 - self.frac_bits};"
+               " lower frac_bits for more range)")
+        self._broken = msg
+        raise ReversibleOverflowError(msg)
+
+    def _checksum(self, st: dict) -> str:
+        return hashlib.blake2b(st["w"].cpu().numpy().tobytes(), digest_size=16).hexdigest()
+
+    # ------------------------------------------------------------ forward
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One exact step. `closure`, if given, recomputes the loss (and its gradients)."""
+        self._check_ok()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t = self._t
+        if t == 0:
+            self._checksums = {id(p): self._checksum(self.state[p])
+                               for g in self.param_groups for p in g["params"]}
+        consts = [self._step_consts(g, t) for g in self.param_groups]
+        for gi, group in enumerate(self.param_groups):
+            alpha, n, _gamma, _omg, c1s, lam = consts[gi]
+            for pi, p in enumerate(group["params"]):
+                st = self.state[p]
+                self._ensure_capacity(st)
+                g = self._flat(p.grad, p)
+                out, copy = self._out_view(p)
+                code = K.fwd_step(self._backend(p), st["w"], st["v"], st["head"], st["count"],
+                                  st["spill"], g, out, self.momentum_bits, n, alpha, c1s, lam,
+                                  self.inv_scale)
+                if copy:
+                    p.data.copy_(out.view_as(p))
+                st["bound"] += 1
+                if code:
+                    self._raise(code, gi, pi, t, "forward")
+        self._t = t + 1
+        return loss
+
+    # ------------------------------------------------------------ reverse
+    def reverse(self, objective, closure: Callable[[int], torch.Tensor], *,
+                inputs: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
+        """Backward through training: restores w_0 exactly and accumulates hypergradients.
+
+        objective: the scalar to differentiate (a tensor computed from the final
+            parameters, or a callable returning it).
+        closure(t): recomputes step t's training loss from the current parameters
+            (same batch, same random seeds as in the forward run).
+        inputs: meta-parameters to differentiate (default: every leaf tensor that
+            requires grad in the graphs of the objective and the training losses,
+            other than the parameters).
+
+        Accumulates into `.grad`: lr / momentum / weight_decay tensors that require
+        grad (per step for schedules), the parameters (d objective / d w_0), and the
+        meta-parameters. Returns the objective's value. Raises RuntimeError when w_0
+        is not recovered bit for bit (a nondeterministic closure).
+        """
+        self._check_ok()
+        if not callable(closure):
+            raise TypeError("closure must be a callable closure(t) returning the training loss of step t")
+        params = [p for g in self.param_groups for p in g["params"]]
+        where = [(gi, pi) for gi, g in enumerate(self.param_groups) for pi in range(len(g["params"]))]
+        pids = {id(p) for p in params}
+        T = self._t
+        fixed_inputs = None if inputs is None else [x for x in inputs if id(x) not in pids]
+
+        with torch.enable_grad():
+            obj = objective() if callable(objective) else objective
+            if not isinstance(obj, torch.Tensor) or obj.numel() != 1:
+                raise ValueError("objective must be a scalar tensor (or a callable returning one)")
+            metas = fixed_inputs if fixed_inputs is not None else _leaves(obj, pids)
+            gr = torch.autograd.grad(obj, params + metas, allow_unused=True) if obj.requires_grad \
+                else [None] * (len(params) + len(metas))
+        dw = {id(p): (gr[i].detach().to(torch.float64).reshape(-1).clone() if gr[i] is not None
+                      else torch.zeros(p.numel(), dtype=torch.float64, device=p.device))
+              for i, p in enumerate(params)}
+        dv = {id(p): torch.zeros(p.numel(), dtype=torch.float64, device=p.device) for p in params}
+        meta_acc: dict[int, list] = {}
+        for m, gm in zip(metas, gr[len(params):]):
+            _acc(meta_acc, m, gm, 1.0)
+        hyp = {(gi, name): torch.zeros(T, dtype=torch.float64) for gi in range(len(self.param_groups))
+               for name in _HYPERS}
+
+        for t in range(T - 1, -1, -1):
+            consts = [self._step_consts(g, t) for g in self.param_groups]
+            us = []
+            with torch.no_grad():
+                for p, (gi, pi) in zip(params, where):
+                    alpha, n, gamma, omg, c1s, lam = consts[gi]
+                    st = self.state[p]
+                    out, copy = self._out_view(p)
+                    u = torch.empty(p.numel(), dtype=self._fbuf(p), device=p.device)
+                    da = K.rev_restore(self._backend(p), st["w"], st["v"], dw[id(p)], dv[id(p)], u, out,
+                                       alpha, omg, self.inv_scale)
+                    if copy:
+                        p.data.copy_(out.view_as(p))
+                    hyp[(gi, "lr")][t] += da
+                    us.append(u)
+            with torch.enable_grad():
+                loss = closure(t)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ValueError(f"closure({t}) must return the scalar training loss of step {t}")
+                metas_t = fixed_inputs if fixed_inputs is not None else _leaves(loss, pids)
+                gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                outs, gouts = [], []
+                for p, g, u in zip(params, gs, us):
+                    if g is not None and g.requires_grad:
+                        outs.append(g)
+                        gouts.append(u.to(g.dtype).view_as(g))
+                hv = torch.autograd.grad(outs, params + metas_t, grad_outputs=gouts, allow_unused=True) \
+                    if outs else [None] * (len(params) + len(metas_t))
+            with torch.no_grad():
+                for m, hm in zip(metas_t, hv[len(params):]):
+                    _acc(meta_acc, m, hm, -1.0)
+                for i, (p, (gi, pi)) in enumerate(zip(params, where)):
+                    alpha, n, gamma, omg, c1s, lam = consts[gi]
+                    st = self.state[p]
+                    g = self._flat(gs[i], p)
+                    h = self._flat(hv[i], p)
+                    code, dg, dl = K.rev_step(self._backend(p), st["w"], st["v"], st["head"], st["count"],
+                                              st["spill"], g, h, dw[id(p)], dv[id(p)], self.momentum_bits, n,
+                                              gamma, c1s, lam, omg, self.inv_scale)
+                    if code:
+                        self._raise(code, gi, pi, t, "reverse")
+                    hyp[(gi, "momentum")][t] += dg
+                    hyp[(gi, "weight_decay")][t] += -omg * dl
+            del gs, hv, outs, gouts, loss
+            self._t = t
+
+        # -- bit-exact recovery check
+        bad = []
+        for p, (gi, pi) in zip(params, where):
+            st = self.state[p]
+            ok = self._checksum(st) == self._checksums.get(id(p))
+            ok = ok and bool((st["head"] == K.L).all()) and bool((st["count"] == 0).all())
+            if not ok:
+                bad.append(self._pname(gi, pi))
+        if bad:
+            self._broken = "w_0 was not recovered"
+            raise RuntimeError(
+                "ReversibleSGD.reverse: w_0 was not recovered bit for bit for " + ", ".join(bad)
+                + ": the gradients recomputed by closure(t) were not bit-identical to those of the forward run "
+                "(a nondeterministic closure: different batches, random seeds, or nondeterministic kernels)")
+
+        # -- write the hypergradients
+        with torch.no_grad():
+            for p in params:
+                gw = dw[id(p)].view_as(p).to(p.dtype)
+                p.grad = gw if p.grad is None else p.grad.copy_(gw)
+                self.state[p]["bound"] = 0
+            for gi, group in enumerate(self.param_groups):
+                for name in _HYPERS:
+                    h = group[name]
+                    if isinstance(h, torch.Tensor) and h.requires_grad:
+                        d = hyp[(gi, name)]
+                        d = d.sum() if h.dim() == 0 else torch.nn.functional.pad(d, (0, h.shape[0] - T))
+                        d = d.to(device=h.device, dtype=h.dtype)
+                        h.grad = d.clone() if h.grad is None else h.grad.add_(d)
+            for m, acc in meta_acc.values():
+                d = acc.to(m.dtype)
+                m.grad = d if m.grad is None else m.grad.add_(d)
+        return obj.detach()
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self):
+        sd = super().state_dict()
+        for s in sd["state"].values():
+            if "spill" in s:
+                used = int(s["count"].max()) if s["count"].numel() else 0
+                s["spill"] = s["spill"][:used].clone()
+        sd["reversible"] = dict(t=self._t, checksums=[self._checksums.get(id(p)) for g in self.param_groups
+                                                      for p in g["params"]],
+                                frac_bits=self.frac_bits, momentum_bits=self.momentum_bits)
+        return sd
+
+    def load_state_dict(self, state_dict):
+        sd = dict(state_dict)
+        extra = sd.pop("reversible", None)
+        if extra is None:
+            raise ValueError("state_dict: not a ReversibleSGD state dict (no 'reversible' entry)")
+        if extra["frac_bits"] != self.frac_bits or extra["momentum_bits"] != self.momentum_bits:
+            raise ValueError(f"state_dict: saved with frac_bits={extra['frac_bits']}, momentum_bits="
+                             f"{extra['momentum_bits']}; this optimizer has {self.frac_bits}, {self.momentum_bits}")
+        saved_state = sd["state"]
+        super().load_state_dict({"state": {}, "param_groups": sd["param_groups"]})
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in sd["param_groups"] for i in g["params"]]
+        for p, i in zip(params, ids):
+            s = saved_state[i]
+            st = self.state[p]
+            for key in ("w", "v", "head", "count"):
+                st[key] = s[key].to(p.device).clone()
+            spill = s["spill"].to(p.device)
+            st["spill"] = torch.cat([spill, torch.zeros((8, spill.shape[1]), dtype=spill.dtype,
+                                                        device=p.device)])
+            st["bound"] = spill.shape[0]
+            with torch.no_grad():
+                self._write_param(p, st["w"])
+        self._t = extra["t"]
+        self._checksums = {id(p): c for p, c in zip(params, extra["checksums"])}
+        self._broken = None
+
+    # ------------------------------------------------------------ accounting
+    def buffer_bits(self) -> dict:
+        """Information-buffer size: bits in use (64 per head + 32 per spill word) and allocated."""
+        used = alloc = nel = 0
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state[p]
+                used += 64 * st["head"].numel() + 32 * int(st["count"].to(torch.int64).sum())
+                alloc += 64 * st["head"].numel() + 32 * st["spill"].numel()
+                nel += st["head"].numel()
+        return dict(used_bits=used, allocated_bits=alloc, numel=nel)
+
+
+def _check_hyper(h, name: str) -> None:
+    if isinstance(h, bool):
+        raise TypeError(f"{name} must be a float or a tensor, got {h!r}")
+    if isinstance(h, (int, float)):
+        if not math.isfinite(h):
+            raise ValueError(f"{name} must be finite, got {h!r}")
+        if name != "lr" and h < 0:
+            raise ValueError(f"{name} must be >= 0, got {h!r}")
+        return
+    if isinstance(h, torch.Tensor):
+        if h.dim() > 1 or not h.is_floating_point():
+            raise ValueError(f"{name} must be a float, a 0-dim float tensor or a 1-D float tensor "
+                             f"(a schedule), got a tensor of shape {tuple(h.shape)} and dtype {h.dtype}")
+        if not bool(torch.isfinite(h.detach()).all()):
+            raise ValueError(f"{name} must be finite")
+        return
+    raise TypeError(f"{name} must be a float or a tensor, got {type(h).__name__}")
+
+
+def _leaves(out: torch.Tensor, exclude: set) -> list:
+    """Leaf tensors requiring grad in the autograd graph of `out`, other than `exclude`."""
+    found, seen, stack = [], set(), [out.grad_fn] if out.grad_fn is not None else []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            if id(var) not in exclude and all(var is not f for f in found):
+                found.append(var)
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return found
+
+
+def _acc(store: dict, m: torch.Tensor, g, sign: float) -> None:
+    if g is None:
+        return
+    key = id(m)
+    if key not in store:
+        store[key] = [m, torch.zeros(m.shape, dtype=torch.float64, device=m.device)]
+    store[key][1].add_(g.detach().to(torch.float64), alpha=sign)

@@ -1,0 +1,428 @@
+"""Exact reversible SGD: kernels against the reference, bit-exact reversal, errors, checkpoints,
+hypergradients against float64 unrolled autograd and finite differences."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from fastreg import _native
+from fastreg.ops import reversible as K
+from fastreg.optim import ReversibleOverflowError, ReversibleSGD
+
+BACKENDS = ["numba", "torch"] + (["cpp"] if _native.native() is not None and
+                                 hasattr(_native.native(), "reversible_fwd_host") else [])
+
+
+# ---------------------------------------------------------------- kernel level
+def _random_state(n_el, cap, gen, k):
+    w = torch.randint(-(2**50), 2**50, (n_el,), generator=gen, dtype=torch.int64)
+    v = torch.randint(-(2**46), 2**46, (n_el,), generator=gen, dtype=torch.int64)
+    # heads anywhere in [2^31, 2^63), spill partly filled (nonzero bottom words: canonical)
+    e = torch.randint(31, 63, (n_el,), generator=gen)
+    head = torch.stack([torch.randint(1 << int(a), 1 << (int(a) + 1) if a < 62 else 2**63 - 1, (1,),
+                                      generator=gen) for a in e]).view(-1)
+    count = torch.randint(0, cap - 2, (n_el,), generator=gen, dtype=torch.int32)
+    spill = torch.randint(-(2**31), 2**31 - 1, (cap, n_el), generator=gen, dtype=torch.int32)
+    spill[0][spill[0] == 0] = 7
+    return w, v, head, count, spill
+
+
+def _clone(state):
+    return [s.clone() for s in state]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("k,gamma", [(16, 0.9), (16, 0.5), (16, 0.98), (12, 1.0), (20, 0.3),
+                                     (16, 2.0**-15)])
+@pytest.mark.parametrize("fdtype", [torch.float32, torch.float64])
+def test_kernels_match_reference_and_invert(backend, k, gamma, fdtype, gen):
+    n_el, cap = 1037, 6
+    n = max(2, int(round(gamma * 2**k)))
+    F = 44
+    inv_scale, omg = 2.0**-F, 1.0 - n / 2**k
+    alpha, lam = 0.37 * float(torch.rand(1, generator=gen)) + 0.01, 0.013
+    state = _random_state(n_el, cap, gen, k)
+    g = (torch.randn(n_el, generator=gen, dtype=torch.float64) * 3).to(fdtype)
+    ref, fast = _clone(state), _clone(state)
+    p_ref = torch.empty(n_el, dtype=fdtype)
+    p_fast = torch.empty(n_el, dtype=fdtype)
+    c_ref = K.fwd_step("torch", *ref, g, p_ref, k, n, alpha, omg * 2.0**F, lam, inv_scale)
+    c_fast = K.fwd_step(backend, *fast, g, p_fast, k, n, alpha, omg * 2.0**F, lam, inv_scale)
+    assert c_ref == c_fast == 0
+    for a, b in zip(ref, fast):
+        assert torch.equal(a, b)
+    assert torch.equal(p_ref, p_fast)
+    assert not torch.equal(ref[1], state[1])  # v really changed
+    # reverse: restore then step, both backends, back to the original state bit for bit
+    dw0 = torch.randn(n_el, generator=gen, dtype=torch.float64)
+    dv0 = torch.randn(n_el, generator=gen, dtype=torch.float64)
+    hvp = torch.randn(n_el, generator=gen, dtype=torch.float64).to(fdtype)
+    outs = {}
+    for name, st in (("torch", ref), (backend, fast)):
+        dw, dv = dw0.clone(), dv0.clone()
+        u = torch.empty(n_el, dtype=fdtype)
+        p = torch.empty(n_el, dtype=fdtype)
+        da = K.rev_restore(name, st[0], st[1], dw, dv, u, p, alpha, omg, inv_scale)
+        code, dg, dl = K.rev_step(name, *st, g, hvp, dw, dv, k, n, n / 2**k, omg * 2.0**F, lam, omg,
+                                  inv_scale)
+        assert code == 0
+        outs[name] = (da, dg, dl, dw, dv, u, p)
+    for a, b in zip(ref[:4], state[:4]):
+        assert torch.equal(a, b)
+    live = torch.arange(cap).unsqueeze(1) < state[3].unsqueeze(0)
+    assert torch.equal(ref[4][live], state[4][live])
+    for a, b in zip(fast, ref):
+        assert torch.equal(a, b)
+    r, f = outs["torch"], outs[backend]
+    for x, y in zip(r[:3], f[:3]):
+        assert math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-9)
+    for x, y in zip(r[3:], f[3:]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_flags_nonfinite_and_range(backend):
+    n_el = 64
+    w = torch.zeros(n_el, dtype=torch.int64)
+    v = torch.zeros(n_el, dtype=torch.int64)
+    head = torch.full((n_el,), K.L, dtype=torch.int64)
+    count = torch.zeros(n_el, dtype=torch.int32)
+    spill = torch.zeros((4, n_el), dtype=torch.int32)
+    g = torch.zeros(n_el)
+    g[5] = float("nan")
+    p = torch.empty(n_el)
+    code = K.fwd_step(backend, w, v, head, count, spill, g, p, 16, 58982, 0.1, 0.1 * 2.0**44, 0.0,
+                      2.0**-44)
+    assert code & K.BAD_NONFINITE and not code & K.BAD_V_RANGE
+    g[5] = 0.0
+    g[7] = 2.0**19  # times (1 - gamma) 2^44: past 2^61 -> increment too large
+    code = K.fwd_step(backend, w, v, head, count, spill, g, p, 16, 58982, 0.1, 0.9 * 2.0**44, 0.0,
+                      2.0**-44)
+    assert code & K.BAD_NONFINITE
+    g[7] = 2.0**16  # increment fits, velocity too (< 2^62), then w += 10 v leaves the range
+    code = K.fwd_step(backend, w, v, head, count, spill, g, p, 16, 58982, 10.0, 0.9 * 2.0**44, 0.0,
+                      2.0**-44)
+    assert code == K.BAD_W_RANGE
+
+
+def test_bits_back_coder_cost(gen):
+    """The buffer grows by log2(1/gamma) bits per element-step (the coder is near-optimal)."""
+    n_el, T, k, F = 2000, 300, 16, 44
+    for gamma in (0.5, 0.9):
+        n = round(gamma * 2**k)
+        state = [torch.zeros(n_el, dtype=torch.int64), torch.zeros(n_el, dtype=torch.int64),
+                 torch.full((n_el,), K.L, dtype=torch.int64), torch.zeros(n_el, dtype=torch.int32),
+                 torch.zeros((40, n_el), dtype=torch.int32)]
+        p = torch.empty(n_el, dtype=torch.float64)
+        omg = 1 - n / 2**k
+        for _ in range(T):
+            g = torch.randn(n_el, generator=gen, dtype=torch.float64)
+            assert K.fwd_step("numba", *state, g, p, k, n, 0.05, omg * 2.0**F, 0.0, 2.0**-F) == 0
+        bits = (32 * state[3].to(torch.float64) + torch.log2(state[2].to(torch.float64)) - 31).mean()
+        ideal = T * math.log2(2**k / n)
+        assert abs(float(bits) - ideal) < 1.0 + 1e-3 * ideal, (gamma, float(bits), ideal)
+
+
+# ---------------------------------------------------------------- optimizer: exactness
+def _mlp(dtype, seed):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
+    return m.to(dtype)
+
+
+def _data(seed, n=48):
+    g = torch.Generator().manual_seed(1000 + seed)
+    return torch.randn(n, 7, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _loss(model, X, y, t, bs=16):
+    idx = (torch.arange(bs) + 5 * t) % X.shape[0]
+    out = model(X[idx].to(next(model.parameters()).dtype))
+    return torch.nn.functional.cross_entropy(out.to(torch.float64 if out.dtype == torch.float64
+                                                    else torch.float32), y[idx])
+
+
+def _train(model, opt, X, y, T):
+    for t in range(T):
+        opt.zero_grad()
+        _loss(model, X, y, t).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reverse_restores_w0_bit_exact(dtype, seed):
+    T = 25
+    model = _mlp(dtype, seed)
+    X, y = _data(seed)
+    g = torch.Generator().manual_seed(seed)
+    mom = (0.5 + 0.49 * torch.rand(T, generator=g, dtype=torch.float64))  # a gamma schedule
+    opt = ReversibleSGD([{"params": model[0].parameters(), "lr": 0.2, "momentum": mom},
+                         {"params": model[2].parameters(), "lr": torch.linspace(0.05, 0.3, T),
+                          "momentum": 0.9, "weight_decay": 1e-2}], lr=0.1, momentum=0.9)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    _train(model, opt, X, y, T)
+    assert any(not torch.equal(a, p) for a, p in zip(w0, model.parameters()))
+    opt.reverse(lambda: _loss(model, X, y, 0, bs=48), lambda t: _loss(model, X, y, t))
+    for a, p in zip(w0, model.parameters()):
+        assert torch.equal(a, p.detach())
+    assert opt.steps == 0
+    for p in model.parameters():
+        st = opt.state[p]
+        assert bool((st["v"] == 0).all()) and bool((st["head"] == K.L).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_on_whole_run(backend):
+    T = 12
+    res = {}
+    for b in ("torch", backend):
+        model = _mlp(torch.float32, 3)
+        X, y = _data(3)
+        lr = torch.full((T,), 0.1, requires_grad=True)
+        opt = ReversibleSGD(model.parameters(), lr=lr, momentum=0.8, weight_decay=1e-3, backend=b)
+        _train(model, opt, X, y, T)
+        wT = [opt.state[p]["w"].clone() for p in model.parameters()]
+        opt.reverse(lambda: _loss(model, X, y, 0, bs=48), lambda t: _loss(model, X, y, t))
+        res[b] = (wT, lr.grad.clone(), [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(res["torch"][0], res[backend][0]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(res["torch"][1], res[backend][1], rtol=1e-5, atol=1e-8)
+    for a, b in zip(res["torch"][2], res[backend][2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_params_are_on_the_grid_and_training_works():
+    model = _mlp(torch.float32, 4)
+    X, y = _data(4)
+    opt = ReversibleSGD(model.parameters(), lr=0.3, momentum=0.9, frac_bits=30)
+    for p in model.parameters():
+        assert torch.equal(p.detach().double(), opt.state[p]["w"].double().view_as(p) * 2.0**-30)
+    before = float(_loss(model, X, y, 0, bs=48).detach())
+    for t in range(60):
+        opt.zero_grad()
+        _loss(model, X, y, t % 3, bs=48).backward()
+        opt.step()
+    assert float(_loss(model, X, y, 0, bs=48).detach()) < 0.8 * before
+
+
+def test_nondeterministic_closure_is_reported():
+    model = _mlp(torch.float64, 5)
+    X, y = _data(5)
+    opt = ReversibleSGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, opt, X, y, 6)
+    with pytest.raises(RuntimeError, match="nondeterministic"):
+        opt.reverse(lambda: _loss(model, X, y, 0), lambda t: _loss(model, X, y, t + 1))
+
+
+# ---------------------------------------------------------------- errors
+def test_overflow_names_parameter_and_step():
+    model = _mlp(torch.float32, 6)
+    X, y = _data(6)
+    opt = ReversibleSGD(model.parameters(), lr=1e3, momentum=0.5, frac_bits=56)  # range 64
+    with pytest.raises(ReversibleOverflowError, match=r"step \d+: parameter .*param_groups\[0\]\['params'\]\[\d\]"
+                       r".*outside the fixed-point range"):
+        _train(model, opt, X, y, 50)
+    with pytest.raises(RuntimeError, match="invalid after an earlier error"):
+        opt.step()
+
+
+def test_nonfinite_gradient_raises():
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = ReversibleSGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(10)
+    opt.step()
+    p.grad = torch.full((10,), float("inf"))
+    with pytest.raises(ReversibleOverflowError, match="step 1: parameter .*non-finite"):
+        opt.step()
+
+
+def test_validation_errors():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="momentum"):
+        ReversibleSGD([p], lr=0.1, momentum=1.5)
+    with pytest.raises(ValueError, match="momentum"):
+        ReversibleSGD([p], lr=0.1, momentum=0.0)
+    with pytest.raises(TypeError, match="lr"):
+        ReversibleSGD([p], lr="0.1", momentum=0.9)
+    with pytest.raises(ValueError, match="weight_decay"):
+        ReversibleSGD([p], lr=0.1, momentum=0.9, weight_decay=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="frac_bits"):
+        ReversibleSGD([p], lr=0.1, momentum=0.9, frac_bits=70)
+    with pytest.raises(ReversibleOverflowError, match="range"):
+        ReversibleSGD([torch.nn.Parameter(torch.tensor([1e9]))], lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match="closure"):
+        ReversibleSGD([p], lr=0.1, momentum=0.9).reverse(torch.zeros(()), None)
+    opt = ReversibleSGD([p], lr=torch.full((2,), 0.1), momentum=0.9)
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.step()
+    with pytest.raises(ValueError, match="lr schedule has 2 steps"):
+        opt.step()
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_state_dict_round_trip_then_reverse():
+    T1, T2 = 30, 20
+    X, y = _data(7)
+    # uninterrupted run
+    model = _mlp(torch.float64, 7)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    lr = torch.full((T1 + T2,), 0.1, dtype=torch.float64, requires_grad=True)
+    opt = ReversibleSGD(model.parameters(), lr=lr, momentum=0.6)
+    _train(model, opt, X, y, T1 + T2)
+    wT = [opt.state[p]["w"].clone() for p in model.parameters()]
+    opt.reverse(lambda: _loss(model, X, y, 0, bs=48), lambda t: _loss(model, X, y, t))
+    ref_lr, ref_w = lr.grad.clone(), [p.grad.clone() for p in model.parameters()]
+    # checkpointed run: T1 steps, save, new model + optimizer, load, T2 more steps, reverse all
+    model = _mlp(torch.float64, 7)
+    lr1 = torch.full((T1 + T2,), 0.1, dtype=torch.float64, requires_grad=True)
+    opt = ReversibleSGD(model.parameters(), lr=lr1, momentum=0.6)
+    _train(model, opt, X, y, T1)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    model2 = _mlp(torch.float64, 99)
+    model2.load_state_dict(ck["model"])
+    lr2 = torch.full((T1 + T2,), 0.1, dtype=torch.float64, requires_grad=True)
+    opt2 = ReversibleSGD(model2.parameters(), lr=lr2, momentum=0.6)
+    opt2.load_state_dict(ck["opt"])
+    opt2.param_groups[0]["lr"] = lr2  # the hyperparameter tensor to differentiate
+    for p, q in zip(model.parameters(), model2.parameters()):
+        for key in ("w", "v", "head", "count"):
+            assert torch.equal(opt.state[p][key], opt2.state[q][key])
+    assert opt2.steps == T1
+    for t in range(T1, T1 + T2):
+        opt2.zero_grad()
+        _loss(model2, X, y, t).backward()
+        opt2.step()
+    for a, q in zip(wT, model2.parameters()):
+        assert torch.equal(a, opt2.state[q]["w"])
+    opt2.reverse(lambda: _loss(model2, X, y, 0, bs=48), lambda t: _loss(model2, X, y, t))
+    for a, q in zip(w0, model2.parameters()):
+        assert torch.equal(a, q.detach())
+    assert torch.equal(lr2.grad, ref_lr)
+    for a, q in zip(ref_w, model2.parameters()):
+        assert torch.equal(a, q.grad)
+
+
+# ---------------------------------------------------------------- hypergradients
+def _unrolled(model, w0, X, y, T, lr, mom, wd, traj=None, meta=None):
+    """float64 unrolled autograd through T steps of the same update (what higher/TorchOpt do).
+
+    traj: the exact run's (w_t, v_t) per step; when given, each step's values are snapped to
+    it (a straight-through correction: same derivatives, the fixed-point run's values)."""
+    names = [n for n, _ in model.named_parameters()]
+    ws = list(w0)
+    vs = [torch.zeros_like(w) for w in ws]
+    for t in range(T):
+        out = torch.func.functional_call(model, dict(zip(names, ws)), (X[(torch.arange(16) + 5 * t) % 48],))
+        loss = torch.nn.functional.cross_entropy(out, y[(torch.arange(16) + 5 * t) % 48])
+        if meta is not None:
+            loss = loss + (meta * ws[0] ** 2).sum()
+        gs = torch.autograd.grad(loss, ws, create_graph=True)
+        vs = [mom[t] * v - (1 - mom[t]) * (g + wd[t] * w) for v, g, w in zip(vs, gs, ws)]
+        if traj is not None:
+            vs = [v + (e - v).detach() for v, e in zip(vs, traj[t][1])]
+        ws = [w + lr[t] * v for w, v in zip(ws, vs)]
+        if traj is not None:
+            ws = [w + (e - w).detach() for w, e in zip(ws, traj[t][0])]
+    out = torch.func.functional_call(model, dict(zip(names, ws)), (X,))
+    return torch.nn.functional.cross_entropy(out, y)
+
+
+def _hyper_case(seed, T):
+    model = _mlp(torch.float64, seed)
+    X, y = _data(seed)
+    X = X.double()
+    g = torch.Generator().manual_seed(seed)
+    lr = (0.05 + 0.2 * torch.rand(T, generator=g, dtype=torch.float64)).requires_grad_()
+    mom = (0.6 + 0.35 * torch.rand(T, generator=g, dtype=torch.float64)).requires_grad_()
+    wd = torch.full((T,), 1e-2, dtype=torch.float64, requires_grad=True)
+    meta = torch.full((13, 7), 1e-3, dtype=torch.float64, requires_grad=True)
+    return model, X, y, lr, mom, wd, meta
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hypergradients_match_unrolled_autograd(seed):
+    T = 20
+    model, X, y, lr, mom, wd, meta = _hyper_case(seed, T)
+    opt = ReversibleSGD(model.parameters(), lr=lr, momentum=mom, weight_decay=wd)
+    mom_q = torch.tensor([opt.quantized_momentum(0, t) for t in range(T)], dtype=torch.float64)
+    w0 = [p.detach().clone() for p in model.parameters()]
+
+    def train_loss(t):
+        return _loss(model, X, y, t) + (meta * model[0].weight ** 2).sum()
+
+    traj = []
+    for t in range(T):
+        opt.zero_grad()
+        train_loss(t).backward()
+        opt.step()
+        traj.append(([opt.state[p]["w"].double().view_as(p) * 2.0**-44 for p in model.parameters()],
+                     [opt.state[p]["v"].double().view_as(p) * 2.0**-44 for p in model.parameters()]))
+    meta.grad = None  # the forward run's backward() calls accumulated into it
+    opt.reverse(lambda: _loss(model, X, y, 0, bs=48), train_loss)
+    got = [lr.grad, mom.grad, wd.grad, meta.grad] + [p.grad for p in model.parameters()]
+
+    for snap, tol in ((True, 1e-9), (False, 1e-6)):
+        lr_r, mom_r, wd_r = (x.detach().clone().requires_grad_() for x in (lr, mom_q, wd))
+        meta_r = meta.detach().clone().requires_grad_()
+        w0_r = [w.clone().requires_grad_() for w in w0]
+        obj = _unrolled(model, w0_r, X, y, T, lr_r, mom_r, wd_r, traj if snap else None, meta_r)
+        want = torch.autograd.grad(obj, [lr_r, mom_r, wd_r, meta_r] + w0_r)
+        errs = []
+        for a, b in zip(got, want):
+            err = float((a - b).norm() / b.norm())
+            errs.append(err)
+        assert max(errs) <= tol, (snap, errs)
+
+
+def test_hypergradients_match_finite_differences():
+    T = 15
+    X, y = _data(2)
+    X = X.double()
+
+    def run(lr_scale, init_scale, with_grad):
+        model = _mlp(torch.float64, 2)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(init_scale)
+        lr = torch.full((T,), 0.1 * lr_scale, dtype=torch.float64, requires_grad=with_grad)
+        # frac_bits=52: the rounding of the fixed-point run (~2^(16-52) per step) stays far
+        # below what the central differences resolve
+        opt = ReversibleSGD(model.parameters(), lr=lr, momentum=0.9, frac_bits=52)
+        base = [p.detach().clone() / init_scale for p in model.parameters()]
+        _train(model, opt, X, y, T)
+        obj = float(_loss(model, X, y, 0, bs=48).detach())
+        if with_grad:
+            opt.reverse(lambda: _loss(model, X, y, 0, bs=48), lambda t: _loss(model, X, y, t))
+            d_lr = float(lr.grad.sum()) * 0.1  # d/d lr_scale
+            d_init = sum(float((p.grad * b).sum()) for p, b in zip(model.parameters(), base))
+            return obj, d_lr, d_init
+        return obj
+
+    _, d_lr, d_init = run(1.0, 1.0, True)
+    h = 1e-3
+    fd_lr = (run(1 + h, 1.0, False) - run(1 - h, 1.0, False)) / (2 * h)
+    fd_init = (run(1.0, 1 + h, False) - run(1.0, 1 - h, False)) / (2 * h)
+    assert math.isclose(d_lr, fd_lr, rel_tol=1e-5), (d_lr, fd_lr)
+    assert math.isclose(d_init, fd_init, rel_tol=1e-5), (d_init, fd_init)
+
+
+def test_buffer_size_bound():
+    """used bits <= 1.1 T d log2(1/gamma) + 64 d."""
+    T, gamma = 200, 0.5
+    p = torch.nn.Parameter(torch.randn(3000, dtype=torch.float64))
+    opt = ReversibleSGD([p], lr=0.01, momentum=gamma)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(T):
+        p.grad = torch.randn(3000, generator=g, dtype=torch.float64)
+        opt.step()
+    b = opt.buffer_bits()
+    bound = 1.1 * T * 3000 * math.log2(1 / gamma) + 64 * 3000
+    assert b["used_bits"] <= bound
+    assert b["used_bits"] >= T * 3000 * math.log2(1 / gamma)  # and it holds the information
