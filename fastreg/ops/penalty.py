@@ -1,0 +1,498 @@
+"""Penalty family: torch.library ops, references and dispatch (docs/penalty.md).
+
+Ops (namespace fastreg):
+
+* ``penalty_accumulate(params, grads, coefs, modes, group_index, init) -> Tensor``
+  mutates ``grads``: grad += d/dw [l1 |w|_1 + l2 |w|^2 + gl sum_g sqrt(|g|) |w_g|]
+  (init[i] = 1: grads[i] holds garbage and is overwritten); returns the penalty as a
+  0-dim float32 tensor.
+* ``penalty_prox(params, lr, coefs, modes, group_index)`` mutates ``params``:
+  w <- GS(soft(w, lr l1), lr gl sqrt(|g|)) / (1 + 2 lr l2).
+* ``activity_penalty(x, l1, l2) -> (y, value)``: y = x, value = l1 |x|_1 + l2 |x|^2 (0-dim,
+  float64 for float64 x, else float32);
+  backward gx = gy + gv (l1 sign(x) + 2 l2 x) in one pass.
+
+Per-tensor encoding shared by the ops: coefs = [l1, l2, gl] * n (flattened),
+modes[i] in MODES (0 none, 1 dim 0 = rows/filters, 2 dim 1 = cols/channels,
+3 explicit: the next tensor of group_index, int64, same numel, values >= 0).
+The public API (fastreg.penalty) validates and builds these lists.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fastreg import _backend, _native
+
+MODE_NONE, MODE_DIM0, MODE_DIM1, MODE_EXPLICIT = 0, 1, 2, 3
+GROUP_NAMES = {"rows": MODE_DIM0, "filters": MODE_DIM0, "cols": MODE_DIM1, "channels": MODE_DIM1}
+ITEM = 1 << 15  # elements per work item (balances 2..64 threads, amortises the item loop)
+
+_STORAGE = {  # torch dtype -> numpy storage dtype seen by the kernels
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.float16: np.uint16,
+    torch.bfloat16: np.int16,
+}
+
+
+def compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ================================================================ group geometry
+def block_shape(shape, mode):
+    """(A, B, C) such that the tensor is (A, B, C) row-major and the groups are the B slices."""
+    n = math.prod(shape)
+    if mode == MODE_DIM0:
+        b = shape[0] if len(shape) >= 1 else 1
+        return 1, b, (n // b if b else 0)
+    if mode == MODE_DIM1:
+        if len(shape) < 2:  # a vector is a column (n, 1): one group
+            return n, 1, 1
+        return shape[0], shape[1], (n // (shape[0] * shape[1]) if shape[0] * shape[1] else 0)
+    return 1, n, 1
+
+
+def group_index(shape, mode, explicit=None, device="cpu"):
+    """(int64 index of each element's group in logical row-major order, number of groups)."""
+    n = math.prod(shape)
+    if mode == MODE_EXPLICIT:
+        idx = explicit.reshape(-1).to(device=device, dtype=torch.int64)
+        return idx, (int(idx.max()) + 1 if n else 0)
+    a, b, c = block_shape(shape, mode)
+    if mode == MODE_NONE:
+        return torch.zeros(n, dtype=torch.int64, device=device), 1
+    ar = torch.arange(n, dtype=torch.int64, device=device)
+    return (ar // max(c, 1)) % max(b, 1), b
+
+
+# ================================================================ references (float64)
+def accumulate_reference_one(w, l1, l2, gl, mode, explicit=None):
+    """(value, grad) of the penalty for one tensor, in float64 (the oracle)."""
+    w64 = w.detach().to(torch.float64).reshape(-1)
+    val = l1 * w64.abs().sum() + l2 * (w64 * w64).sum()
+    grad = l1 * torch.sign(w64) + 2.0 * l2 * w64
+    if gl != 0.0 and mode != MODE_NONE and w64.numel():
+        idx, ng = group_index(tuple(w.shape), mode, explicit, w.device)
+        sq = torch.zeros(ng, dtype=torch.float64, device=w.device).index_add_(0, idx, w64 * w64)
+        cnt = torch.bincount(idx, minlength=ng).to(torch.float64)
+        nrm = sq.sqrt()
+        tg = gl * cnt.sqrt()
+        val = val + (tg * nrm).sum()
+        scale = torch.where(nrm > 0, tg / torch.where(nrm > 0, nrm, 1.0), 0.0)  # subgradient 0
+        grad = grad + scale[idx] * w64
+    return val, grad.reshape(w.shape)
+
+
+def prox_reference_one(w, lr, l1, l2, gl, mode, explicit=None):
+    """The proximal step for one tensor, in float64."""
+    w64 = w.detach().to(torch.float64).reshape(-1)
+    z = torch.sign(w64) * torch.clamp(w64.abs() - lr * l1, min=0.0)
+    if gl != 0.0 and mode != MODE_NONE and w64.numel():
+        idx, ng = group_index(tuple(w.shape), mode, explicit, w.device)
+        nrm = torch.zeros(ng, dtype=torch.float64, device=w.device).index_add_(0, idx, z * z).sqrt()
+        cnt = torch.bincount(idx, minlength=ng).to(torch.float64)
+        tg = lr * gl * cnt.sqrt()
+        f = torch.where(nrm > 0, torch.clamp(1.0 - tg / torch.where(nrm > 0, nrm, 1.0), min=0.0), 0.0)
+        z = z * f[idx]
+    return (z / (1.0 + 2.0 * lr * l2)).reshape(w.shape)
+
+
+# ================================================================ helpers
+def _explicit_iter(modes, group_index_list):
+    it = iter(group_index_list)
+    return [next(it) if m == MODE_EXPLICIT else None for m in modes]
+
+
+def _contig(t):
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _by_dtype(params):
+    out = {}
+    for i, p in enumerate(params):
+        if p.numel():
+            out.setdefault(p.dtype, []).append(i)
+    return out
+
+
+_PLANS: dict = {}
+
+
+def _plan(shapes, modes, coefs_rows, explicit_ng, storage, kind, lr=None):
+    """Static tables of one dtype batch: (tab, coefs, items, scale size), cached by shape/mode/coefs."""
+    key = (kind, storage, tuple(shapes), tuple(modes), tuple(coefs_rows), tuple(explicit_ng), lr)
+    hit = _PLANS.get(key)
+    if hit is not None:
+        return hit
+    from fastreg.kernels.numba import penalty as nb
+
+    nt = len(shapes)
+    tab = np.zeros((nt, nb.NCOLS), np.int64)
+    cdt = np.float64 if storage == np.float64 else np.float32
+    coefs = np.zeros((nt, 3), cdt)
+    items = []
+    soff = 0
+    for t, (shape, mode, (l1, l2, gl), ngx) in enumerate(zip(shapes, modes, coefs_rows, explicit_ng)):
+        n = math.prod(shape)
+        grouped = gl != 0.0 and mode != MODE_NONE
+        if grouped and mode != MODE_EXPLICIT:
+            a, b, c = block_shape(shape, mode)
+            kmode, ng = nb.M_BLOCK, b
+            gw = gl * math.sqrt(a * c)
+            per = max(1, ITEM // max(a * c, 1))
+            items += [(t, lo, min(lo + per, b)) for lo in range(0, b, per)]
+        else:
+            a, b, c = 1, n, 1
+            kmode = nb.M_EXPLICIT if grouped else nb.M_FLAT
+            ng = ngx if grouped else 0
+            gw = gl
+            items += [(t, lo, min(lo + ITEM, n)) for lo in range(0, n, ITEM)]
+        tab[t, nb.T_A], tab[t, nb.T_B], tab[t, nb.T_C] = a, b, c
+        tab[t, nb.T_MODE], tab[t, nb.T_NG] = kmode, ng
+        if kmode == nb.M_EXPLICIT:
+            tab[t, nb.T_SOFF] = soff
+            soff += ng
+        if kind == "accumulate":
+            coefs[t] = (l1, l2, gw)
+        else:  # prox: tau1, inv, tau_g
+            coefs[t] = (lr * l1, 1.0 / (1.0 + 2.0 * lr * l2), lr * gw)
+    items_arr = np.asarray(items, np.int64).reshape(-1, 3)
+    explicit_rows = np.asarray([t for t in range(nt) if tab[t, nb.T_MODE] == nb.M_EXPLICIT], np.int64)
+    plan = (tab, coefs, items_arr, soff, explicit_rows)
+    if len(_PLANS) > 256:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _scalar(v, device):
+    return torch.tensor(v, dtype=torch.float32, device=device)
+
+
+# ================================================================ accumulate: backends
+def _accumulate_torch(params, grads, coefs, modes, gidx, init):
+    total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
+    for i, (w, g) in enumerate(zip(params, grads)):
+        val, gr = accumulate_reference_one(w, *coefs[3 * i:3 * i + 3], modes[i], gidx[i])
+        total = total + val
+        base = 0.0 if init[i] else g.to(torch.float64)
+        g.copy_(base + gr)
+    return total.to(torch.float32)
+
+
+def _accumulate_numba(params, grads, coefs, modes, gidx, init):
+    from fastreg.kernels.numba import penalty as nb
+
+    total = 0.0
+    for dtype, rows in _by_dtype(params).items():
+        storage = _STORAGE[dtype]
+        ws = [_contig(params[i]) for i in rows]
+        gs = [grads[i] for i in rows]
+        gcs = [_contig(g) for g in gs]
+        exps = [_contig(gidx[i].reshape(-1).to(torch.int64)) if gidx[i] is not None else None for i in rows]
+        ngs = [(int(e.max()) + 1) if e is not None else 0 for e in exps]
+        tab, cf, items, nscale, exp_rows = _plan(
+            [tuple(w.shape) for w in ws], [modes[i] for i in rows],
+            [tuple(coefs[3 * i:3 * i + 3]) for i in rows], ngs, storage, "accumulate")
+        tab = tab.copy()
+        tab[:, nb.T_W] = [w.data_ptr() for w in ws]
+        tab[:, nb.T_G] = [g.data_ptr() for g in gcs]
+        tab[:, nb.T_INIT] = [init[i] for i in rows]
+        proto = np.empty(0, storage)
+        scales = np.zeros(max(nscale, 1), cf.dtype)
+        if len(exp_rows):
+            tab[exp_rows, nb.T_IDX] = [exps[j].data_ptr() for j in exp_rows]
+            gv = np.zeros(len(exp_rows), np.float64)
+            nb.explicit_norms(tab, cf, exp_rows, scales, proto, gv, np.zeros(len(exp_rows)), False)
+            total += float(gv.sum())
+        vals = np.empty(len(items), np.float64)
+        nb.accumulate(tab, cf, items, scales, proto, vals)
+        total += float(vals.sum())
+        for g, gc in zip(gs, gcs):
+            if gc is not g:
+                g.copy_(gc)
+    return _scalar(total, params[0].device if params else "cpu")
+
+
+def _accumulate_host(params, grads, coefs, modes, gidx, init, cuda=False):
+    """The C++ build of csrc/include/fastreg/penalty.h (host), or its CUDA kernels."""
+    from fastreg.kernels.numba import penalty as nb
+
+    C = _native.native_cuda() if cuda else _native.native()
+    device = params[0].device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for dtype, rows in _by_dtype(params).items():
+        storage = _STORAGE[dtype]
+        ws = [_contig(params[i]) for i in rows]
+        gs = [grads[i] for i in rows]
+        gcs = [_contig(g) for g in gs]
+        exps = [_contig(gidx[i].reshape(-1).to(torch.int64)) if gidx[i] is not None else None for i in rows]
+        ngs = [(int(e.max()) + 1) if e is not None else 0 for e in exps]
+        tab, cf, items, nscale, exp_rows = _plan(
+            [tuple(w.shape) for w in ws], [modes[i] for i in rows],
+            [tuple(coefs[3 * i:3 * i + 3]) for i in rows], ngs, storage, "accumulate")
+        tab = tab.copy()
+        tab[:, nb.T_W] = [w.data_ptr() for w in ws]
+        tab[:, nb.T_G] = [g.data_ptr() for g in gcs]
+        tab[:, nb.T_INIT] = [init[i] for i in rows]
+        for j in exp_rows:
+            tab[j, nb.T_IDX] = exps[j].data_ptr()
+        cfd = torch.from_numpy(cf.astype(np.float64))
+        tab_t, cf_t, it_t = torch.from_numpy(tab), cfd, torch.from_numpy(items)
+        ex_t = torch.from_numpy(exp_rows)
+        if cuda:
+            tab_t, cf_t, it_t, ex_t = (x.to(device, non_blocking=True) for x in (tab_t, cf_t, it_t, ex_t))
+        scales = torch.zeros(max(nscale, 1), dtype=torch.float64, device=device)
+        counts = torch.zeros(max(nscale, 1), dtype=torch.float64, device=device)
+        vals = torch.zeros(len(items) + len(exp_rows), dtype=torch.float64, device=device)
+        kind = {np.float32: 0, np.float64: 1, np.uint16: 2, np.int16: 3}[storage]
+        args = (tab_t.data_ptr(), tab.shape[0], cf_t.data_ptr(), it_t.data_ptr(), len(items),
+                ex_t.data_ptr(), len(exp_rows), scales.data_ptr(), counts.data_ptr(),
+                vals.data_ptr(), kind)
+        if cuda:
+            C.penalty_accumulate_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
+        else:
+            C.penalty_accumulate_host(*args)
+        total = total + vals.sum()
+        for g, gc in zip(gs, gcs):
+            if gc is not g:
+                g.copy_(gc)
+    return total.to(torch.float32)
+
+
+def _run_accumulate(params, grads, coefs, modes, group_index, init):
+    gidx = _explicit_iter(modes, group_index)
+    if not params:
+        return torch.zeros((), dtype=torch.float32)
+    device = params[0].device
+    backend = _backend.select(device, ("numba", "cuda"), "penalty.accumulate_")
+    if backend == "numba":
+        return _accumulate_numba(params, grads, coefs, modes, gidx, init)
+    if backend == "cuda":
+        return _accumulate_host(params, grads, coefs, modes, gidx, init, cuda=True)
+    return _accumulate_torch(params, grads, coefs, modes, gidx, init)
+
+
+@torch.library.custom_op("fastreg::penalty_accumulate", mutates_args=("grads",))
+def penalty_accumulate(params: list[torch.Tensor], grads: list[torch.Tensor], coefs: list[float],
+                       modes: list[int], group_index: list[torch.Tensor],
+                       init: list[int]) -> torch.Tensor:
+    return _run_accumulate(params, grads, coefs, modes, group_index, init)
+
+
+@penalty_accumulate.register_fake
+def _(params, grads, coefs, modes, group_index, init):
+    device = params[0].device if params else torch.device("cpu")
+    return torch.empty((), dtype=torch.float32, device=device)
+
+
+# ================================================================ prox: backends
+def _prox_torch(params, lr, coefs, modes, gidx):
+    for i, w in enumerate(params):
+        w.copy_(prox_reference_one(w, lr, *coefs[3 * i:3 * i + 3], modes[i], gidx[i]))
+
+
+def _prox_numba(params, lr, coefs, modes, gidx):
+    from fastreg.kernels.numba import penalty as nb
+
+    for dtype, rows in _by_dtype(params).items():
+        storage = _STORAGE[dtype]
+        ws0 = [params[i] for i in rows]
+        ws = [_contig(w) for w in ws0]
+        exps = [_contig(gidx[i].reshape(-1).to(torch.int64)) if gidx[i] is not None else None for i in rows]
+        ngs = [(int(e.max()) + 1) if e is not None else 0 for e in exps]
+        tab, cf, items, nscale, exp_rows = _plan(
+            [tuple(w.shape) for w in ws], [modes[i] for i in rows],
+            [tuple(coefs[3 * i:3 * i + 3]) for i in rows], ngs, storage, "prox", lr)
+        tab = tab.copy()
+        tab[:, nb.T_W] = [w.data_ptr() for w in ws]
+        proto = np.empty(0, storage)
+        scales = np.zeros(max(nscale, 1), cf.dtype)
+        if len(exp_rows):
+            tab[exp_rows, nb.T_IDX] = [exps[j].data_ptr() for j in exp_rows]
+            # explicit_norms reads group_lasso from coefs[:, 2]: pass lr * gl there
+            cfx = cf.copy()
+            taus = cf[exp_rows, 0].astype(np.float64)
+            nb.explicit_norms(tab, cfx, exp_rows, scales, proto, np.zeros(len(exp_rows)), taus, True)
+        nb.prox(tab, cf, items, scales, proto)
+        for w0, w in zip(ws0, ws):
+            if w is not w0:
+                w0.copy_(w)
+
+
+def _prox_host(params, lr, coefs, modes, gidx, cuda=False):
+    from fastreg.kernels.numba import penalty as nb
+
+    C = _native.native_cuda() if cuda else _native.native()
+    device = params[0].device
+    for dtype, rows in _by_dtype(params).items():
+        storage = _STORAGE[dtype]
+        ws0 = [params[i] for i in rows]
+        ws = [_contig(w) for w in ws0]
+        exps = [_contig(gidx[i].reshape(-1).to(torch.int64)) if gidx[i] is not None else None for i in rows]
+        ngs = [(int(e.max()) + 1) if e is not None else 0 for e in exps]
+        tab, cf, items, nscale, exp_rows = _plan(
+            [tuple(w.shape) for w in ws], [modes[i] for i in rows],
+            [tuple(coefs[3 * i:3 * i + 3]) for i in rows], ngs, storage, "prox", lr)
+        tab = tab.copy()
+        tab[:, nb.T_W] = [w.data_ptr() for w in ws]
+        for j in exp_rows:
+            tab[j, nb.T_IDX] = exps[j].data_ptr()
+        tab_t, cf_t, it_t = torch.from_numpy(tab), torch.from_numpy(cf.astype(np.float64)), torch.from_numpy(items)
+        ex_t = torch.from_numpy(exp_rows)
+        if cuda:
+            tab_t, cf_t, it_t, ex_t = (x.to(device, non_blocking=True) for x in (tab_t, cf_t, it_t, ex_t))
+        scales = torch.zeros(max(nscale, 1), dtype=torch.float64, device=device)
+        counts = torch.zeros(max(nscale, 1), dtype=torch.float64, device=device)
+        kind = {np.float32: 0, np.float64: 1, np.uint16: 2, np.int16: 3}[storage]
+        args = (tab_t.data_ptr(), tab.shape[0], cf_t.data_ptr(), it_t.data_ptr(), len(items),
+                ex_t.data_ptr(), len(exp_rows), scales.data_ptr(), counts.data_ptr(), kind)
+        if cuda:
+            C.penalty_prox_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
+        else:
+            C.penalty_prox_host(*args)
+        for w0, w in zip(ws0, ws):
+            if w is not w0:
+                w0.copy_(w)
+
+
+@torch.library.custom_op("fastreg::penalty_prox", mutates_args=("params",))
+def penalty_prox(params: list[torch.Tensor], lr: float, coefs: list[float], modes: list[int],
+                 group_index: list[torch.Tensor]) -> None:
+    gidx = _explicit_iter(modes, group_index)
+    if not params:
+        return
+    backend = _backend.select(params[0].device, ("numba", "cuda"), "penalty.prox_")
+    if backend == "numba":
+        _prox_numba(params, lr, coefs, modes, gidx)
+    elif backend == "cuda":
+        _prox_host(params, lr, coefs, modes, gidx, cuda=True)
+    else:
+        _prox_torch(params, lr, coefs, modes, gidx)
+
+
+@penalty_prox.register_fake
+def _(params, lr, coefs, modes, group_index):
+    return None
+
+
+# ================================================================ activity penalty
+def _activity_forward_impl(x, l1, l2):
+    xc = _contig(x)
+    y = torch.empty_like(xc)
+    backend = _backend.select(x.device, ("numba",), "activity_penalty")
+    n = xc.numel()
+    if backend == "numba" and n:
+        from fastreg.kernels.numba import penalty as nb
+
+        nch = (n + nb.ACT_CHUNK - 1) // nb.ACT_CHUNK
+        vals = np.empty(nch, np.float64)
+        nb.activity_forward(xc.data_ptr(), y.data_ptr(), n, np.empty(0, _STORAGE[x.dtype]), float(l1),
+                            float(l2), vals)
+        return y, torch.tensor(float(vals.sum()), dtype=compute_dtype(x.dtype), device=x.device)
+    y.copy_(xc)
+    x64 = xc.to(torch.float64)
+    v = (l1 * x64.abs().sum() + l2 * (x64 * x64).sum()).to(compute_dtype(x.dtype))
+    return y, v
+
+
+def _activity_backward_impl(gy, x, gv, l1, l2):
+    xc = _contig(x)
+    gyc = _contig(gy.to(x.dtype))
+    backend = _backend.select(x.device, ("numba",), "activity_penalty")
+    n = xc.numel()
+    if backend == "numba" and n:
+        from fastreg.kernels.numba import penalty as nb
+
+        gx = torch.empty_like(xc)
+        g = float(gv)
+        cdt = np.float64 if x.dtype == torch.float64 else np.float32
+        nb.activity_backward(gyc.data_ptr(), xc.data_ptr(), gx.data_ptr(), n,
+                             np.empty(0, _STORAGE[x.dtype]), cdt(g * l1), cdt(2.0 * g * l2))
+        return gx
+    cd = compute_dtype(x.dtype)
+    xw = xc.to(cd)
+    gvc = gv.to(cd)
+    return (gyc.to(cd) + gvc * (l1 * torch.sign(xw) + 2.0 * l2 * xw)).to(x.dtype)
+
+
+@torch.library.custom_op("fastreg::activity_penalty", mutates_args=())
+def activity_penalty_op(x: torch.Tensor, l1: float, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _activity_forward_impl(x, l1, l2)
+
+
+@activity_penalty_op.register_fake
+def _(x, l1, l2):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(
+        (), dtype=compute_dtype(x.dtype), device=x.device)
+
+
+@torch.library.custom_op("fastreg::activity_penalty_backward", mutates_args=())
+def activity_penalty_backward(gy: torch.Tensor, x: torch.Tensor, gv: torch.Tensor, l1: float,
+                              l2: float) -> torch.Tensor:
+    return _activity_backward_impl(gy, x, gv, l1, l2)
+
+
+@activity_penalty_backward.register_fake
+def _(gy, x, gv, l1, l2):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _ap_setup(ctx, inputs, output):
+    x, l1, l2 = inputs
+    ctx.save_for_backward(x)
+    ctx.l1, ctx.l2 = l1, l2
+
+
+def _ap_backward(ctx, gy, gv):
+    (x,) = ctx.saved_tensors
+    if gy is None:
+        gy = torch.zeros_like(x)
+    if gv is None:
+        gv = torch.zeros((), dtype=compute_dtype(x.dtype), device=x.device)
+    return activity_penalty_backward(gy, x, gv, ctx.l1, ctx.l2), None, None
+
+
+activity_penalty_op.register_autograd(_ap_backward, setup_context=_ap_setup)
+
+
+def _apb_setup(ctx, inputs, output):
+    gy, x, gv, l1, l2 = inputs
+    ctx.save_for_backward(x, gv)
+    ctx.l1, ctx.l2 = l1, l2
+
+
+def _apb_backward(ctx, ggx):
+    # gx = gy + gv (l1 sign(x) + 2 l2 x): linear in gy and gv; d/dx = 2 l2 gv (sign' = 0 a.e.)
+    x, gv = ctx.saved_tensors
+    cd = compute_dtype(x.dtype)
+    xw = x.to(cd)
+    g_gy = ggx
+    g_gv = (ggx.to(cd) * (ctx.l1 * torch.sign(xw) + 2.0 * ctx.l2 * xw)).sum().to(gv.dtype)
+    g_x = (ggx.to(cd) * (2.0 * ctx.l2) * gv.to(cd)).to(x.dtype)
+    return g_gy, g_x, g_gv, None, None
+
+
+activity_penalty_backward.register_autograd(_apb_backward, setup_context=_apb_setup)
+
+
+class _ImplicitPenalty(torch.autograd.Function):
+    """Identity on y; its backward hands the value output a gradient of 1, so the op's
+    backward adds the penalty gradient as if the value had been added to the loss."""
+
+    @staticmethod
+    def forward(y, v):
+        return y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, gy):
+        return gy, torch.ones((), dtype=compute_dtype(gy.dtype), device=gy.device)

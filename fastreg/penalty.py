@@ -1,0 +1,249 @@
+"""Penalties over all parameters at once: gradients, proximal steps, sparsity (docs/penalty.md).
+
+    loss.backward()
+    value = fastreg.penalty.accumulate_(model.parameters(), l1=1e-5, l2=1e-4)
+    optimizer.step()
+
+or, with exact zeros,
+
+    optimizer.step()
+    fastreg.penalty.prox_(model.parameters(), lr, group_lasso=1e-3, groups="cols")
+
+The penalty of one tensor w with strengths (l1, l2, group_lasso) and groups G is
+
+    P(w) = l1 sum|w| + l2 sum w^2 + group_lasso sum_{g in G} sqrt(|g|) ||w_g||_2
+
+Its gradient is l1 sign(w) + 2 l2 w + group_lasso sqrt(|g|) w_g / ||w_g|| with the
+subgradient 0 for a group whose norm is 0 (and sign(0) = 0).
+
+`params` is an iterable of tensors or of dicts like optimizer param groups
+({"params": [...], "l1": ..., "l2": ..., "group_lasso": ..., "groups": ...});
+a dict's entries override the keyword arguments for its tensors.
+
+Groups: "rows" / "filters" (the slices along dim 0: a Linear layer's output units,
+a convolution's filters), "cols" / "channels" (the slices along dim 1: a Linear
+layer's input features, a convolution's input channels), an int64 index tensor with
+one entry per element (any shape with the same numel), or a list/tuple with one of
+those (or None) per tensor. A vector is treated as a column (n, 1): "rows" makes
+each element a group, "cols" makes the vector one group; a 0-dim tensor is one group.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from fastreg._validate import FLOAT_DTYPES
+from fastreg.ops import penalty as _ops
+from fastreg.ops.penalty import GROUP_NAMES, MODE_EXPLICIT, MODE_NONE
+
+__all__ = ["accumulate_", "prox_", "sparsity", "value", "activity_penalty"]
+
+
+def _real(v, name, op, *, positive=False):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"fastreg.{op}: {name} must be a real number >= 0, got {v!r}")
+    v = float(v)
+    if not (math.isfinite(v) and v >= 0.0) or (positive and v <= 0.0):
+        raise ValueError(f"fastreg.{op}: {name} must be a finite number "
+                         f"{'> 0' if positive else '>= 0'}, got {v}")
+    return v
+
+
+def _group_spec(spec, p, op, name):
+    """(mode, explicit index or None) for one tensor."""
+    if spec is None:
+        return MODE_NONE, None
+    if isinstance(spec, str):
+        if spec not in GROUP_NAMES:
+            raise ValueError(f"fastreg.penalty.{op}: {name} must be one of {sorted(GROUP_NAMES)}, "
+                             f"an int64 index tensor, a list of those, or None; got {spec!r}")
+        return GROUP_NAMES[spec], None
+    if isinstance(spec, torch.Tensor):
+        if spec.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"fastreg.penalty.{op}: {name} index tensor must have an integer dtype, "
+                            f"got {spec.dtype}")
+        if spec.numel() != p.numel():
+            raise ValueError(f"fastreg.penalty.{op}: {name} index tensor must have one entry per "
+                             f"element: numel {spec.numel()} != parameter numel {p.numel()} "
+                             f"(shape {tuple(p.shape)})")
+        if spec.device != p.device:
+            raise ValueError(f"fastreg.penalty.{op}: {name} index tensor is on {spec.device} but its "
+                             f"parameter is on {p.device}")
+        if spec.numel() and int(spec.min()) < 0:
+            raise ValueError(f"fastreg.penalty.{op}: {name} index tensor must be >= 0")
+        return MODE_EXPLICIT, spec.reshape(-1).to(torch.int64)
+    raise TypeError(f"fastreg.penalty.{op}: {name} must be a str, an index tensor, a list of "
+                    f"those, or None; got {type(spec).__name__}")
+
+
+def _flatten(params, op, l1, l2, group_lasso, groups):
+    """[(tensor, l1, l2, gl, mode, explicit)], validated."""
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    try:
+        entries = list(params)
+    except TypeError:
+        raise TypeError(f"fastreg.penalty.{op}: params must be an iterable of tensors or of dicts "
+                        f"(param groups), got {type(params).__name__}") from None
+    out = []
+    for gi, e in enumerate(entries):
+        if isinstance(e, dict):
+            unknown = set(e) - {"params", "l1", "l2", "group_lasso", "groups"}
+            plist = e.get("params")
+            if plist is None:
+                raise ValueError(f"fastreg.penalty.{op}: params[{gi}] (a dict) needs a 'params' entry")
+            plist = [plist] if isinstance(plist, torch.Tensor) else list(plist)
+            c = (e.get("l1", l1), e.get("l2", l2), e.get("group_lasso", group_lasso))
+            gspec = e.get("groups", groups)
+            where = f"params[{gi}]"
+            del unknown  # other optimizer keys (lr, momentum, ...) are ignored on purpose
+        else:
+            plist, c, gspec, where = [e], (l1, l2, group_lasso), groups, "params"
+            if isinstance(groups, (list, tuple)):
+                gspec = groups[gi] if gi < len(groups) else None
+                if len(groups) != len(entries):
+                    raise ValueError(f"fastreg.penalty.{op}: groups has {len(groups)} entries but "
+                                     f"params has {len(entries)}")
+        cl1 = _real(c[0], f"{where} l1", f"penalty.{op}")
+        cl2 = _real(c[1], f"{where} l2", f"penalty.{op}")
+        cgl = _real(c[2], f"{where} group_lasso", f"penalty.{op}")
+        for j, p in enumerate(plist):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"fastreg.penalty.{op}: {where} must hold tensors, got "
+                                f"{type(p).__name__}")
+            if p.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"fastreg.penalty.{op}: {where} tensors must be float32, float64, "
+                                f"float16 or bfloat16, got {p.dtype}")
+            spec = gspec[j] if isinstance(gspec, (list, tuple)) and isinstance(e, dict) else gspec
+            mode, idx = _group_spec(spec, p, op, "groups")
+            if cgl > 0.0 and mode == MODE_NONE:
+                raise ValueError(f"fastreg.penalty.{op}: group_lasso={cgl} needs groups ('rows', "
+                                 f"'cols', 'filters', 'channels' or an index tensor) for {where}")
+            out.append((p, cl1, cl2, cgl, mode, idx))
+    if out:
+        dev = out[0][0].device
+        for p, *_ in out:
+            if p.device != dev:
+                raise ValueError(f"fastreg.penalty.{op}: params must all be on one device, got "
+                                 f"{dev} and {p.device}; call once per device")
+    return out
+
+
+def _encode(recs):
+    coefs, modes, gidx = [], [], []
+    for _, l1, l2, gl, mode, idx in recs:
+        coefs += [l1, l2, gl]
+        modes.append(mode if gl > 0.0 else MODE_NONE)
+        if mode == MODE_EXPLICIT and gl > 0.0:
+            gidx.append(idx)
+    return coefs, modes, gidx
+
+
+def accumulate_(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torch.Tensor:
+    """Adds the penalty's gradient into every parameter's .grad; returns the penalty (0-dim float32).
+
+    A parameter whose .grad is None gets one (the penalty gradient alone). Call after
+    loss.backward() and before optimizer.step(). One kernel pass per (device, dtype) over
+    all parameters; half-precision parameters accumulate in float32.
+    """
+    recs = _flatten(params, "accumulate_", l1, l2, group_lasso, groups)
+    if not recs:
+        return torch.zeros((), dtype=torch.float32)
+    ws, gs, init = [], [], []
+    for p, *_ in recs:
+        g = p.grad
+        if g is None:
+            g = torch.empty_like(p, memory_format=torch.contiguous_format)
+            p.grad = g
+            init.append(1)
+        else:
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise ValueError(f"fastreg.penalty.accumulate_: a parameter's .grad must match it: "
+                                 f"grad {tuple(g.shape)} {g.dtype} {g.device} vs param "
+                                 f"{tuple(p.shape)} {p.dtype} {p.device}")
+            if g.is_sparse:
+                raise TypeError("fastreg.penalty.accumulate_: sparse gradients are not supported")
+            init.append(0)
+        ws.append(p.detach())
+        gs.append(g)
+    coefs, modes, gidx = _encode(recs)
+    with torch.no_grad():
+        return torch.ops.fastreg.penalty_accumulate(ws, gs, coefs, modes, gidx, init)
+
+
+def value(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torch.Tensor:
+    """The penalty's value (0-dim float32, float64 arithmetic), without touching .grad."""
+    recs = _flatten(params, "value", l1, l2, group_lasso, groups)
+    total = torch.zeros((), dtype=torch.float64, device=recs[0][0].device if recs else "cpu")
+    for p, l1_, l2_, gl, mode, idx in recs:
+        v, _ = _ops.accumulate_reference_one(p, l1_, l2_, gl, mode if gl > 0 else MODE_NONE, idx)
+        total = total + v
+    return total.to(torch.float32)
+
+
+def prox_(params, lr, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> None:
+    """Proximal step of the penalty with step size lr, in place (after optimizer.step()).
+
+    w <- GS(soft(w, lr l1), lr group_lasso sqrt(|g|)) / (1 + 2 lr l2), where soft is
+    soft-thresholding and GS(z, t) = max(0, 1 - t / ||z_g||) z_g is group shrinkage: the
+    exact proximal operator of elastic net + sparse group lasso. Makes exact zeros.
+    """
+    lr = _real(lr, "lr", "penalty.prox_")
+    recs = _flatten(params, "prox_", l1, l2, group_lasso, groups)
+    if not recs:
+        return
+    coefs, modes, gidx = _encode(recs)
+    ws = [p.detach() for p, *_ in recs]
+    with torch.no_grad():
+        torch.ops.fastreg.penalty_prox(ws, lr, coefs, modes, gidx)
+
+
+def sparsity(params, groups=None) -> dict:
+    """{"weights": fraction of exactly-zero weights, "groups": fraction of all-zero groups,
+    "zero_groups": count, "num_groups": count} over all tensors (groups as in accumulate_;
+    with groups=None, "groups" counts each tensor as one group)."""
+    recs = _flatten(params, "sparsity", 0.0, 0.0, 0.0, groups)
+    nz = n = zg = ng = 0
+    for p, _, _, _, mode, idx in recs:
+        w = p.detach()
+        n += w.numel()
+        nz += int((w == 0).sum())
+        if w.numel() == 0:
+            continue
+        gi, k = _ops.group_index(tuple(w.shape), mode, idx, w.device)
+        nonzero = torch.zeros(k, dtype=torch.int64, device=w.device).index_add_(
+            0, gi, (w.reshape(-1) != 0).to(torch.int64))
+        ng += k
+        zg += int((nonzero == 0).sum())
+    return {"weights": nz / n if n else 0.0, "groups": zg / ng if ng else 0.0,
+            "zero_groups": zg, "num_groups": ng}
+
+
+def activity_penalty(x, *, l1=0.0, l2=0.0, return_value=False):
+    """Penalty on activations (neurons), not weights: returns x unchanged.
+
+    Its backward adds l1 sign(x) + 2 l2 x to the incoming gradient in the same pass, as if
+    l1 |x|_1 + l2 |x|^2 had been added to the loss. The forward computes that value in the
+    same pass that produces its output, so logging it costs nothing extra:
+    `y, value = activity_penalty(x, l1=..., return_value=True)` gives it as a detached 0-dim
+    tensor (float32; float64 for float64 x) (do not add it to the loss too: the gradient is already there), and
+    fastreg.nn.ActivityPenalty keeps the last one in `.last_value`.
+
+    It is the torch.library op fastreg::activity_penalty (outputs (y, value), differentiable
+    in both: gx = gy + gv (l1 sign(x) + 2 l2 x)) followed by an identity whose backward feeds
+    gv = 1. Saved for backward: x only.
+    """
+    from fastreg._validate import check_float_tensor
+
+    check_float_tensor(x, "x", "activity_penalty")
+    l1 = _real(l1, "l1", "activity_penalty")
+    l2 = _real(l2, "l2", "activity_penalty")
+    y, v = torch.ops.fastreg.activity_penalty(x, l1, l2)
+    if torch.is_grad_enabled() and x.requires_grad:
+        y = _ops._ImplicitPenalty.apply(y, v)
+    if return_value:
+        return y, v.detach()
+    return y

@@ -1,0 +1,270 @@
+"""Penalty family: accumulate_, prox_, sparsity against the float64 reference (docs/penalty.md)."""
+
+import math
+
+import pytest
+import torch
+
+import fastreg
+import fastreg.penalty as P
+from fastreg import _native
+from fastreg.ops import penalty as ops
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# tolerance on the result (grad or new weight) relative to max(1, |ref|): one rounding of the
+# stored dtype plus float32 arithmetic
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+GROUPINGS = [None, "rows", "cols", "filters", "channels", "explicit"]
+CPU_BACKENDS = ["numba", "torch"] + (["host"] if _native.native() is not None else [])
+
+
+def _params(gen, dtype, grads=True):
+    shapes = [(7, 5, 3), (11,), (4, 9), (), (3, 4, 2, 3), (0, 5), (2, 33000)]
+    ps = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    # a non-contiguous parameter (transposed view) and exact zeros, including a whole zero row
+    ps.append(torch.randn(6, 10, generator=gen, dtype=torch.float64).to(dtype).t())
+    ps[2][1] = 0.0
+    ps[0][0, 0, :] = 0.0
+    if grads:
+        for i, p in enumerate(ps):
+            if i % 3 != 1:  # some parameters without .grad
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
+        ps[-1].grad = torch.randn(6, 10, generator=gen, dtype=torch.float64).to(dtype).t()  # strided grad
+    return ps
+
+
+def _groups(spec, ps, gen):
+    if spec == "explicit":
+        return [torch.randint(0, 5, p.shape, generator=gen) for p in ps]
+    return spec
+
+
+def _spec_of(gs, i):
+    return gs[i] if isinstance(gs, list) else gs
+
+
+def _run(backend, fn):
+    if backend == "host":
+        return fn()  # dispatch patched by the caller
+    with fastreg.use_backend(backend):
+        return fn()
+
+
+def _host_patch(monkeypatch):
+    monkeypatch.setattr(ops, "_accumulate_numba", lambda *a: ops._accumulate_host(*a))
+    monkeypatch.setattr(ops, "_prox_numba", lambda *a: ops._prox_host(*a))
+
+
+def _close(got, ref, dtype, what):
+    err = ((got.to(torch.float64) - ref).abs() / ref.abs().clamp(min=1.0)).max().item() if ref.numel() else 0
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_accumulate_matches_reference(gen, backend, dtype, grouping, monkeypatch):
+    if backend == "host":
+        _host_patch(monkeypatch)
+    ps = _params(gen, dtype)
+    gs = _groups(grouping, ps, gen)
+    l1, l2, gl = 0.03, 0.2, (0.0 if grouping is None else 0.7)
+    g0 = [None if p.grad is None else p.grad.to(torch.float64, copy=True) for p in ps]
+    strides = [None if p.grad is None else p.grad.stride() for p in ps]
+    v = _run(backend, lambda: P.accumulate_(ps, l1=l1, l2=l2, group_lasso=gl, groups=gs))
+    assert v.dtype == torch.float32 and v.dim() == 0
+    total = 0.0
+    for i, p in enumerate(ps):
+        mode, idx = P._group_spec(_spec_of(gs, i), p, "t", "groups")
+        rv, rg = ops.accumulate_reference_one(p, l1, l2, gl, mode, idx)
+        total += float(rv)
+        exp = rg + (0.0 if g0[i] is None else g0[i])
+        assert p.grad is not None and p.grad.dtype == dtype and p.grad.shape == p.shape
+        if strides[i] is not None:
+            assert p.grad.stride() == strides[i]  # updated in place
+        _close(p.grad, exp, dtype, f"grad {i} {tuple(p.shape)}")
+        assert torch.isfinite(p.grad.float()).all()  # zero groups: subgradient 0, never NaN
+    assert math.isclose(float(v), total, rel_tol=1e-5 if dtype != torch.float64 else 1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_prox_matches_reference(gen, backend, dtype, grouping, monkeypatch):
+    if backend == "host":
+        _host_patch(monkeypatch)
+    ps = _params(gen, dtype, grads=False)
+    gs = _groups(grouping, ps, gen)
+    lr, l1, l2, gl = 0.3, 0.4, 0.25, (0.0 if grouping is None else 1.1)
+    before = [p.clone() for p in ps]
+    _run(backend, lambda: P.prox_(ps, lr, l1=l1, l2=l2, group_lasso=gl, groups=gs))
+    for i, p in enumerate(ps):
+        mode, idx = P._group_spec(_spec_of(gs, i), p, "t", "groups")
+        ref = ops.prox_reference_one(before[i], lr, l1, l2, gl, mode, idx)
+        _close(p, ref, dtype, f"prox {i} {tuple(p.shape)}")
+        assert torch.equal(p == 0, ref == 0) or dtype in (torch.float16, torch.bfloat16)
+
+
+def test_prox_makes_exact_zeros_and_group_shrinkage(gen):
+    w = torch.randn(20, 8, generator=gen)
+    w[3] *= 1e-3  # a weak row: removed by group shrinkage
+    P.prox_([w], 1.0, group_lasso=0.05, groups="rows")
+    assert torch.all(w[3] == 0)
+    s = P.sparsity([w], groups="rows")
+    assert s["zero_groups"] >= 1 and s["num_groups"] == 20
+    # soft-thresholding: entries with |w| <= lr * l1 become exact zeros, the rest shrink
+    v = torch.tensor([0.5, -0.05, 0.09, -2.0, 0.0])
+    P.prox_([v], 0.1, l1=1.0)
+    assert v.tolist() == pytest.approx([0.4, 0.0, 0.0, -1.9, 0.0])
+    # elastic net: divide by 1 + 2 lr l2
+    v = torch.tensor([3.0, -1.0])
+    P.prox_([v], 0.5, l2=1.0)
+    assert v.tolist() == pytest.approx([1.5, -0.5])
+
+
+def test_group_lasso_value_and_subgradient_at_zero():
+    w = torch.zeros(3, 4)
+    w[1] = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    w.grad = None
+    v = P.accumulate_([w], group_lasso=2.0, groups="rows")
+    # only row 1 has a nonzero norm: 2 * sqrt(4) * 5 = 20
+    assert float(v) == pytest.approx(20.0)
+    assert torch.equal(w.grad[0], torch.zeros(4)) and torch.equal(w.grad[2], torch.zeros(4))
+    assert w.grad[1].tolist() == pytest.approx([2 * 2 * 3 / 5, 2 * 2 * 4 / 5, 0.0, 0.0])
+
+
+def test_group_geometry():
+    # rows of a Linear weight, cols = input features, filters / channels of a conv weight
+    assert ops.block_shape((5, 7), ops.MODE_DIM0) == (1, 5, 7)
+    assert ops.block_shape((5, 7), ops.MODE_DIM1) == (5, 7, 1)
+    assert ops.block_shape((8, 3, 2, 2), ops.MODE_DIM1) == (8, 3, 4)
+    assert ops.block_shape((6,), ops.MODE_DIM0) == (1, 6, 1)
+    assert ops.block_shape((6,), ops.MODE_DIM1) == (6, 1, 1)
+    idx, ng = ops.group_index((2, 3, 2), ops.MODE_DIM1)
+    assert ng == 3 and idx.tolist() == [0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2]
+
+
+def test_nan_and_inf_propagate():
+    w = torch.tensor([float("nan"), float("inf"), 1.0, -2.0])
+    w.grad = torch.zeros(4)
+    v = P.accumulate_([w], l1=0.5)
+    assert math.isnan(float(v))
+    assert math.isnan(w.grad[0]) and w.grad[2] == 0.5 and w.grad[3] == -0.5
+    u = torch.tensor([float("nan"), float("-inf"), 0.05])
+    P.prox_([u], 0.1, l1=1.0)
+    assert math.isnan(u[0]) and u[1] == float("-inf") and u[2] == 0.0
+
+
+def test_param_groups_and_mixed_dtypes(gen):
+    a = torch.randn(9, 4, generator=gen)
+    b = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    c = torch.randn(3, 3, generator=gen).half()
+    for p in (a, b, c):
+        p.grad = torch.zeros_like(p)
+    v = P.accumulate_([{"params": [a, b], "l1": 0.1, "groups": "cols", "group_lasso": 0.2, "lr": 1.0},
+                       {"params": [c], "l2": 0.3}])
+    ref = 0.0
+    for p, kw in ((a, (0.1, 0.0, 0.2, ops.MODE_DIM1)), (b, (0.1, 0.0, 0.2, ops.MODE_DIM1)),
+                  (c, (0.0, 0.3, 0.0, ops.MODE_NONE))):
+        rv, rg = ops.accumulate_reference_one(p, *kw)
+        ref += float(rv)
+        _close(p.grad, rg, p.dtype, "param group")
+    assert float(v) == pytest.approx(ref, rel=1e-5)
+
+
+def test_empty_and_zero_size():
+    assert float(P.accumulate_([], l1=1.0)) == 0.0
+    z = torch.empty(0, 3)
+    v = P.accumulate_([z], l1=1.0, group_lasso=1.0, groups="rows")
+    assert float(v) == 0.0 and z.grad is not None and z.grad.shape == (0, 3)
+    P.prox_([z], 0.1, l1=1.0)
+    assert P.sparsity([z]) == {"weights": 0.0, "groups": 0.0, "zero_groups": 0, "num_groups": 0}
+
+
+def test_bad_arguments():
+    w = torch.randn(3, 3)
+    with pytest.raises(ValueError, match="l1"):
+        P.accumulate_([w], l1=-1.0)
+    with pytest.raises(TypeError, match="l2"):
+        P.accumulate_([w], l2="x")
+    with pytest.raises(ValueError, match="groups"):
+        P.accumulate_([w], group_lasso=1.0)
+    with pytest.raises(ValueError, match="groups"):
+        P.accumulate_([w], group_lasso=1.0, groups="diagonal")
+    with pytest.raises(ValueError, match="groups"):
+        P.accumulate_([w], group_lasso=1.0, groups=torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="params"):
+        P.accumulate_([torch.arange(3)], l1=1.0)
+    with pytest.raises(TypeError, match="params"):
+        P.accumulate_(3, l1=1.0)
+    with pytest.raises(ValueError, match="lr"):
+        P.prox_([w], -0.1, l1=1.0)
+    with pytest.raises(TypeError, match="groups"):
+        P.accumulate_([w], group_lasso=1.0, groups=torch.zeros(9))
+
+
+def test_mixed_devices_rejected():
+    a = torch.randn(3)
+    b = torch.randn(3, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        P.accumulate_([a, b], l1=1.0)
+    with pytest.raises(ValueError, match="one device"):
+        P.prox_([a, b], 0.1, l1=1.0)
+
+
+def test_half_accumulates_in_float32():
+    # 1 + 3 * 2^-12 is not a half; the update must round once from the float32 sum
+    w = torch.full((4,), 2.0**-10, dtype=torch.float16)
+    w.grad = torch.ones(4, dtype=torch.float16)
+    P.accumulate_([w], l1=3 * 2.0**-12)
+    assert w.grad[0].item() == float(torch.tensor(1 + 3 * 2.0**-12).half())
+
+
+def test_half_conversions_exact():
+    from fastreg.kernels.numba import penalty as nb
+    import numpy as np
+
+    bits = np.arange(65536, dtype=np.uint32)
+    h = torch.from_numpy(bits.astype(np.int32)).to(torch.int16).view(torch.float16)
+    f = np.array([nb.half_to_f32(np.uint16(b)) for b in bits[::7]], np.float32)
+    ref = h.float().numpy()[::7]
+    assert np.array_equal(np.isnan(f), np.isnan(ref)) and np.array_equal(f[~np.isnan(f)], ref[~np.isnan(ref)])
+    x = torch.randn(5000, dtype=torch.float64) * torch.logspace(-9, 6, 5000, dtype=torch.float64)
+    xf = torch.cat([x.float(), torch.tensor([65519.0, 65520.0, 1e9, float("inf"), -0.0])])
+    got = np.array([nb.f32_to_half(np.float32(v)) for v in xf.numpy()], np.uint16)
+    assert np.array_equal(got, xf.half().view(torch.int16).numpy().view(np.uint16))
+    got = np.array([nb.f32_to_bf16(np.float32(v)) for v in xf.numpy()], np.uint16)
+    assert np.array_equal(got, xf.bfloat16().view(torch.int16).numpy().view(np.uint16))
+
+
+def test_launches_independent_of_parameter_count(monkeypatch):
+    from fastreg.kernels.numba import penalty as nb
+
+    calls = []
+    real = nb.accumulate
+    monkeypatch.setattr(nb, "accumulate", lambda *a: (calls.append(1), real(*a))[1])
+    for n in (3, 300):
+        calls.clear()
+        ps = [torch.randn(4, 5) for _ in range(n)]
+        with fastreg.use_backend("numba"):
+            P.accumulate_(ps, l1=0.1, group_lasso=0.1, groups="rows")
+        assert len(calls) == 1
+
+
+def test_opcheck_ops(gen):
+    ps = [torch.randn(5, 4, generator=gen), torch.randn(7, generator=gen, dtype=torch.float64)]
+    gs = [torch.randn_like(p) for p in ps]
+    idx = torch.randint(0, 3, (7,), generator=gen)
+    torch.library.opcheck(torch.ops.fastreg.penalty_accumulate.default,
+                          (ps, gs, [0.1, 0.2, 0.3, 0.0, 0.1, 0.5], [ops.MODE_DIM1, ops.MODE_EXPLICIT],
+                           [idx], [0, 0]))
+    torch.library.opcheck(torch.ops.fastreg.penalty_prox.default,
+                          ([p.clone() for p in ps], 0.1, [0.1, 0.2, 0.3, 0.0, 0.1, 0.5],
+                           [ops.MODE_DIM0, ops.MODE_EXPLICIT], [idx]))
+
+
+def test_value_matches_accumulate(gen):
+    ps = [torch.randn(6, 5, generator=gen) for _ in range(3)]
+    v1 = P.value(ps, l1=0.1, l2=0.2, group_lasso=0.3, groups="cols")
+    v2 = P.accumulate_(ps, l1=0.1, l2=0.2, group_lasso=0.3, groups="cols")
+    assert float(v1) == pytest.approx(float(v2), rel=1e-6)

@@ -1,0 +1,101 @@
+"""fastreg.activity_penalty and fastreg.nn.ActivityPenalty against the float64 reference."""
+
+import pytest
+import torch
+
+import fastreg
+from fastreg.ops import penalty as ops
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def _ref(x, gy, l1, l2):
+    x64 = x.detach().to(torch.float64)
+    v = l1 * x64.abs().sum() + l2 * (x64 * x64).sum()
+    return v, gy.to(torch.float64) + l1 * torch.sign(x64) + 2 * l2 * x64
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,view", [((3, 77001), False), ((5, 7, 3), True), ((0, 4), False), ((), False)])
+def test_forward_backward_match_reference(gen, backend, dtype, shape, view):
+    base = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    if base.numel():
+        base.reshape(-1)[::5] = 0.0  # exact zeros: sign(0) = 0
+    x = (base.transpose(0, -1) if view else base).detach().requires_grad_(True)
+    gy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype)
+    l1, l2 = 0.3, 0.7
+    with fastreg.use_backend(backend):
+        y, v = fastreg.activity_penalty(x, l1=l1, l2=l2, return_value=True)
+        assert torch.equal(y, x.detach()) and y.dtype == dtype and y.shape == x.shape
+        y.backward(gy)
+    rv, rg = _ref(x, gy, l1, l2)
+    assert v.dtype == ops.compute_dtype(dtype) and v.dim() == 0 and not v.requires_grad
+    assert float(v) == pytest.approx(float(rv), rel=1e-5, abs=1e-6)
+    err = ((x.grad.to(torch.float64) - rg).abs() / rg.abs().clamp(min=1)).max().item() if x.numel() else 0
+    assert err <= TOL[dtype]
+
+
+def test_gradcheck_float64(gen):
+    x = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    x = torch.where(x.abs() < 1e-2, torch.full_like(x, 0.5), x).requires_grad_(True)  # away from sign's kink
+
+    def f(x):
+        return torch.ops.fastreg.activity_penalty(x, 0.3, 0.7)
+
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+def test_opcheck(gen):
+    x = torch.randn(5, 3, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastreg.activity_penalty.default, (x, 0.3, 0.7))
+    gy = torch.randn(5, 3, generator=gen)
+    gv = torch.tensor(2.0)
+    torch.library.opcheck(torch.ops.fastreg.activity_penalty_backward.default, (gy, x.detach(), gv, 0.3, 0.7))
+
+
+def test_equals_adding_penalty_to_loss(gen):
+    lin = torch.nn.Linear(6, 5).double()
+    inp = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+    h = lin(inp)
+    loss = (fastreg.activity_penalty(h, l1=0.1, l2=0.2) ** 2).sum()
+    loss.backward()
+    g1 = lin.weight.grad.clone()
+    lin.zero_grad()
+    h = lin(inp)
+    (h**2).sum().add(0.1 * h.abs().sum() + 0.2 * (h * h).sum()).backward()
+    torch.testing.assert_close(g1, lin.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_module_and_saved_bytes(gen):
+    m = fastreg.nn.ActivityPenalty(l1=0.5)
+    assert m.last_value is None
+    x = torch.randn(10, 10, generator=gen, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+        y = m(x)
+    assert float(m.last_value) == pytest.approx(0.5 * float(x.abs().sum()), rel=1e-6)
+    assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr()  # saves x, nothing else
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 1 + 0.5 * torch.sign(x.detach()))
+    with pytest.raises(ValueError, match="l1"):
+        fastreg.nn.ActivityPenalty(l1=-1)
+    with pytest.raises(TypeError, match="x"):
+        fastreg.activity_penalty(torch.arange(4), l1=1.0)
+
+
+def test_no_grad_path_and_compile(gen):
+    x = torch.randn(6, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(fastreg.activity_penalty(x, l2=1.0), x)
+
+    def f(x):
+        return fastreg.activity_penalty(x * 2, l1=0.1).sum()
+
+    xc = torch.randn(7, generator=gen, requires_grad=True)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(xc)
+    out.backward()
+    torch.testing.assert_close(xc.grad, 2 + 0.2 * torch.sign(xc.detach()))
+    assert ops.compute_dtype(torch.float16) == torch.float32
