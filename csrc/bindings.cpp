@@ -62,4 +62,107 @@ PYBIND11_MODULE(_C, m) {
   });
 #endif
   // ---- families register below, one block each ----
+
+  // ---- reversible (issue 3) ----
+  m.def("reversible_fwd_host", [](uintptr_t w, uintptr_t v, uintptr_t head, uintptr_t count, uintptr_t spill,
+                                  int64_t cap, uintptr_t g, uintptr_t p_out, int is_double, int64_t numel,
+                                  int k, int64_t n, double alpha, double c1s, double lam, double inv_scale) {
+    py::gil_scoped_release nogil;
+    return fastreg::reversible_fwd_host(ptr<int64_t>(w), ptr<int64_t>(v), ptr<int64_t>(head),
+                                        ptr<int32_t>(count), ptr<uint32_t>(spill), cap, ptr<const void>(g),
+                                        ptr<void>(p_out), is_double, numel, k, n, alpha, c1s, lam, inv_scale);
+  });
+  m.def("reversible_restore_host", [](uintptr_t w, uintptr_t v, uintptr_t dw, uintptr_t dv, uintptr_t u,
+                                      uintptr_t p_out, int is_double, int64_t numel, double alpha, double omg,
+                                      double inv_scale) {
+    py::gil_scoped_release nogil;
+    return fastreg::reversible_restore_host(ptr<int64_t>(w), ptr<const int64_t>(v), ptr<double>(dw),
+                                            ptr<double>(dv), ptr<void>(u), ptr<void>(p_out), is_double, numel,
+                                            alpha, omg, inv_scale);
+  });
+  m.def("reversible_rev_host", [](uintptr_t w, uintptr_t v, uintptr_t head, uintptr_t count, uintptr_t spill,
+                                  int64_t cap, uintptr_t g, uintptr_t hvp, int is_double, uintptr_t dw,
+                                  uintptr_t dv, int64_t numel, int k, int64_t n, double gamma, double c1s,
+                                  double lam, double omg, double inv_scale) {
+    fastreg::ReversibleSums s;
+    {
+      py::gil_scoped_release nogil;
+      s = fastreg::reversible_rev_host(ptr<const int64_t>(w), ptr<int64_t>(v), ptr<int64_t>(head),
+                                       ptr<int32_t>(count), ptr<uint32_t>(spill), cap, ptr<const void>(g),
+                                       ptr<const void>(hvp), is_double, ptr<double>(dw), ptr<double>(dv), numel,
+                                       k, n, gamma, c1s, lam, omg, inv_scale);
+    }
+    return py::make_tuple(s.code, s.dg, s.dl);
+  });
+#ifdef FASTREG_WITH_CUDA
+  m.def("reversible_fwd_cuda", [](uintptr_t w, uintptr_t v, uintptr_t head, uintptr_t count, uintptr_t spill,
+                                  int64_t cap, uintptr_t g, uintptr_t p_out, int is_double, int64_t numel,
+                                  int k, int64_t n, double alpha, double c1s, double lam, double inv_scale,
+                                  uintptr_t flag, uintptr_t stream) {
+    check_cuda(fastreg::reversible_fwd_cuda(ptr<int64_t>(w), ptr<int64_t>(v), ptr<int64_t>(head),
+                                            ptr<int32_t>(count), ptr<uint32_t>(spill), cap, ptr<const void>(g),
+                                            ptr<void>(p_out), is_double, numel, k, n, alpha, c1s, lam,
+                                            inv_scale, ptr<int>(flag), stream),
+               "reversible_fwd_cuda");
+  });
+  m.def("reversible_restore_cuda", [](uintptr_t w, uintptr_t v, uintptr_t dw, uintptr_t dv, uintptr_t u,
+                                      uintptr_t p_out, int is_double, int64_t numel, double alpha, double omg,
+                                      double inv_scale, uintptr_t partial, int64_t nparts, uintptr_t stream) {
+    check_cuda(fastreg::reversible_restore_cuda(ptr<int64_t>(w), ptr<const int64_t>(v), ptr<double>(dw),
+                                                ptr<double>(dv), ptr<void>(u), ptr<void>(p_out), is_double,
+                                                numel, alpha, omg, inv_scale, ptr<double>(partial), nparts,
+                                                stream),
+               "reversible_restore_cuda");
+  });
+  m.def("reversible_rev_cuda", [](uintptr_t w, uintptr_t v, uintptr_t head, uintptr_t count, uintptr_t spill,
+                                  int64_t cap, uintptr_t g, uintptr_t hvp, int is_double, uintptr_t dw,
+                                  uintptr_t dv, int64_t numel, int k, int64_t n, double gamma, double c1s,
+                                  double lam, double omg, double inv_scale, uintptr_t flag, uintptr_t partial,
+                                  int64_t nparts, uintptr_t stream) {
+    check_cuda(fastreg::reversible_rev_cuda(ptr<const int64_t>(w), ptr<int64_t>(v), ptr<int64_t>(head),
+                                            ptr<int32_t>(count), ptr<uint32_t>(spill), cap, ptr<const void>(g),
+                                            ptr<const void>(hvp), is_double, ptr<double>(dw), ptr<double>(dv),
+                                            numel, k, n, gamma, c1s, lam, omg, inv_scale, ptr<int>(flag),
+                                            ptr<double>(partial), nparts, stream),
+               "reversible_rev_cuda");
+  });
+#endif
+  // ---- end reversible ----
+
+  // ---- penalty (issue 4) ----
+  m.def("penalty_accumulate_host", [](uintptr_t tab, int64_t nt, uintptr_t coefs, uintptr_t items, int64_t nitems,
+                                      uintptr_t expl, int64_t nexpl, uintptr_t scales, uintptr_t counts,
+                                      uintptr_t vals, int kind) {
+    py::gil_scoped_release nogil;
+    fastreg::penalty_accumulate_host(ptr<const int64_t>(tab), nt, ptr<const double>(coefs), ptr<const int64_t>(items),
+                                     nitems, ptr<const int64_t>(expl), nexpl, ptr<double>(scales),
+                                     ptr<double>(counts), ptr<double>(vals), kind);
+  });
+  m.def("penalty_prox_host", [](uintptr_t tab, int64_t nt, uintptr_t coefs, uintptr_t items, int64_t nitems,
+                                uintptr_t expl, int64_t nexpl, uintptr_t scales, uintptr_t counts, int kind) {
+    py::gil_scoped_release nogil;
+    fastreg::penalty_prox_host(ptr<const int64_t>(tab), nt, ptr<const double>(coefs), ptr<const int64_t>(items),
+                               nitems, ptr<const int64_t>(expl), nexpl, ptr<double>(scales), ptr<double>(counts),
+                               kind);
+  });
+#ifdef FASTREG_WITH_CUDA
+  m.def("penalty_accumulate_cuda", [](uintptr_t tab, int64_t nt, uintptr_t coefs, uintptr_t items, int64_t nitems,
+                                      uintptr_t expl, int64_t nexpl, uintptr_t scales, uintptr_t counts,
+                                      uintptr_t vals, int kind, uintptr_t stream) {
+    check_cuda(fastreg::penalty_accumulate_cuda(ptr<const int64_t>(tab), nt, ptr<const double>(coefs),
+                                                ptr<const int64_t>(items), nitems, ptr<const int64_t>(expl), nexpl,
+                                                ptr<double>(scales), ptr<double>(counts), ptr<double>(vals), kind,
+                                                stream),
+               "penalty_accumulate_cuda");
+  });
+  m.def("penalty_prox_cuda", [](uintptr_t tab, int64_t nt, uintptr_t coefs, uintptr_t items, int64_t nitems,
+                                uintptr_t expl, int64_t nexpl, uintptr_t scales, uintptr_t counts, int kind,
+                                uintptr_t stream) {
+    check_cuda(fastreg::penalty_prox_cuda(ptr<const int64_t>(tab), nt, ptr<const double>(coefs),
+                                          ptr<const int64_t>(items), nitems, ptr<const int64_t>(expl), nexpl,
+                                          ptr<double>(scales), ptr<double>(counts), kind, stream),
+               "penalty_prox_cuda");
+  });
+#endif
+  // ---- end penalty ----
 }

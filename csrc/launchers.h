@@ -14,4 +14,53 @@ int philox_words_cuda(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream, 
                       uintptr_t stream_handle);
 #endif
 
+// ---- reversible (issue 3): csrc/cpu/reversible_host.cpp, csrc/cuda/reversible.cu ----
+struct ReversibleSums {
+  int code;
+  double dg, dl;
+};
+int reversible_fwd_host(int64_t* w, int64_t* v, int64_t* head, int32_t* count, uint32_t* spill,
+                        int64_t cap, const void* g, void* p_out, int is_double, int64_t numel,
+                        int k, int64_t n, double alpha, double c1s, double lam, double inv_scale);
+double reversible_restore_host(int64_t* w, const int64_t* v, double* dw, double* dv, void* u,
+                               void* p_out, int is_double, int64_t numel, double alpha, double omg,
+                               double inv_scale);
+ReversibleSums reversible_rev_host(const int64_t* w, int64_t* v, int64_t* head, int32_t* count,
+                                   uint32_t* spill, int64_t cap, const void* g, const void* hvp,
+                                   int is_double, double* dw, double* dv, int64_t numel, int k,
+                                   int64_t n, double gamma, double c1s, double lam, double omg,
+                                   double inv_scale);
+#ifdef FASTREG_WITH_CUDA
+int reversible_fwd_cuda(int64_t* w, int64_t* v, int64_t* head, int32_t* count, uint32_t* spill,
+                        int64_t cap, const void* g, void* p_out, int is_double, int64_t numel, int k,
+                        int64_t n, double alpha, double c1s, double lam, double inv_scale, int* flag,
+                        uintptr_t stream);
+int reversible_restore_cuda(int64_t* w, const int64_t* v, double* dw, double* dv, void* u,
+                            void* p_out, int is_double, int64_t numel, double alpha, double omg,
+                            double inv_scale, double* partial, int64_t nparts, uintptr_t stream);
+int reversible_rev_cuda(const int64_t* w, int64_t* v, int64_t* head, int32_t* count,
+                        uint32_t* spill, int64_t cap, const void* g, const void* hvp, int is_double,
+                        double* dw, double* dv, int64_t numel, int k, int64_t n, double gamma,
+                        double c1s, double lam, double omg, double inv_scale, int* flag,
+                        double* partial, int64_t nparts, uintptr_t stream);
+#endif
+// ---- end reversible ----
+
+// ---- penalty (issue 4): csrc/cpu/penalty_host.cpp, csrc/cuda/penalty.cu; tables in fastreg/penalty.h ----
+void penalty_accumulate_host(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
+                             int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales,
+                             double* counts, double* vals, int kind);
+void penalty_prox_host(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
+                       int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales, double* counts,
+                       int kind);
+#ifdef FASTREG_WITH_CUDA
+int penalty_accumulate_cuda(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
+                            int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales,
+                            double* counts, double* vals, int kind, uintptr_t stream);
+int penalty_prox_cuda(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
+                      int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales, double* counts,
+                      int kind, uintptr_t stream);
+#endif
+// ---- end penalty ----
+
 }  // namespace fastreg
