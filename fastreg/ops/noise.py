@@ -140,7 +140,7 @@ def _noise_fwd_cpu(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: in
     out = np.empty_like(xa)
     sizes, sstr = _np_layout(x, sigma)
     nb.noise_fwd(xa, _np_in(sigma, cd), out, sizes, sstr, int(seed), stream, dist, additive,
-                 _np_one(cd))
+                 _np_one(cd), 0)
     return torch.from_numpy(out).to(x.dtype).view(x.shape)
 
 
@@ -169,7 +169,7 @@ def _noise_bwd_cpu(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream:
     part = np.zeros((nparts, sigma.numel() if mode == 2 else 1), dtype=np.float64)
     sizes, sstr = _np_layout(grad, sigma)
     nb.noise_bwd(ga, xa, sa, gx, gs, part, sizes, sstr, int(seed), stream, dist, additive,
-                 need_gx, mode, _np_one(cd))
+                 need_gx, mode, _np_one(cd), 0)
     gx_t = torch.from_numpy(gx).to(grad.dtype).view(grad.shape) if need_gx else grad.new_empty(0)
     if mode == 1:
         gs_t = torch.from_numpy(gs).to(sigma.dtype).view(sigma.shape)
@@ -206,10 +206,10 @@ def noise_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
         from fastreg.kernels.triton import noise as tk
 
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        if n > 0:
+        if n > 0 and _backend.launch_kernel(x):
             sizes, sstr, ndim = _layout_tensors(x, sigma)
             wrap_triton(tk.noise_fwd_kernel)[tk.grid(n)](
-                x.contiguous(), sigma.contiguous(), out, sizes, sstr, seed, stream, n,
+                x.contiguous(), sigma.contiguous(), out, sizes, sstr, seed, stream, 0, n,
                 NDIM=ndim, SCALAR=sigma.numel() == 1, DIST=dist, ADDITIVE=additive,
                 COMPUTE_F64=x.dtype == torch.float64, BLOCK=tk.BLOCK)
         return out
@@ -244,12 +244,12 @@ def noise_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int,
             gsb = torch.zeros(sigma.numel(), dtype=cd, device=grad.device)
         else:
             gsb = torch.zeros(nprog if mode == 3 else 0, dtype=cd, device=grad.device)
-        if n > 0 and (need_gx or need_gs):
+        if n > 0 and (need_gx or need_gs) and _backend.launch_kernel(grad):
             sizes, sstr, ndim = _layout_tensors(grad, sigma)
             xx = x.contiguous() if (need_gs and not additive) else grad
             wrap_triton(tk.noise_bwd_kernel)[tk.grid(n)](
                 grad.contiguous(), xx, sigma.contiguous(), gx, gsb, sizes, sstr, seed, stream,
-                n, NDIM=ndim, SCALAR=sigma.numel() == 1, DIST=dist, ADDITIVE=additive,
+                0, n, NDIM=ndim, SCALAR=sigma.numel() == 1, DIST=dist, ADDITIVE=additive,
                 NEED_GX=need_gx, GS_MODE=mode, COMPUTE_F64=cd == torch.float64,
                 BLOCK=tk.BLOCK)
         if not need_gs:

@@ -158,11 +158,12 @@ def box_muller_fast(ua, ub):
 
 
 # ---------------------------------------------------------------- eps of one chunk
-@numba.njit(inline="always", cache=True)
+@numba.njit(cache=True)
 def fill_eps(z, ua, ub, k0, k1, s0, s1, c_first, count, dist):
     """z[4j + lane] = eps(4 (c_first + j) + lane) for j < count (float32).
 
-    ua, ub: scratch of 2 * BLOCK float32 each."""
+    ua, ub: scratch of 2 * BLOCK float32 each. Not inlined: one compiled body serves
+    every kernel and dtype (compile time), and a call per 2048 elements costs nothing."""
     if dist == DIST_GAUSSIAN:
         for j in range(count):
             r0, r1, r2, r3 = philox_unrolled(k0, k1, s0, s1, c_first + np.uint64(j))
@@ -194,17 +195,18 @@ def _keys(seed, stream):
 
 
 @numba.njit(parallel=True, cache=True)
-def eps_fill(out, seed, stream, dist):
-    """out[k] = eps(k) for k < out.size (float32): the noise itself, for tests."""
+def eps_fill(out, seed, stream, dist, start):
+    """out[k] = eps(start + k) for k < out.size (float32; start % 4 == 0): the noise itself."""
     n = out.size
     k0, k1, s0, s1 = _keys(seed, stream)
+    c0 = np.uint64(start) >> np.uint64(2)
     for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
         base = ch * 4 * BLOCK
         length = min(4 * BLOCK, n - base)
         z = np.empty(4 * BLOCK, np.float32)
         ua = np.empty(2 * BLOCK, np.float32)
         ub = np.empty(2 * BLOCK, np.float32)
-        fill_eps(z, ua, ub, k0, k1, s0, s1, np.uint64(ch * BLOCK), (length + 3) // 4, dist)
+        fill_eps(z, ua, ub, k0, k1, s0, s1, c0 + np.uint64(ch * BLOCK), (length + 3) // 4, dist)
         for e in range(length):
             out[base + e] = z[e]
 
@@ -229,16 +231,18 @@ def _locate(i, sizes, sstr):
 
 
 @numba.njit(parallel=True, cache=True)
-def noise_fwd(x, sig, out, sizes, sstr, seed, stream, dist, additive, one):
+def noise_fwd(x, sig, out, sizes, sstr, seed, stream, dist, additive, one, start):
     """out = x * (1 + sigma * eps) (additive=False) or x + sigma * eps (additive=True).
 
     x, out: 1-D contiguous, float32 or float64 (the compute dtype); sig: sigma's
     values in the same dtype, contiguous. sizes/sstr (int64): x's shape collapsed
     so that sigma's offset of element i is sum(index_d * sstr[d]) (sstr 0 on
-    broadcast dims). one: 1 in the compute dtype.
+    broadcast dims). one: 1 in the compute dtype. Element k takes eps(start + k)
+    (start % 4 == 0; the ops pass 0, tests reach indices past 2^32).
     """
     n = x.size
     k0, k1, s0, s1 = _keys(seed, stream)
+    c0 = np.uint64(start) >> np.uint64(2)
     inner = sizes[sizes.size - 1]
     st = sstr[sstr.size - 1]
     for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
@@ -247,7 +251,7 @@ def noise_fwd(x, sig, out, sizes, sstr, seed, stream, dist, additive, one):
         z = np.empty(4 * BLOCK, np.float32)
         ua = np.empty(2 * BLOCK, np.float32)
         ub = np.empty(2 * BLOCK, np.float32)
-        fill_eps(z, ua, ub, k0, k1, s0, s1, np.uint64(ch * BLOCK), (length + 3) // 4, dist)
+        fill_eps(z, ua, ub, k0, k1, s0, s1, c0 + np.uint64(ch * BLOCK), (length + 3) // 4, dist)
         e = 0
         while e < length:
             i = base + e
@@ -273,7 +277,7 @@ def noise_fwd(x, sig, out, sizes, sstr, seed, stream, dist, additive, one):
 
 @numba.njit(parallel=True, cache=True)
 def noise_bwd(g, x, sig, gx, gs, part, sizes, sstr, seed, stream, dist, additive, need_gx,
-              gs_mode, one):
+              gs_mode, one, start):
     """The backward of noise_fwd in one pass.
 
     need_gx (multiplicative only): gx = g * (1 + sigma * eps).
@@ -284,6 +288,7 @@ def noise_bwd(g, x, sig, gx, gs, part, sizes, sstr, seed, stream, dist, additive
     """
     n = g.size
     k0, k1, s0, s1 = _keys(seed, stream)
+    c0 = np.uint64(start) >> np.uint64(2)
     inner = sizes[sizes.size - 1]
     st = sstr[sstr.size - 1]
     nch = (n + 4 * BLOCK - 1) // (4 * BLOCK)
@@ -297,7 +302,7 @@ def noise_bwd(g, x, sig, gx, gs, part, sizes, sstr, seed, stream, dist, additive
         for ch in range(ch_lo, ch_hi):
             base = ch * 4 * BLOCK
             length = min(4 * BLOCK, n - base)
-            fill_eps(z, ua, ub, k0, k1, s0, s1, np.uint64(ch * BLOCK), (length + 3) // 4, dist)
+            fill_eps(z, ua, ub, k0, k1, s0, s1, c0 + np.uint64(ch * BLOCK), (length + 3) // 4, dist)
             e = 0
             while e < length:
                 i = base + e

@@ -1,5 +1,7 @@
 """Triton kernels of the noise family: multiplicative and additive noise
 (Gaussian dropout is multiplicative Gaussian noise with a scalar sigma).
+Element k takes eps(start + k) (start % 4 == 0: the ops pass 0, tests reach
+indices past 2^32).
 
 Random numbers follow docs/rng.md (kernels/triton/rng.py): each program takes
 BLOCK consecutive elements as a [BLOCK/4, 4] tile, one Philox call per row gives
@@ -21,6 +23,7 @@ float64 buffer; the order of the additions, hence the last bits, is not fixed),
 import triton
 import triton.language as tl
 
+from fastreg.kernels.triton.convert import to_output
 from fastreg.kernels.triton.rng import box_muller, philox_block, uniform_from_word
 
 BLOCK = 1024
@@ -73,13 +76,13 @@ def _load_sigma(sig_ptr, offs, inb, sizes_ptr, sstr_ptr, NDIM: tl.constexpr, SCA
 
 
 @triton.jit
-def noise_fwd_kernel(x_ptr, sig_ptr, out_ptr, sizes_ptr, sstr_ptr, seed_ptr, stream, n,
+def noise_fwd_kernel(x_ptr, sig_ptr, out_ptr, sizes_ptr, sstr_ptr, seed_ptr, stream, start, n,
                      NDIM: tl.constexpr, SCALAR: tl.constexpr, DIST: tl.constexpr,
                      ADDITIVE: tl.constexpr, COMPUTE_F64: tl.constexpr, BLOCK: tl.constexpr):
     """out = x * (1 + sigma * eps), or x + sigma * eps with ADDITIVE."""
     offs, rows = _tile(tl.program_id(0), BLOCK)
     inb = offs < n
-    z = eps_tile(tl.load(seed_ptr), stream, rows, DIST)
+    z = eps_tile(tl.load(seed_ptr), stream, rows + start // 4, DIST)
     s, so = _load_sigma(sig_ptr, offs, inb, sizes_ptr, sstr_ptr, NDIM, SCALAR)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0)
     if COMPUTE_F64:
@@ -93,19 +96,19 @@ def noise_fwd_kernel(x_ptr, sig_ptr, out_ptr, sizes_ptr, sstr_ptr, seed_ptr, str
         y = x + s * z
     else:
         y = x * (1.0 + s * z)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inb)
+    tl.store(out_ptr + offs, to_output(y, out_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
 def noise_bwd_kernel(g_ptr, x_ptr, sig_ptr, gx_ptr, gs_ptr, sizes_ptr, sstr_ptr, seed_ptr, stream,
-                     n, NDIM: tl.constexpr, SCALAR: tl.constexpr, DIST: tl.constexpr,
+                     start, n, NDIM: tl.constexpr, SCALAR: tl.constexpr, DIST: tl.constexpr,
                      ADDITIVE: tl.constexpr, NEED_GX: tl.constexpr, GS_MODE: tl.constexpr,
                      COMPUTE_F64: tl.constexpr, BLOCK: tl.constexpr):
     """gx = g * (1 + sigma * eps) (NEED_GX) and the sigma gradient (GS_MODE, module doc)."""
     pid = tl.program_id(0)
     offs, rows = _tile(pid, BLOCK)
     inb = offs < n
-    z = eps_tile(tl.load(seed_ptr), stream, rows, DIST)
+    z = eps_tile(tl.load(seed_ptr), stream, rows + start // 4, DIST)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0)
     if COMPUTE_F64:
         g = g.to(tl.float64)
@@ -115,7 +118,7 @@ def noise_bwd_kernel(g_ptr, x_ptr, sig_ptr, gx_ptr, gs_ptr, sizes_ptr, sstr_ptr,
     if NEED_GX:
         s, so = _load_sigma(sig_ptr, offs, inb, sizes_ptr, sstr_ptr, NDIM, SCALAR)
         s = s.to(g.dtype)
-        tl.store(gx_ptr + offs, (g * (1.0 + s * z)).to(gx_ptr.dtype.element_ty), mask=inb)
+        tl.store(gx_ptr + offs, to_output(g * (1.0 + s * z), gx_ptr.dtype.element_ty), mask=inb)
     if GS_MODE != 0:
         if ADDITIVE:
             d = g * z

@@ -1,0 +1,74 @@
+"""Noise layers: GaussianDropout, MultiplicativeNoise (learned sigma), LockedDropout,
+DropConnectLinear. Each is the identity (or the plain layer) in eval mode."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from fastreg._validate import check_probability
+from fastreg.ops.noise import DISTS, gaussian_dropout, multiplicative_noise
+
+
+class GaussianDropout(nn.Module):
+    """input * (1 + sigma * eps), eps ~ N(0, 1), sigma = sqrt(p / (1 - p)) in training;
+    the identity in eval. Saves nothing per element for backward.
+
+    seed=None draws a fresh seed per call from torch's default generator; an int
+    fixes the noise (the same on every call)."""
+
+    def __init__(self, p: float = 0.5, *, seed=None):
+        super().__init__()
+        self.p = check_probability(p, "p", "nn.GaussianDropout")
+        if self.p >= 1.0:
+            raise ValueError(f"fastreg.nn.GaussianDropout: p must be in [0, 1), got {self.p}")
+        self.seed = seed
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return gaussian_dropout(input, self.p, self.training, seed=self.seed)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class MultiplicativeNoise(nn.Module):
+    """input * (1 + sigma * eps) with a learned sigma, the identity in eval.
+
+    shape: sigma's shape, broadcast over the input as torch broadcasts (right
+    aligned): () for one sigma, (C, 1, 1) per channel of an NCHW input, (F,) per
+    feature of the last dim. init: sigma's initial value. dist: "gaussian" or
+    "uniform" (eps uniform on (-sqrt(3), sqrt(3)), unit variance). learn=False
+    keeps sigma fixed (a buffer), and then nothing is saved per element.
+    The sigma gradient is reduced over the broadcast dims inside the backward pass.
+    """
+
+    def __init__(self, shape=(), init: float = 0.1, *, dist: str = "gaussian",
+                 learn: bool = True, seed=None):
+        super().__init__()
+        if isinstance(shape, numbers.Integral):
+            shape = (int(shape),)
+        shape = tuple(int(s) for s in shape)
+        if any(s < 1 for s in shape):
+            raise ValueError(f"fastreg.nn.MultiplicativeNoise: shape must have sizes >= 1, got {shape}")
+        if isinstance(init, bool) or not isinstance(init, numbers.Real) or not math.isfinite(init):
+            raise TypeError(f"fastreg.nn.MultiplicativeNoise: init must be a finite number, got {init!r}")
+        if dist not in DISTS:
+            raise ValueError(f"fastreg.nn.MultiplicativeNoise: dist must be one of {DISTS}, got {dist!r}")
+        sigma = torch.full(shape, float(init))
+        if learn:
+            self.sigma = nn.Parameter(sigma)
+        else:
+            self.register_buffer("sigma", sigma)
+        self.dist = dist
+        self.seed = seed
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return input
+        return multiplicative_noise(input, self.sigma, dist=self.dist, seed=self.seed)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.sigma.shape)}, dist={self.dist}"

@@ -1,0 +1,417 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastreg
+from fastreg.ops import noise as N
+from fastreg.ops import rng
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# per-dtype tolerances: eps is float32 on every backend and agrees to a few ulp
+# (Numba's vectorised Box-Muller, Triton's and torch's libm), the rest is one rounding.
+TOL = {torch.float32: (2e-6, 2e-6), torch.float64: (2e-6, 2e-6), torch.float16: (1e-3, 1e-3),
+       torch.bfloat16: (8e-3, 8e-3)}
+# (input shape, sigma shape or None for a python float)
+CASES = [((257,), None), ((7, 5), ()), ((2, 3, 13), (3, 1)), ((4, 6, 3, 5), (6, 1, 1)),
+         ((3, 11), (11,)), ((5, 2, 7), (5, 2, 7)), ((2, 9, 4), (1, 9, 1))]
+
+
+def views(x):
+    yield "contiguous", x
+    if x.dim() >= 2:
+        yield "transposed", x.transpose(0, -1).contiguous().transpose(0, -1)
+    big = torch.empty(x.shape + (2,), dtype=x.dtype)
+    big[..., 0] = x
+    yield "strided", big[..., 0]
+
+
+def _sigma(shape, gen, dtype=torch.float32):
+    if shape is None:
+        return 0.37
+    return (torch.rand(shape, generator=gen, dtype=torch.float64) * 0.8 + 0.05).to(dtype)
+
+
+def _sig_t(sigma, device="cpu"):
+    return sigma if isinstance(sigma, torch.Tensor) else torch.tensor(sigma, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- the noise itself
+def test_uniform_eps_bit_identical_to_spec_words():
+    """Numba's unrolled Philox + uniform conversion give the spec's words exactly."""
+    from fastreg.kernels.numba import noise as nb
+
+    for start in (0, 2**32 - 8, 2**40 + 4):
+        out = np.empty(4099, dtype=np.float32)
+        nb.eps_fill(out, 0x123456789ABCDEF, 2**33 + 5, nb.DIST_UNIFORM, start)
+        u = rng.uniforms(4099, 0x123456789ABCDEF, 2**33 + 5, start=start, backend="torch")
+        ref = torch.tensor(N.SQRT3_F32, dtype=torch.float32) * (2.0 * u - 1.0)
+        assert torch.equal(torch.from_numpy(out), ref), start
+
+
+@pytest.mark.parametrize("start", [0, 2**31 - 4, 2**32 + 4, 2**40])
+def test_gaussian_eps_agrees_with_spec_normals(start):
+    """The vectorised Box-Muller agrees with the spec's libm normals to a few ulp."""
+    from fastreg.kernels.numba import noise as nb
+
+    n = 1 << 15
+    out = np.empty(n, dtype=np.float32)
+    nb.eps_fill(out, 987654321, 3, nb.DIST_GAUSSIAN, start)
+    ref = rng.normals(n, 987654321, 3, start=start, backend="torch")
+    got = torch.from_numpy(out)
+    torch.testing.assert_close(got, ref, rtol=4e-6, atol=4e-6)
+    assert float((got - ref).abs().max()) > 0 or True  # equality is allowed, not required
+
+
+def test_gaussian_eps_tails_and_extremes():
+    """u near 0 and 1 (the log's extremes) and every quadrant of the angle."""
+    from fastreg.kernels.numba import noise as nb
+
+    n = 1 << 20
+    out = np.empty(n, dtype=np.float32)
+    nb.eps_fill(out, 5, 0, nb.DIST_GAUSSIAN, 0)
+    ref = rng.normals(n, 5, 0, backend="torch")
+    got = torch.from_numpy(out)
+    err = (got - ref).abs() / ref.abs().clamp_min(1.0)
+    assert float(err.max()) < 4e-6
+    assert float(got.abs().max()) > 4.5  # the tail is reached and still right
+    assert abs(float(got.mean())) < 5e-3 and abs(float(got.std()) - 1) < 5e-3
+
+
+@pytest.mark.parametrize("start", [0, 2**32 - 1024, 2**40])
+@pytest.mark.parametrize("dist", [0, 1])
+def test_kernels_high_indices(start, dist, gen):
+    """64-bit indexing: both kernels at logical indices past 2^32 (additive, x = 0, sigma = 1)."""
+    import triton  # noqa: F401  (the interpreter is set by conftest)
+
+    from fastreg.kernels.numba import noise as nb
+    from fastreg.kernels.triton import noise as tk
+
+    n = 1031
+    idx = torch.arange(n, dtype=torch.int64) + start
+    if dist == 0:
+        ref = rng.normals_reference(idx, 42, 9)
+    else:
+        u = rng.uniform_from_words_reference(rng.words_reference(idx, 42, 9))
+        ref = torch.tensor(N.SQRT3_F32, dtype=torch.float32) * (2.0 * u - 1.0)
+    x = torch.randn(n, generator=gen)
+    sizes = np.array([n], np.int64)
+    sstr = np.array([0], np.int64)
+    out = np.empty(n, np.float32)
+    nb.noise_fwd(x.numpy(), np.ones(1, np.float32), out, sizes, sstr, 42, 9, dist, True,
+                 np.float32(1), start)
+    torch.testing.assert_close(torch.from_numpy(out), x + ref, rtol=4e-6, atol=4e-6)
+    tout = torch.empty(n)
+    tk.noise_fwd_kernel[tk.grid(n)](x, torch.ones(1), tout, torch.tensor([n]), torch.tensor([0]),
+                                    torch.tensor(42), 9, start, n, NDIM=1, SCALAR=True, DIST=dist,
+                                    ADDITIVE=True, COMPUTE_F64=False, BLOCK=tk.BLOCK)
+    torch.testing.assert_close(tout, x + ref, rtol=4e-6, atol=4e-6)
+
+
+# ---------------------------------------------------------------- forward
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_matches_reference(backend, dtype, gen):
+    rtol, atol = TOL[dtype]
+    for shape, sshape in CASES:
+        x = torch.randn(shape, generator=gen).to(dtype)
+        sigma = _sigma(sshape, gen)
+        seed = int(torch.randint(0, 2**62, (), generator=gen))
+        for dist in ("gaussian", "uniform"):
+            d = N.DISTS.index(dist)
+            ref_m = N.noise_reference(x, _sig_t(sigma), seed, 4, d, False)
+            ref_a = N.noise_reference(x, _sig_t(sigma), seed, 4, d, True)
+            for name, xv in views(x):
+                with fastreg.use_backend(backend):
+                    m = fastreg.multiplicative_noise(xv, sigma, dist=dist, seed=seed, stream=4)
+                    a = fastreg.input_noise(xv, sigma, dist=dist, seed=seed, stream=4)
+                assert m.dtype == dtype and m.shape == x.shape and m.is_contiguous()
+                torch.testing.assert_close(m, ref_m, rtol=rtol, atol=atol, msg=f"{shape} {name}")
+                torch.testing.assert_close(a, ref_a, rtol=rtol, atol=atol, msg=f"{shape} {name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba", "triton"])
+def test_gaussian_dropout_semantics(backend, gen):
+    x = torch.randn(3, 1001, generator=gen, dtype=torch.float64)
+    p = 0.3
+    with fastreg.use_backend(backend):
+        y = fastreg.gaussian_dropout(x, p, seed=11, stream=2)
+    idx = torch.arange(x.numel())
+    eps = rng.normals_reference(idx, 11, 2).double().reshape(x.shape)
+    torch.testing.assert_close(y, x * (1 + math.sqrt(p / (1 - p)) * eps), rtol=2e-6, atol=2e-6)
+
+
+def test_gaussian_dropout_statistics():
+    x = torch.ones(1 << 20)
+    for p in (0.1, 0.5, 0.8):
+        y = fastreg.gaussian_dropout(x, p, seed=3)
+        assert abs(float(y.mean()) - 1) < 5e-3 * math.sqrt(p / (1 - p)) * 3
+        assert abs(float(y.var()) / (p / (1 - p)) - 1) < 1e-2
+
+
+def test_uniform_noise_statistics():
+    x = torch.ones(1 << 20)
+    y = fastreg.multiplicative_noise(x, 0.5, dist="uniform", seed=8)
+    eps = (y - 1) / 0.5
+    assert float(eps.abs().max()) < math.sqrt(3)
+    assert float(eps.abs().max()) > math.sqrt(3) - 1e-3
+    assert abs(float(eps.mean())) < 5e-3 and abs(float(eps.var()) - 1) < 1e-2
+
+
+def test_nan_inf_survive(gen):
+    x = torch.randn(64, generator=gen)
+    x[3], x[10], x[20] = float("nan"), float("inf"), -float("inf")
+    for backend in ("numba", "triton"):
+        with fastreg.use_backend(backend):
+            y = fastreg.multiplicative_noise(x, 0.2, seed=1)
+            z = fastreg.input_noise(x, 0.2, seed=1)
+        ref = N.noise_reference(x, _sig_t(0.2), 1, 0, 0, False)
+        assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+        assert y[3].isnan() and z[3].isnan() and z[10] == float("inf") and z[20] == -float("inf")
+
+
+def test_seed_stream_and_reproducibility():
+    x = torch.randn(100)
+    a = fastreg.gaussian_dropout(x, 0.5, seed=1)
+    assert torch.equal(a, fastreg.gaussian_dropout(x, 0.5, seed=1))
+    assert not torch.equal(a, fastreg.gaussian_dropout(x, 0.5, seed=2))
+    assert not torch.equal(a, fastreg.gaussian_dropout(x, 0.5, seed=1, stream=1))
+    torch.manual_seed(0)
+    b = fastreg.gaussian_dropout(x, 0.5)
+    c = fastreg.gaussian_dropout(x, 0.5)
+    torch.manual_seed(0)
+    assert torch.equal(b, fastreg.gaussian_dropout(x, 0.5)) and not torch.equal(b, c)
+
+
+def test_identity_cases():
+    x = torch.randn(10)
+    assert fastreg.gaussian_dropout(x, 0.5, training=False) is x
+    assert fastreg.gaussian_dropout(x, 0.0) is x
+    e = torch.empty(0, 3)
+    assert fastreg.gaussian_dropout(e, 0.5) is e
+    assert torch.equal(fastreg.multiplicative_noise(x, 0.0, seed=1), x)
+    assert torch.equal(fastreg.input_noise(x, 0.0, seed=1), x)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba", "triton"])
+def test_empty_with_learned_sigma(backend):
+    x = torch.empty(0, 4, requires_grad=True)
+    s = torch.full((4,), 0.3, requires_grad=True)
+    with fastreg.use_backend(backend):
+        y = fastreg.multiplicative_noise(x, s, seed=1)
+        y.sum().backward()
+    assert y.shape == (0, 4) and torch.equal(s.grad, torch.zeros(4)) and x.grad.shape == (0, 4)
+
+
+def test_env_forcing(monkeypatch, gen):
+    x = torch.randn(33, generator=gen)
+    monkeypatch.setenv("FASTREG_BACKEND", "torch")
+    y = fastreg.gaussian_dropout(x, 0.4, seed=5)
+    assert torch.equal(y, N.noise_reference(x, _sig_t(math.sqrt(0.4 / 0.6)), 5, 0, 0, False))
+    monkeypatch.setenv("FASTREG_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="not implemented"):
+        fastreg.gaussian_dropout(x, 0.4, seed=5)
+
+
+# ---------------------------------------------------------------- backward
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_matches_reference(backend, dtype, gen):
+    rtol, atol = TOL[dtype]
+    for shape, sshape in CASES[1:]:
+        x = torch.randn(shape, generator=gen).to(dtype)
+        sigma = _sigma(sshape, gen, dtype)
+        g = torch.randn(shape, generator=gen).to(dtype)
+        for d in (0, 1):
+            for additive in (False, True):
+                rgx, rgs = N.noise_bwd_reference(g, x, sigma, 77, 1, d, additive, not additive, True)
+                for name, gv in views(g):
+                    with fastreg.use_backend(backend):
+                        gx, gs = torch.ops.fastreg.noise_bwd(gv, x, sigma, torch.tensor(77), 1, d,
+                                                             additive, not additive, True)
+                    if not additive:
+                        torch.testing.assert_close(gx, rgx, rtol=rtol, atol=atol)
+                    # the reduction adds up to ~100 terms: a few roundings of the sum
+                    torch.testing.assert_close(gs, rgs, rtol=max(rtol, 1e-5) * 4,
+                                               atol=max(atol, 1e-5) * 4, msg=f"{shape} {name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba", "triton"])
+@pytest.mark.parametrize("case", [(3, 4), (2, 3, 2), (2, 3)])
+def test_gradcheck_float64(backend, case):
+    sshape = {(3, 4): (), (2, 3, 2): (3, 1), (2, 3): (2, 3)}[case]
+    x = torch.randn(case, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(sshape, dtype=torch.float64) + 0.1).requires_grad_()
+    with fastreg.use_backend(backend):
+        for dist in ("gaussian", "uniform"):
+            assert torch.autograd.gradcheck(
+                lambda a, b: fastreg.multiplicative_noise(a, b, dist=dist, seed=12), (x, s))
+            assert torch.autograd.gradcheck(
+                lambda a, b: fastreg.input_noise(a, b, dist=dist, seed=12), (x, s))
+        assert torch.autograd.gradcheck(lambda a: fastreg.gaussian_dropout(a, 0.3, seed=4), (x,))
+
+
+def test_learned_sigma_gradient_matches_composition(gen):
+    """d/d sigma of sum(w * y) equals the explicit composition's, reduced per channel."""
+    x = torch.randn(8, 4, 5, 5, generator=gen)
+    w = torch.randn(8, 4, 5, 5, generator=gen)
+    s = torch.full((4, 1, 1), 0.25, requires_grad=True)
+    (fastreg.multiplicative_noise(x, s, seed=21) * w).sum().backward()
+    eps = rng.normals_reference(torch.arange(x.numel()), 21, 0).reshape(x.shape)
+    s2 = s.detach().clone().requires_grad_()
+    (x * (1 + s2 * eps) * w).sum().backward()
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-5, atol=1e-5)
+
+
+def _saved_bytes(fn, numel):
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values()) / numel
+
+
+def test_saved_bytes_per_element():
+    n = 1 << 16
+    x = torch.randn(n, requires_grad=True)
+    assert _saved_bytes(lambda: fastreg.gaussian_dropout(x, 0.5, seed=1), n) < 0.01
+    assert _saved_bytes(lambda: fastreg.multiplicative_noise(x, 0.2, seed=1), n) < 0.01
+    s = torch.tensor(0.2, requires_grad=True)
+    assert _saved_bytes(lambda: fastreg.input_noise(x, s, seed=1), n) < 0.01
+    # a learned multiplicative sigma needs x (d y / d sigma = x eps): exactly the input
+    assert _saved_bytes(lambda: fastreg.multiplicative_noise(x, s, seed=1), n) == pytest.approx(4, abs=0.01)
+
+
+# ---------------------------------------------------------------- registration
+@pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
+def test_opcheck(backend):
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor(5)
+    # The interpreter cannot run kernels on fake tensors, so the compiled (aot_dispatch)
+    # checks of the Triton path need a GPU: test_gpu_opcheck_and_compile runs them all.
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    kw = {"test_utils": utils} if backend == "triton" else {}
+    with fastreg.use_backend(backend):
+        for d in (0, 1):
+            for add in (False, True):
+                torch.library.opcheck(torch.ops.fastreg.noise_fwd.default, (x, s, seed, 2, d, add),
+                                      **kw)
+                torch.library.opcheck(torch.ops.fastreg.noise_bwd.default,
+                                      (x.detach(), x.detach(), s.detach(), seed, 2, d, add,
+                                       not add, True), **kw)
+        torch.library.opcheck(torch.ops.fastreg.noise_fwd.default,
+                              (torch.randn(4, 3), torch.tensor(0.5), seed, 0, 0, False), **kw)
+    if backend == "numba":
+        torch.library.opcheck(torch.ops.fastreg.noise_fwd_cpu.default,
+                              (x.detach(), s.detach(), seed, 2, 0, False))
+        torch.library.opcheck(torch.ops.fastreg.noise_bwd_cpu.default,
+                              (x.detach(), x.detach(), s.detach(), seed, 2, 0, False, True, True))
+
+
+def test_torch_compile_fullgraph(gen):
+    torch._dynamo.reset()
+    x = torch.randn(6, 10, generator=gen, requires_grad=True)
+    s = torch.full((10,), 0.3, requires_grad=True)
+
+    def f(a, b):
+        y = fastreg.gaussian_dropout(a, 0.2, seed=3)
+        y = fastreg.multiplicative_noise(y, b, seed=4, stream=1)
+        return fastreg.input_noise(y, 0.1, dist="uniform", seed=5).sum()
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, s)
+    out.backward()
+    gx, gs = x.grad.clone(), s.grad.clone()
+    x.grad = s.grad = None
+    ref = f(x, s)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gs, s.grad)
+
+
+# ---------------------------------------------------------------- modules
+def test_modules(gen):
+    m = fastreg.nn.GaussianDropout(0.5, seed=2)
+    x = torch.randn(4, 6, generator=gen)
+    assert torch.equal(m(x), fastreg.gaussian_dropout(x, 0.5, seed=2))
+    m.eval()
+    assert m(x) is x
+    assert "p=0.5" in repr(m)
+    mn = fastreg.nn.MultiplicativeNoise((6,), init=0.2, seed=9)
+    y = mn(x)
+    y.pow(2).sum().backward()
+    assert mn.sigma.grad.shape == (6,) and bool((mn.sigma.grad != 0).all())
+    torch.testing.assert_close(y, fastreg.multiplicative_noise(x, torch.full((6,), 0.2), seed=9))
+    mn.eval()
+    assert mn(x) is x
+    fixed = fastreg.nn.MultiplicativeNoise(init=0.1, learn=False, dist="uniform")
+    assert len(list(fixed.parameters())) == 0 and "sigma" in dict(fixed.named_buffers())
+    with pytest.raises(ValueError, match="p"):
+        fastreg.nn.GaussianDropout(1.0)
+    with pytest.raises(ValueError, match="dist"):
+        fastreg.nn.MultiplicativeNoise(dist="laplace")
+
+
+# ---------------------------------------------------------------- errors
+def test_bad_arguments():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="p"):
+        fastreg.gaussian_dropout(x, 1.0)
+    with pytest.raises(ValueError, match="p"):
+        fastreg.gaussian_dropout(x, -0.1)
+    with pytest.raises(TypeError, match="p"):
+        fastreg.gaussian_dropout(x, "0.5")
+    with pytest.raises(TypeError, match="input"):
+        fastreg.gaussian_dropout(torch.ones(3, dtype=torch.int64), 0.5)
+    with pytest.raises(TypeError, match="input"):
+        fastreg.multiplicative_noise([1.0, 2.0], 0.1)
+    with pytest.raises(TypeError, match="training"):
+        fastreg.gaussian_dropout(x, 0.5, training=1)
+    with pytest.raises(ValueError, match="sigma"):
+        fastreg.multiplicative_noise(x, torch.rand(4))  # does not broadcast over (4, 3)
+    with pytest.raises(ValueError, match="sigma"):
+        fastreg.multiplicative_noise(x, torch.rand(2, 4, 3))  # would grow the input
+    with pytest.raises(ValueError, match="sigma"):
+        fastreg.input_noise(x, -0.5)
+    with pytest.raises(ValueError, match="sigma"):
+        fastreg.input_noise(x, float("nan"))
+    with pytest.raises(TypeError, match="sigma"):
+        fastreg.input_noise(x, torch.ones(3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="sigma"):
+        fastreg.input_noise(x, "a")
+    with pytest.raises(ValueError, match="dist"):
+        fastreg.multiplicative_noise(x, 0.1, dist="normal")
+    with pytest.raises(ValueError, match="seed"):
+        fastreg.input_noise(x, 0.1, seed=-1)
+    with pytest.raises(TypeError, match="stream"):
+        fastreg.input_noise(x, 0.1, stream=0.5)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_compile_and_cpu_agreement():
+    x = torch.randn(64, 33, device="cuda", dtype=torch.float64, requires_grad=True)
+    s = torch.rand(33, device="cuda", dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor(5, device="cuda")
+    for d in (0, 1):
+        for add in (False, True):
+            torch.library.opcheck(torch.ops.fastreg.noise_fwd.default, (x, s, seed, 1, d, add))
+            torch.library.opcheck(torch.ops.fastreg.noise_bwd.default,
+                                  (x.detach(), x.detach(), s.detach(), seed, 1, d, add, not add, True))
+    f = torch.compile(lambda t: fastreg.gaussian_dropout(t, 0.3, seed=5), fullgraph=True)
+    assert torch.equal(f(x), fastreg.gaussian_dropout(x, 0.3, seed=5))
+    # the same (seed, stream, shape) gives the same noise on CPU and GPU (a few ulp)
+    xc = torch.randn(1000, 17)
+    for dtype in DTYPES:
+        a = fastreg.multiplicative_noise(xc.to(dtype), 0.3, seed=9, stream=2)
+        b = fastreg.multiplicative_noise(xc.to(dtype).cuda(), 0.3, seed=9, stream=2).cpu()
+        torch.testing.assert_close(a, b, rtol=TOL[dtype][0] * 2, atol=TOL[dtype][1] * 2)
+    assert torch.autograd.gradcheck(lambda a, b: fastreg.multiplicative_noise(a, b, seed=3),
+                                    (x[:4, :5].detach().requires_grad_(),
+                                     s[:5].detach().requires_grad_()))
