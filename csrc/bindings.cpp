@@ -128,4 +128,41 @@ PYBIND11_MODULE(_C, m) {
   });
 #endif
   // ---- end reversible ----
+
+  // ---- penalty (issue 4) ----
+  m.def("penalty_accumulate_host", [](uintptr_t tab, int64_t nt, uintptr_t coefs, uintptr_t items, int64_t nitems,
+                                      uintptr_t expl, int64_t nexpl, uintptr_t scales, uintptr_t counts,
+                                      uintptr_t vals, int kind) {
+    py::gil_scoped_release nogil;
+    fastreg::penalty_accumulate_host(ptr<const int64_t>(tab), nt, ptr<const double>(coefs), ptr<const int64_t>(items),
+                                     nitems, ptr<const int64_t>(expl), nexpl, ptr<double>(scales),
+                                     ptr<double>(counts), ptr<double>(vals), kind);
+  });
+  m.def("penalty_prox_host", [](uintptr_t tab, int64_t nt, uintptr_t coefs, uintptr_t items, int64_t nitems,
+                                uintptr_t expl, int64_t nexpl, uintptr_t scales, uintptr_t counts, int kind) {
+    py::gil_scoped_release nogil;
+    fastreg::penalty_prox_host(ptr<const int64_t>(tab), nt, ptr<const double>(coefs), ptr<const int64_t>(items),
+                               nitems, ptr<const int64_t>(expl), nexpl, ptr<double>(scales), ptr<double>(counts),
+                               kind);
+  });
+#ifdef FASTREG_WITH_CUDA
+  m.def("penalty_accumulate_cuda", [](uintptr_t tab, int64_t nt, uintptr_t coefs, uintptr_t items, int64_t nitems,
+                                      uintptr_t expl, int64_t nexpl, uintptr_t scales, uintptr_t counts,
+                                      uintptr_t vals, int kind, uintptr_t stream) {
+    check_cuda(fastreg::penalty_accumulate_cuda(ptr<const int64_t>(tab), nt, ptr<const double>(coefs),
+                                                ptr<const int64_t>(items), nitems, ptr<const int64_t>(expl), nexpl,
+                                                ptr<double>(scales), ptr<double>(counts), ptr<double>(vals), kind,
+                                                stream),
+               "penalty_accumulate_cuda");
+  });
+  m.def("penalty_prox_cuda", [](uintptr_t tab, int64_t nt, uintptr_t coefs, uintptr_t items, int64_t nitems,
+                                uintptr_t expl, int64_t nexpl, uintptr_t scales, uintptr_t counts, int kind,
+                                uintptr_t stream) {
+    check_cuda(fastreg::penalty_prox_cuda(ptr<const int64_t>(tab), nt, ptr<const double>(coefs),
+                                          ptr<const int64_t>(items), nitems, ptr<const int64_t>(expl), nexpl,
+                                          ptr<double>(scales), ptr<double>(counts), kind, stream),
+               "penalty_prox_cuda");
+  });
+#endif
+  // ---- end penalty ----
 }

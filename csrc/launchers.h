@@ -46,4 +46,21 @@ int reversible_rev_cuda(const int64_t* w, int64_t* v, int64_t* head, int32_t* co
 #endif
 // ---- end reversible ----
 
+// ---- penalty (issue 4): csrc/cpu/penalty_host.cpp, csrc/cuda/penalty.cu; tables in fastreg/penalty.h ----
+void penalty_accumulate_host(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
+                             int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales,
+                             double* counts, double* vals, int kind);
+void penalty_prox_host(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
+                       int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales, double* counts,
+                       int kind);
+#ifdef FASTREG_WITH_CUDA
+int penalty_accumulate_cuda(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
+                            int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales,
+                            double* counts, double* vals, int kind, uintptr_t stream);
+int penalty_prox_cuda(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
+                      int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales, double* counts,
+                      int kind, uintptr_t stream);
+#endif
+// ---- end penalty ----
+
 }  // namespace fastreg

@@ -1,0 +1,245 @@
+// Multi-tensor penalty kernels (docs/penalty.md): the tensor table and the item list live in
+// device memory, one block per item, one launch for all the tensors of one dtype whatever
+// their number (plus, with explicit group indices, a norm pass and a finalize pass). The
+// arithmetic is csrc/include/fastreg/penalty.h, host-tested through csrc/cpu/penalty_host.cpp.
+//
+// Block-mode items (a range of groups of a tensor viewed as (A, B, C)): with C == 1 (the
+// groups run along the contiguous dimension: 2-D "cols", vectors) one thread owns a group and
+// consecutive threads read consecutive addresses; with C > 1 one warp owns a group and its
+// lanes stride over the C contiguous elements of each a. Norms, then the update, in the same
+// block: the second read hits L1/L2 for items of at most 2^15 elements.
+#include <cstdint>
+
+#include "cuda/launch.h"
+#include "fastreg/penalty.h"
+
+namespace fastreg {
+namespace {
+
+using namespace penalty;
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+
+// Sum of v over the block, returned to thread 0.
+__device__ double block_sum(double v) {
+  __shared__ double part[kThreads / 32];
+  v = warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < kThreads / 32 ? part[threadIdx.x] : 0.0;
+  if (warp == 0) v = warp_sum(v);
+  __syncthreads();
+  return v;
+}
+
+template <int K>
+__global__ void explicit_norms_kernel(const int64_t* tab, const double* coefs, const int64_t* expl,
+                                      double* scales, double* counts, bool prox) {
+  using S = Storage<K>;
+  using T = typename S::acc;
+  const int64_t* r = tab + expl[blockIdx.x] * NCOLS;
+  const int64_t n = r[T_A] * r[T_B] * r[T_C];
+  const auto* W = reinterpret_cast<const typename S::raw*>(r[T_W]);
+  const auto* idx = reinterpret_cast<const int64_t*>(r[T_IDX]);
+  const T tau1 = static_cast<T>(coefs[3 * expl[blockIdx.x]]);
+  for (int64_t i = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+    T w = S::load(W, i);
+    if (prox) w = soft(w, tau1);
+    atomicAdd(scales + r[T_SOFF] + idx[i], static_cast<double>(w * w));
+    atomicAdd(counts + r[T_SOFF] + idx[i], 1.0);
+  }
+}
+
+__global__ void explicit_finalize_kernel(const int64_t* tab, const double* coefs, const int64_t* expl,
+                                         double* scales, const double* counts, double* vals_out,
+                                         bool prox) {
+  const int64_t* r = tab + expl[blockIdx.x] * NCOLS;
+  const double gl = coefs[3 * expl[blockIdx.x] + 2];
+  double v = 0.0;
+  for (int64_t g = threadIdx.x; g < r[T_NG]; g += blockDim.x) {
+    double& s = scales[r[T_SOFF] + g];
+    const double tg = gl * sqrt(counts[r[T_SOFF] + g]);
+    if (prox) {
+      s = shrink_factor(s, tg, 1.0);
+    } else {
+      v += tg * sqrt(s);
+      s = group_scale(s, tg);
+    }
+  }
+  v = block_sum(v);
+  if (threadIdx.x == 0 && vals_out != nullptr) vals_out[blockIdx.x] = v;
+}
+
+template <int K>
+__global__ void accumulate_kernel(const int64_t* tab, const double* coefs, const int64_t* items,
+                                  const double* scales, double* vals) {
+  using S = Storage<K>;
+  using T = typename S::acc;
+  const int64_t k = blockIdx.x;
+  const int64_t t = items[3 * k], lo = items[3 * k + 1], hi = items[3 * k + 2];
+  const int64_t* r = tab + t * NCOLS;
+  const int64_t A = r[T_A], B = r[T_B], C = r[T_C];
+  const auto* W = reinterpret_cast<const typename S::raw*>(r[T_W]);
+  auto* G = reinterpret_cast<typename S::raw*>(r[T_G]);
+  const bool init = r[T_INIT] != 0;
+  const T l1 = static_cast<T>(coefs[3 * t]), l2x2 = static_cast<T>(2.0 * coefs[3 * t + 1]);
+  const double gw = coefs[3 * t + 2];
+  double s1 = 0.0, s2 = 0.0, sg = 0.0;
+  auto update = [&](int64_t i, T f) {
+    const T w = S::load(W, i);
+    const T g = init ? T(0) : S::load(G, i);
+    S::store(G, i, g + grad_term(w, l1, l2x2, f));
+    s1 += static_cast<double>(w < T(0) ? -w : w);
+    s2 += static_cast<double>(w * w);
+  };
+  if (r[T_MODE] == M_BLOCK) {
+    if (C == 1) {
+      for (int64_t b = lo + threadIdx.x; b < hi; b += blockDim.x) {
+        double sq = 0.0;
+        for (int64_t a = 0; a < A; ++a) {
+          const T w = S::load(W, a * B + b);
+          sq += static_cast<double>(w * w);
+        }
+        sg += gw * sqrt(sq);
+        const T f = static_cast<T>(group_scale(sq, gw));
+        for (int64_t a = 0; a < A; ++a) update(a * B + b, f);
+      }
+    } else {
+      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+      for (int64_t b = lo + warp; b < hi; b += nwarps) {
+        double sq = 0.0;
+        for (int64_t a = 0; a < A; ++a)
+          for (int64_t c = lane; c < C; c += 32) {
+            const T w = S::load(W, block_index(a, b, c, B, C));
+            sq += static_cast<double>(w * w);
+          }
+        sq = __shfl_sync(0xFFFFFFFFu, warp_sum(sq), 0);
+        if (lane == 0) sg += gw * sqrt(sq);
+        const T f = static_cast<T>(group_scale(sq, gw));
+        for (int64_t a = 0; a < A; ++a)
+          for (int64_t c = lane; c < C; c += 32) update(block_index(a, b, c, B, C), f);
+      }
+    }
+  } else if (r[T_MODE] == M_EXPLICIT) {
+    const auto* idx = reinterpret_cast<const int64_t*>(r[T_IDX]);
+    const double* sc = scales + r[T_SOFF];
+    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) update(i, static_cast<T>(sc[idx[i]]));
+  } else {
+    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) update(i, T(0));
+  }
+  const double v = block_sum(coefs[3 * t] * s1 + coefs[3 * t + 1] * s2 + sg);
+  if (threadIdx.x == 0) vals[k] = v;
+}
+
+template <int K>
+__global__ void prox_kernel(const int64_t* tab, const double* coefs, const int64_t* items,
+                            const double* scales) {
+  using S = Storage<K>;
+  using T = typename S::acc;
+  const int64_t k = blockIdx.x;
+  const int64_t t = items[3 * k], lo = items[3 * k + 1], hi = items[3 * k + 2];
+  const int64_t* r = tab + t * NCOLS;
+  const int64_t A = r[T_A], B = r[T_B], C = r[T_C];
+  auto* W = reinterpret_cast<typename S::raw*>(r[T_W]);
+  const T tau1 = static_cast<T>(coefs[3 * t]);
+  const double inv = coefs[3 * t + 1], tg = coefs[3 * t + 2];
+  if (r[T_MODE] == M_BLOCK) {
+    if (C == 1) {
+      for (int64_t b = lo + threadIdx.x; b < hi; b += blockDim.x) {
+        double sq = 0.0;
+        for (int64_t a = 0; a < A; ++a) {
+          const T z = soft(S::load(W, a * B + b), tau1);
+          sq += static_cast<double>(z * z);
+        }
+        const T f = static_cast<T>(shrink_factor(sq, tg, inv));
+        for (int64_t a = 0; a < A; ++a) S::store(W, a * B + b, soft(S::load(W, a * B + b), tau1) * f);
+      }
+    } else {
+      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+      for (int64_t b = lo + warp; b < hi; b += nwarps) {
+        double sq = 0.0;
+        for (int64_t a = 0; a < A; ++a)
+          for (int64_t c = lane; c < C; c += 32) {
+            const T z = soft(S::load(W, block_index(a, b, c, B, C)), tau1);
+            sq += static_cast<double>(z * z);
+          }
+        sq = __shfl_sync(0xFFFFFFFFu, warp_sum(sq), 0);
+        const T f = static_cast<T>(shrink_factor(sq, tg, inv));
+        for (int64_t a = 0; a < A; ++a)
+          for (int64_t c = lane; c < C; c += 32) {
+            const int64_t i = block_index(a, b, c, B, C);
+            S::store(W, i, soft(S::load(W, i), tau1) * f);
+          }
+      }
+    }
+  } else if (r[T_MODE] == M_EXPLICIT) {
+    const auto* idx = reinterpret_cast<const int64_t*>(r[T_IDX]);
+    const double* sc = scales + r[T_SOFF];
+    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
+      S::store(W, i, soft(S::load(W, i), tau1) * static_cast<T>(sc[idx[i]] * inv));
+  } else {
+    const T f = static_cast<T>(inv);
+    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) S::store(W, i, soft(S::load(W, i), tau1) * f);
+  }
+}
+
+template <int K>
+int accumulate_launch(const int64_t* tab, const double* coefs, const int64_t* items, int64_t nitems,
+                      const int64_t* expl, int64_t nexpl, double* scales, double* counts, double* vals,
+                      cudaStream_t s) {
+  if (nexpl > 0) {
+    explicit_norms_kernel<K><<<dim3(static_cast<unsigned>(nexpl), 64), kThreads, 0, s>>>(
+        tab, coefs, expl, scales, counts, false);
+    explicit_finalize_kernel<<<static_cast<unsigned>(nexpl), kThreads, 0, s>>>(tab, coefs, expl, scales,
+                                                                              counts, vals + nitems, false);
+  }
+  if (nitems > 0) accumulate_kernel<K><<<static_cast<unsigned>(nitems), kThreads, 0, s>>>(tab, coefs, items, scales, vals);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <int K>
+int prox_launch(const int64_t* tab, const double* coefs, const int64_t* items, int64_t nitems,
+                const int64_t* expl, int64_t nexpl, double* scales, double* counts, cudaStream_t s) {
+  if (nexpl > 0) {
+    explicit_norms_kernel<K><<<dim3(static_cast<unsigned>(nexpl), 64), kThreads, 0, s>>>(
+        tab, coefs, expl, scales, counts, true);
+    explicit_finalize_kernel<<<static_cast<unsigned>(nexpl), kThreads, 0, s>>>(tab, coefs, expl, scales,
+                                                                              counts, nullptr, true);
+  }
+  if (nitems > 0) prox_kernel<K><<<static_cast<unsigned>(nitems), kThreads, 0, s>>>(tab, coefs, items, scales);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+int penalty_accumulate_cuda(const int64_t* tab, int64_t /*ntensors*/, const double* coefs,
+                            const int64_t* items, int64_t nitems, const int64_t* expl, int64_t nexpl,
+                            double* scales, double* counts, double* vals, int kind, uintptr_t stream) {
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (kind) {
+    case K_F32: return accumulate_launch<K_F32>(tab, coefs, items, nitems, expl, nexpl, scales, counts, vals, s);
+    case K_F64: return accumulate_launch<K_F64>(tab, coefs, items, nitems, expl, nexpl, scales, counts, vals, s);
+    case K_F16: return accumulate_launch<K_F16>(tab, coefs, items, nitems, expl, nexpl, scales, counts, vals, s);
+    default: return accumulate_launch<K_BF16>(tab, coefs, items, nitems, expl, nexpl, scales, counts, vals, s);
+  }
+}
+
+int penalty_prox_cuda(const int64_t* tab, int64_t /*ntensors*/, const double* coefs, const int64_t* items,
+                      int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales, double* counts,
+                      int kind, uintptr_t stream) {
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (kind) {
+    case K_F32: return prox_launch<K_F32>(tab, coefs, items, nitems, expl, nexpl, scales, counts, s);
+    case K_F64: return prox_launch<K_F64>(tab, coefs, items, nitems, expl, nexpl, scales, counts, s);
+    case K_F16: return prox_launch<K_F16>(tab, coefs, items, nitems, expl, nexpl, scales, counts, s);
+    default: return prox_launch<K_BF16>(tab, coefs, items, nitems, expl, nexpl, scales, counts, s);
+  }
+}
+
+}  // namespace fastreg
