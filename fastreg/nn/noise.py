@@ -72,3 +72,51 @@ class MultiplicativeNoise(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.sigma.shape)}, dist={self.dist}"
+
+
+class LockedDropout(nn.Module):
+    """Locked (variational) dropout: one mask shared along `dim` (e.g. the time dim
+    of an RNN's (T, B, F) or (B, T, F) activations), identity in eval. Saves nothing
+    per element for backward. A fresh mask per call unless `seed` is given."""
+
+    def __init__(self, p: float = 0.5, dim: int = 0, *, seed=None):
+        super().__init__()
+        self.p = check_probability(p, "p", "nn.LockedDropout")
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise TypeError(f"fastreg.nn.LockedDropout: dim must be an int, got {dim!r}")
+        self.dim = int(dim)
+        self.seed = seed
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        from fastreg.ops.locked import locked_dropout
+
+        return locked_dropout(input, self.p, dim=self.dim, training=self.training, seed=self.seed)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, dim={self.dim}"
+
+
+class DropConnectLinear(nn.Linear):
+    """nn.Linear whose weights are dropped (DropConnect, Wan et al. 2013) in training:
+    y = x (W * mask / (1 - p))^T + b, a fresh mask per call (or fixed by `seed`); in
+    eval the plain linear layer (the mean of the masked weight is W).
+
+    Memory: the masked weight exists only as a temporary inside forward and again
+    inside backward (regenerated from the seed); autograd saves x and W (as nn.Linear
+    does) and an 8-byte seed -- no mask and no masked copy of W.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, p: float = 0.5,
+                 *, seed=None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.p = check_probability(p, "p", "nn.DropConnectLinear")
+        self.seed = seed
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        from fastreg.ops.locked import dropconnect_linear
+
+        return dropconnect_linear(input, self.weight, self.bias, self.p, self.training,
+                                  seed=self.seed)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", p={self.p}"

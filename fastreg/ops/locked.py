@@ -1,0 +1,225 @@
+"""Locked (variational) dropout and DropConnect.
+
+locked_dropout (Gal & Ghahramani 2016): one dropout mask shared along `dim`
+(time, for an RNN's inputs/outputs). The mask is the spec's dropout mask
+(docs/rng.md: keep iff word(j) >= round(p 2^32)) over the mask index j = the
+logical row-major index of the input with `dim` removed; kept elements are
+scaled by 1 / (1 - p). Forward and backward are one pass each; the op is linear,
+so its backward is the same op on the gradient, regenerating the mask from
+(seed, stream): nothing is saved per element.
+
+dropconnect_linear (Wan et al. 2013): y = x W_m^T + b with W_m = W * mask / (1 - p),
+the mask being fastreg.dropout's over the weight's logical (row-major) index.
+W_m is a temporary of W's size during forward, freed right after the matmul,
+and never saved: backward regenerates it (grad_x = grad_y W_m) and applies the
+same mask to grad_W = mask / (1 - p) * (grad_y^T x). Saved for backward: x and W
+(the inputs, which a plain nn.Linear saves too) and the seed -- no masked copy
+of W and no mask. The bias is not dropped.
+
+The pattern is the dropout family's (fastreg/ops/dropout.py).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import struct
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from fastreg import _backend
+from fastreg._seed import check_seed, check_stream, dropout_scale, keep_threshold, seed_tensor
+from fastreg._validate import check_float_tensor, check_probability, compute_dtype
+from fastreg.ops.dropout import dropout_multipliers_reference
+
+BACKENDS = ("numba", "triton")
+
+
+def _odi(shape, dim: int) -> tuple[int, int, int]:
+    O = math.prod(shape[:dim])
+    return O, int(shape[dim]), math.prod(shape[dim + 1:])
+
+
+# ---------------------------------------------------------------- reference
+def locked_dropout_reference(x: Tensor, seed, stream: int, p: float, dim: int,
+                             start: int = 0) -> Tensor:
+    O, D, I = _odi(x.shape, dim)
+    m, _ = dropout_multipliers_reference(O * I, seed, stream, p, x.dtype, x.device, start)
+    out = x.reshape(O, D, I).to(m.dtype) * m.reshape(O, 1, I)
+    return out.to(x.dtype).reshape(x.shape)
+
+
+# ---------------------------------------------------------------- Numba (CPU)
+@torch.library.custom_op("fastreg::locked_dropout_cpu", mutates_args=(), device_types="cpu")
+def _locked_dropout_cpu(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> Tensor:
+    import numpy as np
+
+    from fastreg.kernels.numba import locked as nb
+
+    cd = compute_dtype(x.dtype)
+    xa = x.to(cd).contiguous().view(-1).numpy()
+    out = np.empty_like(xa)
+    O, D, I = _odi(x.shape, dim)
+    scale = (np.float64 if cd == torch.float64 else np.float32)(dropout_scale(p))
+    nb.locked_fwd(xa, out, O, D, I, int(seed), stream, keep_threshold(p), scale, 0)
+    return torch.from_numpy(out).to(x.dtype).view(x.shape)
+
+
+@_locked_dropout_cpu.register_fake
+def _(x, seed, stream, p, dim):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+# ---------------------------------------------------------------- public op
+def _scale_bits(p: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", dropout_scale(p)))[0]
+
+
+@triton_op("fastreg::locked_dropout", mutates_args=())
+def locked_dropout_op(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> Tensor:
+    """x * keep(j) / (1 - p), j = the row-major index of x with dim removed (dim >= 0)."""
+    backend = _backend.select(x.device, BACKENDS, "locked_dropout")
+    n = x.numel()
+    if backend == "numba":
+        return torch.ops.fastreg.locked_dropout_cpu(x, seed, stream, p, dim)
+    if backend == "triton":
+        from fastreg.kernels.triton import locked as tk
+
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if n > 0 and _backend.launch_kernel(x):
+            _, D, I = _odi(x.shape, dim)
+            wrap_triton(tk.locked_fwd_kernel)[tk.grid(n)](
+                x.contiguous(), out, seed, stream, keep_threshold(p), _scale_bits(p), 0, D * I, I,
+                n, COMPUTE_F64=x.dtype == torch.float64, BLOCK=tk.BLOCK)
+        return out
+    return locked_dropout_reference(x, seed, stream, p, dim)
+
+
+def _locked_setup(ctx, inputs, output):
+    _, seed, stream, p, dim = inputs
+    ctx.stream, ctx.p, ctx.dim = stream, p, dim
+    ctx.save_for_backward(seed)
+
+
+def _locked_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    return (torch.ops.fastreg.locked_dropout(grad, seed, ctx.stream, ctx.p, ctx.dim),
+            None, None, None, None)
+
+
+locked_dropout_op.register_autograd(_locked_backward, setup_context=_locked_setup)
+
+
+# ---------------------------------------------------------------- DropConnect op
+def _masked_weight(weight: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
+    return torch.ops.fastreg.dropout_fwd(weight, seed, stream, p, False)[0]
+
+
+@torch.library.custom_op("fastreg::dropconnect_linear", mutates_args=())
+def dropconnect_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], seed: Tensor,
+                          stream: int, p: float) -> Tensor:
+    """x (W * mask / (1 - p))^T + bias; the masked weight is a temporary."""
+    return torch.nn.functional.linear(x, _masked_weight(weight, seed, stream, p), bias)
+
+
+@dropconnect_linear_op.register_fake
+def _(x, weight, bias, seed, stream, p):
+    return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
+
+
+def _dc_setup(ctx, inputs, output):
+    x, weight, bias, seed, stream, p = inputs
+    ctx.stream, ctx.p = stream, p
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, seed)
+
+
+def _dc_backward(ctx, grad):
+    x, weight, seed = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx = gw = gb = None
+    if need_x:
+        gx = grad @ _masked_weight(weight, seed, ctx.stream, ctx.p)  # regenerated, not saved
+    if need_w:
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        gw = _masked_weight(g2.t() @ x2, seed, ctx.stream, ctx.p)  # same mask on grad_W
+    if need_b and ctx.has_bias:
+        gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return gx, gw, gb, None, None, None
+
+
+dropconnect_linear_op.register_autograd(_dc_backward, setup_context=_dc_setup)
+
+
+# ---------------------------------------------------------------- Python API
+def _check_training(training, op):
+    if not isinstance(training, bool):
+        raise TypeError(f"fastreg.{op}: training must be a bool, got {training!r}")
+
+
+def locked_dropout(input: Tensor, p: float = 0.5, *, dim: int, training: bool = True, seed=None,
+                   stream: int = 0) -> Tensor:
+    """Dropout with one mask shared along `dim` (Gal & Ghahramani 2016).
+
+    The element at index (..., i_dim, ...) is kept iff mask index j (the logical
+    row-major index of input with dim removed) is kept: every slice along dim sees
+    the same mask. Kept elements are scaled by 1 / (1 - p). Nothing is saved per
+    element for backward. training=False, p=0 or an empty input return the input.
+    """
+    check_float_tensor(input, "input", "locked_dropout")
+    p = check_probability(p, "p", "locked_dropout")
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"fastreg.locked_dropout: dim must be an int, got {dim!r}")
+    nd = input.dim()
+    if not -max(nd, 1) <= dim < max(nd, 1) or nd == 0:
+        raise ValueError(f"fastreg.locked_dropout: dim must be in [-{nd}, {nd}) for an input of "
+                         f"{nd} dims, got {dim}")
+    dim = int(dim) % nd
+    _check_training(training, "locked_dropout")
+    stream = check_stream(stream, "locked_dropout")
+    check_seed(seed, "locked_dropout")
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    seed_t = seed_tensor(seed, input.device, "locked_dropout")
+    return torch.ops.fastreg.locked_dropout(input, seed_t, stream, p, dim)
+
+
+def dropconnect_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                       p: float = 0.5, training: bool = True, *, seed=None,
+                       stream: int = 0) -> Tensor:
+    """DropConnect: linear(input, weight * mask / (1 - p), bias), mask over weight's
+    logical index (fastreg.dropout's mask for weight's shape and (seed, stream)).
+
+    The masked weight is never saved for backward (it is regenerated); only input,
+    weight and the seed are. training=False or p=0 give the plain linear layer.
+    """
+    op = "dropconnect_linear"
+    check_float_tensor(input, "input", op)
+    check_float_tensor(weight, "weight", op)
+    if weight.dim() != 2:
+        raise ValueError(f"fastreg.{op}: weight must be 2-D (out_features, in_features), got "
+                         f"shape {tuple(weight.shape)}")
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fastreg.{op}: input's last dim must equal weight.shape[1] = "
+                         f"{weight.shape[1]}, got input.shape {tuple(input.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != input.dtype or t.device != input.device):
+            raise ValueError(f"fastreg.{op}: {name} must have input's dtype and device "
+                             f"({input.dtype}, {input.device}), got ({t.dtype}, {t.device})")
+    if bias is not None:
+        check_float_tensor(bias, "bias", op)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"fastreg.{op}: bias must have shape ({weight.shape[0]},), got "
+                             f"{tuple(bias.shape)}")
+    p = check_probability(p, "p", op)
+    _check_training(training, op)
+    stream = check_stream(stream, op)
+    check_seed(seed, op)
+    if not training or p == 0.0:
+        return torch.nn.functional.linear(input, weight, bias)
+    seed_t = seed_tensor(seed, input.device, op)
+    return torch.ops.fastreg.dropconnect_linear(input, weight, bias, seed_t, stream, p)
