@@ -24,7 +24,7 @@ def views(x):
 @pytest.mark.parametrize("backend", ["numba", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mask", ["seed", "bits"])
-def test_forward_matches_reference_bitwise(backend, dtype, mask, gen):
+def test_forward_matches_reference_bitwise(backend, dtype, mask, gen, via):
     for shape in SHAPES:
         x = torch.randn(shape, generator=gen).to(dtype)
         seed = int(torch.randint(0, 2**62, (), generator=gen))
@@ -95,9 +95,17 @@ def test_high_indices_numba_and_triton_kernels(start, gen):
     assert torch.equal(tbits, D.pack_bits_reference(keep))
 
 
+@pytest.fixture(params=["fast path", "ops"])
+def via(request, monkeypatch):
+    """Run fastreg.dropout through the eager fast path or through the torch.library ops."""
+    if request.param == "ops":
+        monkeypatch.setattr(D, "_eager_fast_path", lambda *t: False)
+    return request.param
+
+
 @pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
 @pytest.mark.parametrize("mask", ["seed", "bits"])
-def test_backward_regenerates_the_same_mask(backend, mask, gen):
+def test_backward_regenerates_the_same_mask(backend, mask, gen, via):
     x = torch.randn(6, 37, generator=gen, dtype=torch.float32, requires_grad=True)
     g = torch.randn(6, 37, generator=gen)
     with fastreg.use_backend(backend):
@@ -109,7 +117,7 @@ def test_backward_regenerates_the_same_mask(backend, mask, gen):
 
 
 @pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
-def test_dropout_add_forward_backward(backend, gen):
+def test_dropout_add_forward_backward(backend, gen, via):
     for dtype in DTYPES:
         x = torch.randn(5, 33, generator=gen).to(dtype)
         r = torch.randn(5, 33, generator=gen).to(dtype)
@@ -130,7 +138,7 @@ def test_dropout_add_forward_backward(backend, gen):
 
 
 @pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
-def test_gradcheck_float64(backend, gen):
+def test_gradcheck_float64(backend, gen, via):
     x = torch.randn(3, 11, generator=gen, dtype=torch.float64, requires_grad=True)
     r = torch.randn(3, 11, generator=gen, dtype=torch.float64, requires_grad=True)
     with fastreg.use_backend(backend):
@@ -230,6 +238,32 @@ def test_seed_none_is_reproducible_with_manual_seed():
     torch.manual_seed(0)
     assert torch.equal(a, fastreg.dropout(x, 0.5))
     assert not torch.equal(a, b)
+
+
+def test_fast_path_is_taken_only_in_plain_eager():
+    x = torch.randn(8)
+    assert D._eager_fast_path(x)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert not D._eager_fast_path(torch.empty(8))
+    assert not torch.func.vmap(lambda t: torch.tensor(D._eager_fast_path(t)))(torch.ones(2, 3)).any()
+
+
+@pytest.mark.parametrize("via_name", ["fast path", "ops"])
+def test_saved_bytes_both_paths(via_name, monkeypatch):
+    import sys, os
+
+    if via_name == "ops":
+        monkeypatch.setattr(D, "_eager_fast_path", lambda *t: False)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    from _util import saved_bytes_per_elem
+
+    n = 1 << 12
+    x = torch.randn(n, requires_grad=True)
+    assert saved_bytes_per_elem(lambda: fastreg.dropout(x, 0.5, seed=1), n) == 8 / n
+    assert saved_bytes_per_elem(lambda: fastreg.dropout(x, 0.5, seed=1, mask="bits"), n) == 0.125
+    assert saved_bytes_per_elem(lambda: fastreg.dropout_add(x, x, 0.5, seed=1), n) == 8 / n
 
 
 def test_saved_bytes():

@@ -82,9 +82,8 @@ def _np_scale(p: float, dtype: torch.dtype):
     return (np.float64 if compute_dtype(dtype) == torch.float64 else np.float32)(dropout_scale(p))
 
 
-@torch.library.custom_op("fastreg::dropout_fwd_cpu", mutates_args=(), device_types="cpu")
-def _dropout_fwd_cpu(x: Tensor, seed: Tensor, stream: int, p: float,
-                     with_bits: bool) -> tuple[Tensor, Tensor]:
+def _numba_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
+               with_bits: bool) -> tuple[Tensor, Tensor]:
     import numpy as np
 
     from fastreg.kernels.numba import dropout as nb
@@ -101,14 +100,19 @@ def _dropout_fwd_cpu(x: Tensor, seed: Tensor, stream: int, p: float,
     return _numba_out(out, x), torch.empty(0, dtype=torch.uint8)
 
 
+@torch.library.custom_op("fastreg::dropout_fwd_cpu", mutates_args=(), device_types="cpu")
+def _dropout_fwd_cpu(x: Tensor, seed: Tensor, stream: int, p: float,
+                     with_bits: bool) -> tuple[Tensor, Tensor]:
+    return _numba_fwd(x, seed, stream, p, with_bits)
+
+
 @_dropout_fwd_cpu.register_fake
 def _(x, seed, stream, p, with_bits):
     nbits = (x.numel() + 7) // 8 if with_bits else 0
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(nbits, dtype=torch.uint8)
 
 
-@torch.library.custom_op("fastreg::dropout_add_fwd_cpu", mutates_args=(), device_types="cpu")
-def _dropout_add_fwd_cpu(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
+def _numba_add(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
     import numpy as np
 
     from fastreg.kernels.numba import dropout as nb
@@ -119,13 +123,17 @@ def _dropout_add_fwd_cpu(x: Tensor, residual: Tensor, seed: Tensor, stream: int,
     return _numba_out(out, x)
 
 
+@torch.library.custom_op("fastreg::dropout_add_fwd_cpu", mutates_args=(), device_types="cpu")
+def _dropout_add_fwd_cpu(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
+    return _numba_add(x, residual, seed, stream, p)
+
+
 @_dropout_add_fwd_cpu.register_fake
 def _(x, residual, seed, stream, p):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("fastreg::dropout_bits_apply_cpu", mutates_args=(), device_types="cpu")
-def _dropout_bits_apply_cpu(grad: Tensor, bits: Tensor, p: float) -> Tensor:
+def _numba_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
     import numpy as np
 
     from fastreg.kernels.numba import dropout as nb
@@ -134,6 +142,11 @@ def _dropout_bits_apply_cpu(grad: Tensor, bits: Tensor, p: float) -> Tensor:
     out = np.empty_like(ga)
     nb.dropout_bits_apply(ga, bits.contiguous().numpy(), out, _np_scale(p, grad.dtype))
     return _numba_out(out, grad)
+
+
+@torch.library.custom_op("fastreg::dropout_bits_apply_cpu", mutates_args=(), device_types="cpu")
+def _dropout_bits_apply_cpu(grad: Tensor, bits: Tensor, p: float) -> Tensor:
+    return _numba_bits_apply(grad, bits, p)
 
 
 @_dropout_bits_apply_cpu.register_fake
@@ -150,13 +163,17 @@ def _is_f64(t: Tensor) -> bool:
     return t.dtype == torch.float64
 
 
-@triton_op("fastreg::dropout_fwd", mutates_args=())
-def dropout_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
-                with_bits: bool) -> tuple[Tensor, Tensor]:
-    """(x * keep / (1 - p), packed keep bits if with_bits else an empty uint8 tensor)."""
+def _launcher(kernel, direct: bool):
+    """The kernel itself in the eager fast path; wrap_triton(kernel) inside triton_ops."""
+    return kernel if direct else wrap_triton(kernel)
+
+
+def _fwd_impl(x, seed, stream, p, with_bits, direct):
     backend = _backend.select(x.device, BACKENDS, "dropout")
     n = x.numel()
     if backend == "numba":
+        if direct:
+            return _numba_fwd(x, seed, stream, p, with_bits)
         return torch.ops.fastreg.dropout_fwd_cpu(x, seed, stream, p, with_bits)
     if backend == "triton":
         from fastreg.kernels.triton import dropout as tk
@@ -164,7 +181,7 @@ def dropout_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         bits = torch.empty((n + 7) // 8 if with_bits else 0, dtype=torch.uint8, device=x.device)
         if n > 0 and _backend.launch_kernel(x):
-            wrap_triton(tk.dropout_fwd_kernel)[tk.grid(n)](
+            _launcher(tk.dropout_fwd_kernel, direct)[tk.grid(n)](
                 x.contiguous(), out, bits, seed, stream, keep_threshold(p), _scale_bits(p), 0, n,
                 WITH_BITS=with_bits, COMPUTE_F64=_is_f64(x), BLOCK=tk.BLOCK)
         return out, bits
@@ -173,19 +190,19 @@ def dropout_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
     return out, bits
 
 
-@triton_op("fastreg::dropout_add_fwd", mutates_args=())
-def dropout_add_fwd(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
-    """residual + x * keep / (1 - p), in one pass."""
+def _add_impl(x, residual, seed, stream, p, direct):
     backend = _backend.select(x.device, BACKENDS, "dropout_add")
     n = x.numel()
     if backend == "numba":
+        if direct:
+            return _numba_add(x, residual, seed, stream, p)
         return torch.ops.fastreg.dropout_add_fwd_cpu(x, residual, seed, stream, p)
     if backend == "triton":
         from fastreg.kernels.triton import dropout as tk
 
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if n > 0 and _backend.launch_kernel(x):
-            wrap_triton(tk.dropout_add_fwd_kernel)[tk.grid(n)](
+            _launcher(tk.dropout_add_fwd_kernel, direct)[tk.grid(n)](
                 x.contiguous(), residual.contiguous(), out, seed, stream, keep_threshold(p),
                 _scale_bits(p), 0, n, COMPUTE_F64=_is_f64(x), BLOCK=tk.BLOCK)
         return out
@@ -195,19 +212,19 @@ def dropout_add_fwd(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: f
     return out.to(x.dtype).reshape(x.shape)
 
 
-@triton_op("fastreg::dropout_bits_apply", mutates_args=())
-def dropout_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
-    """grad * keep / (1 - p) with keep read from the packed mask."""
+def _bits_apply_impl(grad, bits, p, direct):
     backend = _backend.select(grad.device, BACKENDS, "dropout")
     n = grad.numel()
     if backend == "numba":
+        if direct:
+            return _numba_bits_apply(grad, bits, p)
         return torch.ops.fastreg.dropout_bits_apply_cpu(grad, bits, p)
     if backend == "triton":
         from fastreg.kernels.triton import dropout as tk
 
         out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
         if n > 0 and _backend.launch_kernel(grad):
-            wrap_triton(tk.dropout_bits_apply_kernel)[tk.grid(n)](
+            _launcher(tk.dropout_bits_apply_kernel, direct)[tk.grid(n)](
                 grad.contiguous(), bits, out, _scale_bits(p), n, COMPUTE_F64=_is_f64(grad),
                 BLOCK=tk.BLOCK)
         return out
@@ -216,6 +233,25 @@ def dropout_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
     scale = torch.tensor(dropout_scale(p), dtype=cd, device=grad.device)
     m = torch.where(keep, scale, torch.zeros((), dtype=cd, device=grad.device))
     return (grad.reshape(-1).to(cd) * m).to(grad.dtype).reshape(grad.shape)
+
+
+@triton_op("fastreg::dropout_fwd", mutates_args=())
+def dropout_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
+                with_bits: bool) -> tuple[Tensor, Tensor]:
+    """(x * keep / (1 - p), packed keep bits if with_bits else an empty uint8 tensor)."""
+    return _fwd_impl(x, seed, stream, p, with_bits, False)
+
+
+@triton_op("fastreg::dropout_add_fwd", mutates_args=())
+def dropout_add_fwd(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
+    """residual + x * keep / (1 - p), in one pass."""
+    return _add_impl(x, residual, seed, stream, p, False)
+
+
+@triton_op("fastreg::dropout_bits_apply", mutates_args=())
+def dropout_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
+    """grad * keep / (1 - p) with keep read from the packed mask."""
+    return _bits_apply_impl(grad, bits, p, False)
 
 
 # ---------------------------------------------------------------- autograd
@@ -268,6 +304,60 @@ def _bits_backward(ctx, grad_out):
 dropout_bits_apply.register_autograd(_bits_backward, setup_context=_bits_setup)
 
 
+# ---------------------------------------------------------------- eager fast path
+# In plain eager mode the dispatcher layers of the ops (autograd wrapper, triton_op,
+# inner CPU op) cost tens of microseconds per call, more than the kernel at small
+# sizes. With plain tensors, no dispatch mode and no tracing, fastreg.dropout runs
+# the same kernels through one autograd.Function instead; anything else (compile,
+# export, fake tensors, subclasses, functorch) goes through the ops.
+def _eager_fast_path(*tensors) -> bool:
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and all(type(t) is Tensor for t in tensors)
+            and not torch._C._are_functorch_transforms_active())
+
+
+class _DropoutFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, seed, stream, p, with_bits):
+        out, bits = _fwd_impl(x, seed, stream, p, with_bits, True)
+        ctx.stream, ctx.p, ctx.with_bits = stream, p, with_bits
+        ctx.save_for_backward(bits if with_bits else seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (saved,) = ctx.saved_tensors
+        if ctx.with_bits:
+            return _BitsApplyFn.apply(grad_out, saved, ctx.p), None, None, None, None
+        return _DropoutFn.apply(grad_out, saved, ctx.stream, ctx.p, False), None, None, None, None
+
+
+class _BitsApplyFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, bits, p):
+        ctx.p = p
+        ctx.save_for_backward(bits)
+        return _bits_apply_impl(grad, bits, p, True)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (bits,) = ctx.saved_tensors
+        return _BitsApplyFn.apply(grad_out, bits, ctx.p), None, None
+
+
+class _DropoutAddFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, seed, stream, p):
+        ctx.stream, ctx.p = stream, p
+        ctx.save_for_backward(seed)
+        return _add_impl(x, residual, seed, stream, p, True)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (seed,) = ctx.saved_tensors
+        return _DropoutFn.apply(grad_out, seed, ctx.stream, ctx.p, False), grad_out, None, None, None
+
+
 # ---------------------------------------------------------------- Python API
 def _check_training(training, op):
     if not isinstance(training, bool):
@@ -295,6 +385,8 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, *, seed=None, 
     if not training or p == 0.0 or input.numel() == 0:
         return input  # draws no seed: eval mode leaves the generator untouched
     seed_t = seed_tensor(seed, input.device, "dropout")
+    if _eager_fast_path(input, seed_t):
+        return _DropoutFn.apply(input, seed_t, stream, p, mask == "bits")
     return torch.ops.fastreg.dropout_fwd(input, seed_t, stream, p, mask == "bits")[0]
 
 
@@ -312,4 +404,6 @@ def dropout_add(input: Tensor, residual: Tensor, p: float = 0.5, training: bool 
     if not training or p == 0.0 or input.numel() == 0:
         return residual + input
     seed_t = seed_tensor(seed, input.device, "dropout_add")
+    if _eager_fast_path(input, residual, seed_t):
+        return _DropoutAddFn.apply(input, residual, seed_t, stream, p)
     return torch.ops.fastreg.dropout_add_fwd(input, residual, seed_t, stream, p)
