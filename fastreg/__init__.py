@@ -8,6 +8,7 @@ from fastreg import nn, optim  # noqa: E402
 from fastreg import adversarial  # noqa: E402  (issue 5: fastreg.adversarial.fgsm / pgd_step)
 from fastreg.ops.noise import gaussian_dropout, input_noise, multiplicative_noise  # noqa: E402,F401  (issue 5: noise)
 from fastreg.ops.locked import dropconnect_linear, locked_dropout  # noqa: E402,F401  (issue 5: noise)
+from fastreg.ops.bias_act import bias_act_dropout  # noqa: E402,F401  (issue 5: noise)
 from fastreg import penalty  # noqa: E402,F401  (issue 4: penalty)
 from fastreg.penalty import activity_penalty  # noqa: E402,F401  (issue 4: penalty)
 
