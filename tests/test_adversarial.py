@@ -99,10 +99,12 @@ def test_nan_inf(backend):
 def test_grad_dtype_may_differ_and_output_is_detached(backend, gen):
     x = torch.randn(6, 10, generator=gen, requires_grad=True)
     g = torch.randn(6, 10, generator=gen, dtype=torch.float64)
+    g[0, :4] = torch.tensor([1e-50, -1e-50, 1e-300, -0.0], dtype=torch.float64)  # sign survives
     with fastreg.use_backend(backend):
         out = A.fgsm(x, g, 0.1)
         out2 = A.pgd_step(x, x.detach(), g.half(), 0.05, 0.1)
     assert not out.requires_grad and not out2.requires_grad
+    assert out[0, 0] > x[0, 0] and out[0, 1] < x[0, 1] and out[0, 2] > x[0, 2]
     _exact(out, A.fgsm_reference(x.detach(), g, 0.1))
     _exact(out2, A.pgd_step_reference(x.detach(), x.detach(), g.half(), 0.05, 0.1))
 

@@ -66,7 +66,9 @@ def _adversarial_numba(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Ten
     # float16/bfloat16: Numba has no such arrays; convert around the kernel
     # (same rounding as the reference: compute in float32, round once at the end).
     xc = x.detach().to(ct).contiguous()
-    gc = grad.detach().to(ct).contiguous()
+    # grad keeps its precision (a float64 1e-50 must stay positive); halves widen exactly
+    gc = grad.detach()
+    gc = (gc if gc.dtype in (torch.float32, torch.float64) else gc.float()).contiguous()
     out = torch.empty(x.shape, dtype=ct)
     npt = np.float64 if ct == torch.float64 else np.float32
     if out.numel():
