@@ -250,6 +250,12 @@ def test_gradcheck_float64(backend, case):
             assert torch.autograd.gradcheck(
                 lambda a, b: fastreg.input_noise(a, b, dist=dist, seed=12), (x, s))
         assert torch.autograd.gradcheck(lambda a: fastreg.gaussian_dropout(a, 0.3, seed=4), (x,))
+        # the registered op's autograd (what torch.compile uses), not the eager fast path
+        seed = torch.tensor(12)
+        for d in (0, 1):
+            for add in (False, True):
+                assert torch.autograd.gradcheck(
+                    lambda a, b: torch.ops.fastreg.noise_fwd(a, b, seed, 3, d, add), (x, s))
 
 
 def test_learned_sigma_gradient_matches_composition(gen):

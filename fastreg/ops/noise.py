@@ -128,9 +128,8 @@ def _np_layout(x: Tensor, sigma: Tensor):
     return np.asarray(sizes, dtype=np.int64), np.asarray(sstr, dtype=np.int64)
 
 
-@torch.library.custom_op("fastreg::noise_fwd_cpu", mutates_args=(), device_types="cpu")
-def _noise_fwd_cpu(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
-                   additive: bool) -> Tensor:
+def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
+               additive: bool) -> Tensor:
     import numpy as np
 
     from fastreg.kernels.numba import noise as nb
@@ -144,14 +143,19 @@ def _noise_fwd_cpu(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: in
     return torch.from_numpy(out).to(x.dtype).view(x.shape)
 
 
+@torch.library.custom_op("fastreg::noise_fwd_cpu", mutates_args=(), device_types="cpu")
+def _noise_fwd_cpu(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
+                   additive: bool) -> Tensor:
+    return _numba_fwd(x, sigma, seed, stream, dist, additive)
+
+
 @_noise_fwd_cpu.register_fake
 def _(x, sigma, seed, stream, dist, additive):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("fastreg::noise_bwd_cpu", mutates_args=(), device_types="cpu")
-def _noise_bwd_cpu(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
-                   additive: bool, need_gx: bool, need_gs: bool) -> tuple[Tensor, Tensor]:
+def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
+               additive: bool, need_gx: bool, need_gs: bool) -> tuple[Tensor, Tensor]:
     import numba
     import numpy as np
 
@@ -180,6 +184,12 @@ def _noise_bwd_cpu(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream:
     return gx_t, gs_t
 
 
+@torch.library.custom_op("fastreg::noise_bwd_cpu", mutates_args=(), device_types="cpu")
+def _noise_bwd_cpu(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
+                   additive: bool, need_gx: bool, need_gs: bool) -> tuple[Tensor, Tensor]:
+    return _numba_bwd(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs)
+
+
 @_noise_bwd_cpu.register_fake
 def _(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs):
     gx = torch.empty(grad.shape if need_gx else (0,), dtype=grad.dtype, device=grad.device)
@@ -194,13 +204,17 @@ def _layout_tensors(x: Tensor, sigma: Tensor):
             torch.tensor(sstr, dtype=torch.int64, device=x.device), len(sizes))
 
 
-@triton_op("fastreg::noise_fwd", mutates_args=())
-def noise_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
-              additive: bool) -> Tensor:
-    """x * (1 + sigma * eps), or x + sigma * eps when additive (sigma broadcast over x)."""
+def _launcher(kernel, direct: bool):
+    """The kernel itself in the eager fast path; wrap_triton(kernel) inside triton_ops."""
+    return kernel if direct else wrap_triton(kernel)
+
+
+def _fwd_impl(x, sigma, seed, stream, dist, additive, direct):
     backend = _backend.select(x.device, BACKENDS, "noise")
     n = x.numel()
     if backend == "numba":
+        if direct:
+            return _numba_fwd(x, sigma, seed, stream, dist, additive)
         return torch.ops.fastreg.noise_fwd_cpu(x, sigma, seed, stream, dist, additive)
     if backend == "triton":
         from fastreg.kernels.triton import noise as tk
@@ -208,7 +222,7 @@ def noise_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if n > 0 and _backend.launch_kernel(x):
             sizes, sstr, ndim = _layout_tensors(x, sigma)
-            wrap_triton(tk.noise_fwd_kernel)[tk.grid(n)](
+            _launcher(tk.noise_fwd_kernel, direct)[tk.grid(n)](
                 x.contiguous(), sigma.contiguous(), out, sizes, sstr, seed, stream, 0, n,
                 NDIM=ndim, SCALAR=sigma.numel() == 1, DIST=dist, ADDITIVE=additive,
                 COMPUTE_F64=x.dtype == torch.float64, BLOCK=tk.BLOCK)
@@ -216,19 +230,14 @@ def noise_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
     return noise_reference(x, sigma, seed, stream, dist, additive)
 
 
-@triton_op("fastreg::noise_bwd", mutates_args=())
-def noise_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
-              additive: bool, need_gx: bool, need_gs: bool) -> tuple[Tensor, Tensor]:
-    """(grad_x or an empty tensor, grad_sigma or an empty tensor) in one pass.
-
-    grad_x = grad * (1 + sigma * eps) (multiplicative only: the additive one is grad);
-    grad_sigma = sum over sigma's broadcast dims of grad * x * eps (additive: grad * eps).
-    x is read only for the multiplicative grad_sigma (else pass any tensor)."""
+def _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, direct):
     if additive and need_gx:
         raise ValueError("fastreg.noise_bwd: additive noise has grad_x = grad; need_gx must be False")
     backend = _backend.select(grad.device, BACKENDS, "noise")
     n = grad.numel()
     if backend == "numba":
+        if direct:
+            return _numba_bwd(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs)
         return torch.ops.fastreg.noise_bwd_cpu(grad, x, sigma, seed, stream, dist, additive,
                                                 need_gx, need_gs)
     if backend == "triton":
@@ -247,7 +256,7 @@ def noise_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int,
         if n > 0 and (need_gx or need_gs) and _backend.launch_kernel(grad):
             sizes, sstr, ndim = _layout_tensors(grad, sigma)
             xx = x.contiguous() if (need_gs and not additive) else grad
-            wrap_triton(tk.noise_bwd_kernel)[tk.grid(n)](
+            _launcher(tk.noise_bwd_kernel, direct)[tk.grid(n)](
                 grad.contiguous(), xx, sigma.contiguous(), gx, gsb, sizes, sstr, seed, stream,
                 0, n, NDIM=ndim, SCALAR=sigma.numel() == 1, DIST=dist, ADDITIVE=additive,
                 NEED_GX=need_gx, GS_MODE=mode, COMPUTE_F64=cd == torch.float64,
@@ -262,6 +271,24 @@ def noise_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int,
     return noise_bwd_reference(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs)
 
 
+@triton_op("fastreg::noise_fwd", mutates_args=())
+def noise_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
+              additive: bool) -> Tensor:
+    """x * (1 + sigma * eps), or x + sigma * eps when additive (sigma broadcast over x)."""
+    return _fwd_impl(x, sigma, seed, stream, dist, additive, False)
+
+
+@triton_op("fastreg::noise_bwd", mutates_args=())
+def noise_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
+              additive: bool, need_gx: bool, need_gs: bool) -> tuple[Tensor, Tensor]:
+    """(grad_x or an empty tensor, grad_sigma or an empty tensor) in one pass.
+
+    grad_x = grad * (1 + sigma * eps) (multiplicative only: the additive one is grad);
+    grad_sigma = sum over sigma's broadcast dims of grad * x * eps (additive: grad * eps).
+    x is read only for the multiplicative grad_sigma (else pass any tensor)."""
+    return _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, False)
+
+
 # ---------------------------------------------------------------- autograd
 def _noise_setup(ctx, inputs, output):
     x, sigma, seed, stream, dist, additive = inputs
@@ -272,7 +299,7 @@ def _noise_setup(ctx, inputs, output):
     ctx.save_for_backward(keep_x, sigma, seed)
 
 
-def _noise_backward(ctx, grad):
+def _backward_body(ctx, grad, bwd):
     x, sigma, seed = ctx.saved_tensors
     need_gx, need_gs = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if x is None:
@@ -281,17 +308,56 @@ def _noise_backward(ctx, grad):
         gx = grad if need_gx else None
         gs = None
         if need_gs:
-            gs = torch.ops.fastreg.noise_bwd(grad, x, sigma, seed, ctx.stream, ctx.dist, True,
-                                             False, True)[1]
+            gs = bwd(grad, x, sigma, seed, ctx.stream, ctx.dist, True, False, True)[1]
         return gx, gs, None, None, None, None
     if not (need_gx or need_gs):
         return None, None, None, None, None, None
-    gx, gs = torch.ops.fastreg.noise_bwd(grad, x, sigma, seed, ctx.stream, ctx.dist, False,
-                                         need_gx, need_gs)
+    gx, gs = bwd(grad, x, sigma, seed, ctx.stream, ctx.dist, False, need_gx, need_gs)
     return (gx if need_gx else None), (gs if need_gs else None), None, None, None, None
 
 
+def _noise_backward(ctx, grad):
+    return _backward_body(ctx, grad, torch.ops.fastreg.noise_bwd)
+
+
 noise_fwd.register_autograd(_noise_backward, setup_context=_noise_setup)
+
+
+# ---------------------------------------------------------------- eager fast path
+# As in fastreg/ops/dropout.py: in plain eager mode the dispatcher layers of the ops
+# cost tens of microseconds per call, more than the kernel at small sizes. With plain
+# tensors, no dispatch mode and no tracing, the public functions run the same kernels
+# through one autograd.Function; anything else goes through the ops. Its backward is
+# first-order (the ops' backward is not differentiable either).
+def _eager_fast_path(*tensors) -> bool:
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and all(type(t) is Tensor for t in tensors)
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _bwd_direct(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs):
+    return _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, True)
+
+
+class _NoiseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(x, sigma, seed, stream, dist, additive):
+        return _fwd_impl(x, sigma, seed, stream, dist, additive, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _noise_setup(ctx, inputs, output)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return _backward_body(ctx, grad, _bwd_direct)
+
+
+def _noise(x, sigma, seed, stream, dist, additive):
+    if _eager_fast_path(x, sigma, seed):
+        return _NoiseFn.apply(x, sigma, seed, stream, dist, additive)
+    return torch.ops.fastreg.noise_fwd(x, sigma, seed, stream, dist, additive)
 
 
 # ---------------------------------------------------------------- Python API
@@ -360,7 +426,7 @@ def gaussian_dropout(input: Tensor, p: float = 0.5, training: bool = True, *, se
         return input
     sigma = torch.full((), math.sqrt(p / (1.0 - p)), dtype=torch.float64, device=input.device)
     seed_t = seed_tensor(seed, input.device, "gaussian_dropout")
-    return torch.ops.fastreg.noise_fwd(input, sigma, seed_t, stream, 0, False)
+    return _noise(input, sigma, seed_t, stream, 0, False)
 
 
 def multiplicative_noise(input: Tensor, sigma, *, dist: str = "gaussian", seed=None,
@@ -379,7 +445,7 @@ def multiplicative_noise(input: Tensor, sigma, *, dist: str = "gaussian", seed=N
     stream = check_stream(stream, "multiplicative_noise")
     check_seed(seed, "multiplicative_noise")
     seed_t = seed_tensor(seed, input.device, "multiplicative_noise")
-    return torch.ops.fastreg.noise_fwd(input, sigma_t, seed_t, stream, d, False)
+    return _noise(input, sigma_t, seed_t, stream, d, False)
 
 
 def input_noise(input: Tensor, sigma, *, dist: str = "gaussian", seed=None,
@@ -396,7 +462,7 @@ def input_noise(input: Tensor, sigma, *, dist: str = "gaussian", seed=None,
     stream = check_stream(stream, "input_noise")
     check_seed(seed, "input_noise")
     seed_t = seed_tensor(seed, input.device, "input_noise")
-    return torch.ops.fastreg.noise_fwd(input, sigma_t, seed_t, stream, d, True)
+    return _noise(input, sigma_t, seed_t, stream, d, True)
 
 
 def gaussian_dropout_sigma(p: float) -> float:
