@@ -20,9 +20,8 @@ def _random_state(n_el, cap, gen, k):
     w = torch.randint(-(2**50), 2**50, (n_el,), generator=gen, dtype=torch.int64)
     v = torch.randint(-(2**46), 2**46, (n_el,), generator=gen, dtype=torch.int64)
     # heads anywhere in [2^31, 2^63), spill partly filled (nonzero bottom words: canonical)
-    e = torch.randint(31, 63, (n_el,), generator=gen)
-    head = torch.stack([torch.randint(1 << int(a), 1 << (int(a) + 1) if a < 62 else 2**63 - 1, (1,),
-                                      generator=gen) for a in e]).view(-1)
+    top = torch.randint(0, 2**62, (n_el,), generator=gen, dtype=torch.int64) | (1 << 62)
+    head = top >> torch.randint(0, 32, (n_el,), generator=gen)  # in [2^31, 2^63), all magnitudes
     count = torch.randint(0, cap - 2, (n_el,), generator=gen, dtype=torch.int32)
     spill = torch.randint(-(2**31), 2**31 - 1, (cap, n_el), generator=gen, dtype=torch.int32)
     spill[0][spill[0] == 0] = 7
@@ -37,8 +36,9 @@ def _clone(state):
 @pytest.mark.parametrize("k,gamma", [(16, 0.9), (16, 0.5), (16, 0.98), (12, 1.0), (20, 0.3),
                                      (16, 2.0**-15)])
 @pytest.mark.parametrize("fdtype", [torch.float32, torch.float64])
-def test_kernels_match_reference_and_invert(backend, k, gamma, fdtype, gen):
-    n_el, cap = 1037, 6
+@pytest.mark.parametrize("n_el", [1037, 40_001])  # the serial and the threaded Numba kernels
+def test_kernels_match_reference_and_invert(backend, k, gamma, fdtype, n_el, gen):
+    cap = 6
     n = max(2, int(round(gamma * 2**k)))
     F = 44
     inv_scale, omg = 2.0**-F, 1.0 - n / 2**k

@@ -80,8 +80,7 @@ def _freq_of_sym(s, q, rr, thr):
     return q, thr + (s - rr) * q
 
 
-@numba.njit(parallel=True, cache=True)
-def fwd_step(w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_scale):
+def _fwd_step(w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_scale):
     """One forward step on one parameter tensor. Returns the OR of status bits (0: ok)."""
     N = w.shape[0]
     cap = spill.shape[0]
@@ -159,8 +158,7 @@ def fwd_step(w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_scal
     return _code(n_nf, n_v, n_w, n_c)
 
 
-@numba.njit(parallel=True, cache=True)
-def rev_restore(w, v, dw, dv, u, p_out, alpha, omg, inv_scale):
+def _rev_restore(w, v, dw, dv, u, p_out, alpha, omg, inv_scale):
     """First half of a reverse step. Returns sum_i dw_i * v_i (the d alpha of this step)."""
     N = w.shape[0]
     da = 0.0
@@ -179,8 +177,7 @@ def rev_restore(w, v, dw, dv, u, p_out, alpha, omg, inv_scale):
     return da
 
 
-@numba.njit(parallel=True, cache=True)
-def rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, omg, inv_scale):
+def _rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, omg, inv_scale):
     """Second half of a reverse step (after the HVP). Returns (status, d_gamma, sum dv.w)."""
     N = w.shape[0]
     cap = spill.shape[0]
@@ -255,3 +252,14 @@ def rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, om
         n_w += (bad >> 2) & 1
         n_c += (bad >> 3) & 1
     return _code(n_nf, n_v, n_w, n_c), dg, dl
+
+
+# One compiled copy for large tensors (threads) and one for small ones, where waking the
+# thread pool costs more than the work (below SERIAL_BELOW elements).
+SERIAL_BELOW = 1 << 15
+fwd_step = numba.njit(parallel=True, cache=True)(_fwd_step)
+rev_restore = numba.njit(parallel=True, cache=True)(_rev_restore)
+rev_step = numba.njit(parallel=True, cache=True)(_rev_step)
+fwd_step_serial = numba.njit(cache=True)(_fwd_step)
+rev_restore_serial = numba.njit(cache=True)(_rev_restore)
+rev_step_serial = numba.njit(cache=True)(_rev_step)
