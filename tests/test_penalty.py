@@ -51,8 +51,16 @@ def _run(backend, fn):
 
 
 def _host_patch(monkeypatch):
+    """backend "host": every dtype through the C++ build of penalty.h."""
     monkeypatch.setattr(ops, "_accumulate_numba", lambda *a: ops._accumulate_host(*a))
     monkeypatch.setattr(ops, "_prox_numba", lambda *a: ops._prox_host(*a))
+
+
+@pytest.fixture(autouse=True)
+def _numba_kernels(request, monkeypatch):
+    """backend "numba": the Numba kernels, not the C++ hot path that float32/float64 take."""
+    if "backend" in request.fixturenames and request.getfixturevalue("backend") == "numba":
+        monkeypatch.setattr(ops, "HOST_HOT_PATH", False)
 
 
 def _close(got, ref, dtype, what):
@@ -240,6 +248,7 @@ def test_half_conversions_exact():
 def test_launches_independent_of_parameter_count(monkeypatch):
     from fastreg.kernels.numba import penalty as nb
 
+    monkeypatch.setattr(ops, "HOST_HOT_PATH", False)
     calls = []
     real = nb.accumulate
     monkeypatch.setattr(nb, "accumulate", lambda *a: (calls.append(1), real(*a))[1])
@@ -320,3 +329,17 @@ def test_cuda_launches_fixed():
             torch.cuda.synchronize()
         counts.append(sum(1 for e in prof.events() if e.device_type.name == "CUDA"))
     assert counts[0] == counts[1]
+
+
+def test_hot_path_choice(gen, monkeypatch):
+    """float32/float64 take the C++ host kernels when built, halves and explicit groups Numba."""
+    if _native.native() is None:
+        pytest.skip("fastreg._C not built")
+    used = []
+    monkeypatch.setattr(ops, "_accumulate_host", lambda *a, **k: used.append("host") or torch.zeros(()))
+    monkeypatch.setattr(ops, "_accumulate_numba", lambda *a, **k: used.append("numba") or torch.zeros(()))
+    w32 = torch.randn(4, 4, generator=gen)
+    P.accumulate_([w32], l1=0.1)
+    P.accumulate_([w32.half()], l1=0.1)
+    P.accumulate_([w32], group_lasso=0.1, groups=torch.zeros(16, dtype=torch.int64))
+    assert used == ["host", "numba", "numba"]

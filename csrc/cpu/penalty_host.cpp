@@ -15,6 +15,195 @@ namespace {
 
 using namespace penalty;
 
+// ---- vectorised segments (float32 / float64 storage: the CPU hot path). `omp simd reduction`
+// lets the compiler vectorise the sums without -ffast-math, so NaN/Inf keep IEEE semantics.
+constexpr int64_t kSub = 1024;
+// AVX-512 masks let the compiler if-convert sign/abs/soft with IEEE NaN semantics (measured on
+// the 2-core EPYC: ~15x faster than the SSE2 build); other CPUs take the default clone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTREG_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTREG_CLONES
+#endif
+
+template <typename T>
+FASTREG_CLONES void seg_grad(const T* __restrict W, T* __restrict G, int64_t lo, int64_t hi, bool init, T l1,
+                     T l2x2, T f, double& s1, double& s2) {
+  for (int64_t b0 = lo; b0 < hi; b0 += kSub) {
+    const int64_t b1 = b0 + kSub < hi ? b0 + kSub : hi;
+    T p1 = 0, p2 = 0;
+    if (init) {
+#pragma omp simd reduction(+ : p1, p2)
+      for (int64_t i = b0; i < b1; ++i) {
+        const T w = W[i];
+        G[i] = grad_term(w, l1, l2x2, f);
+        p1 += w < T(0) ? -w : w;
+        p2 += w * w;
+      }
+    } else {
+#pragma omp simd reduction(+ : p1, p2)
+      for (int64_t i = b0; i < b1; ++i) {
+        const T w = W[i];
+        G[i] = G[i] + grad_term(w, l1, l2x2, f);
+        p1 += w < T(0) ? -w : w;
+        p2 += w * w;
+      }
+    }
+    s1 += static_cast<double>(p1);
+    s2 += static_cast<double>(p2);
+  }
+}
+
+template <typename T>
+FASTREG_CLONES T seg_sumsq(const T* __restrict W, int64_t lo, int64_t hi, T tau, bool prox) {
+  T s = 0;
+  if (prox) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = lo; i < hi; ++i) {
+      const T z = soft(W[i], tau);
+      s += z * z;
+    }
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = lo; i < hi; ++i) s += W[i] * W[i];
+  }
+  return s;
+}
+
+template <typename T>
+FASTREG_CLONES void seg_prox(T* __restrict W, int64_t lo, int64_t hi, T tau, T f) {
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) W[i] = soft(W[i], tau) * f;
+}
+
+template <typename T>
+FASTREG_CLONES void cols_sumsq(const T* __restrict W, T* __restrict sums, int64_t m, T tau, bool prox) {
+  if (prox) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const T z = soft(W[j], tau);
+      sums[j] += z * z;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) sums[j] += W[j] * W[j];
+  }
+}
+
+template <typename T>
+FASTREG_CLONES void cols_grad(const T* __restrict W, T* __restrict G, const T* __restrict f, int64_t m, bool init,
+                              T l1, T l2x2, double& s1, double& s2) {
+  T p1 = 0, p2 = 0;
+  if (init) {
+#pragma omp simd reduction(+ : p1, p2)
+    for (int64_t j = 0; j < m; ++j) {
+      const T w = W[j];
+      G[j] = grad_term(w, l1, l2x2, f[j]);
+      p1 += w < T(0) ? -w : w;
+      p2 += w * w;
+    }
+  } else {
+#pragma omp simd reduction(+ : p1, p2)
+    for (int64_t j = 0; j < m; ++j) {
+      const T w = W[j];
+      G[j] = G[j] + grad_term(w, l1, l2x2, f[j]);
+      p1 += w < T(0) ? -w : w;
+      p2 += w * w;
+    }
+  }
+  s1 += static_cast<double>(p1);
+  s2 += static_cast<double>(p2);
+}
+
+template <typename T>
+FASTREG_CLONES void cols_prox(T* __restrict W, const T* __restrict f, int64_t m, T tau) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) W[j] = soft(W[j], tau) * f[j];
+}
+
+// One item of a float32/float64 tensor (accumulate). Returns false for other storage.
+template <int K>
+bool fast_accumulate_item(const int64_t* r, const double* cf, int64_t lo, int64_t hi, double& out) {
+  if constexpr (K != K_F32 && K != K_F64) {
+    return false;
+  } else {
+    using T = typename Storage<K>::raw;
+    const int64_t A = r[T_A], B = r[T_B], C = r[T_C];
+    const T* W = reinterpret_cast<const T*>(r[T_W]);
+    T* G = reinterpret_cast<T*>(r[T_G]);
+    const bool init = r[T_INIT] != 0;
+    const T l1 = static_cast<T>(cf[0]), l2x2 = static_cast<T>(2.0 * cf[1]);
+    double s1 = 0.0, s2 = 0.0, sg = 0.0;
+    if (r[T_MODE] == M_FLAT) {
+      seg_grad(W, G, lo, hi, init, l1, l2x2, T(0), s1, s2);
+    } else if (r[T_MODE] == M_BLOCK && C >= 64) {
+      for (int64_t b = lo; b < hi; ++b) {
+        double sq = 0.0;
+        for (int64_t a = 0; a < A; ++a) sq += seg_sumsq(W, (a * B + b) * C, (a * B + b + 1) * C, T(0), false);
+        sg += cf[2] * std::sqrt(sq);
+        const T f = static_cast<T>(group_scale(sq, cf[2]));
+        for (int64_t a = 0; a < A; ++a) seg_grad(W, G, (a * B + b) * C, (a * B + b + 1) * C, init, l1, l2x2, f, s1, s2);
+      }
+    } else if (r[T_MODE] == M_BLOCK) {
+      // short slices (C < 64: 2-D "cols", 3x3 "channels", vectors): for each a the item's
+      // slices are one contiguous run of m = (hi - lo) C elements; square-sum them element-wise
+      // over a, reduce over c, expand the group scale per element, update run by run.
+      const int64_t m = (hi - lo) * C;
+      std::vector<T> acc(m, T(0));
+      for (int64_t a = 0; a < A; ++a) cols_sumsq(W + (a * B + lo) * C, acc.data(), m, T(0), false);
+      for (int64_t j = 0; j < hi - lo; ++j) {
+        double sq = 0.0;
+        for (int64_t c = 0; c < C; ++c) sq += static_cast<double>(acc[j * C + c]);
+        sg += cf[2] * std::sqrt(sq);
+        const T f = static_cast<T>(group_scale(sq, cf[2]));
+        for (int64_t c = 0; c < C; ++c) acc[j * C + c] = f;
+      }
+      for (int64_t a = 0; a < A; ++a)
+        cols_grad(W + (a * B + lo) * C, G + (a * B + lo) * C, acc.data(), m, init, l1, l2x2, s1, s2);
+    } else {
+      return false;
+    }
+    out = cf[0] * s1 + cf[1] * s2 + sg;
+    return true;
+  }
+}
+
+template <int K>
+bool fast_prox_item(const int64_t* r, const double* cf, int64_t lo, int64_t hi) {
+  if constexpr (K != K_F32 && K != K_F64) {
+    return false;
+  } else {
+    using T = typename Storage<K>::raw;
+    const int64_t A = r[T_A], B = r[T_B], C = r[T_C];
+    T* W = reinterpret_cast<T*>(r[T_W]);
+    const T tau = static_cast<T>(cf[0]);
+    if (r[T_MODE] == M_FLAT) {
+      seg_prox(W, lo, hi, tau, static_cast<T>(cf[1]));
+    } else if (r[T_MODE] == M_BLOCK && C >= 64) {
+      for (int64_t b = lo; b < hi; ++b) {
+        double sq = 0.0;
+        for (int64_t a = 0; a < A; ++a) sq += seg_sumsq(W, (a * B + b) * C, (a * B + b + 1) * C, tau, true);
+        const T f = static_cast<T>(shrink_factor(sq, cf[2], cf[1]));
+        for (int64_t a = 0; a < A; ++a) seg_prox(W, (a * B + b) * C, (a * B + b + 1) * C, tau, f);
+      }
+    } else if (r[T_MODE] == M_BLOCK) {  // short slices, as in fast_accumulate_item
+      const int64_t m = (hi - lo) * C;
+      std::vector<T> acc(m, T(0));
+      for (int64_t a = 0; a < A; ++a) cols_sumsq(W + (a * B + lo) * C, acc.data(), m, tau, true);
+      for (int64_t j = 0; j < hi - lo; ++j) {
+        double sq = 0.0;
+        for (int64_t c = 0; c < C; ++c) sq += static_cast<double>(acc[j * C + c]);
+        const T f = static_cast<T>(shrink_factor(sq, cf[2], cf[1]));
+        for (int64_t c = 0; c < C; ++c) acc[j * C + c] = f;
+      }
+      for (int64_t a = 0; a < A; ++a) cols_prox(W + (a * B + lo) * C, acc.data(), m, tau);
+    } else {
+      return false;
+    }
+    return true;
+  }
+}
+
 template <int K>
 void explicit_norms(const int64_t* tab, const double* coefs, const int64_t* expl, int64_t nexpl,
                     double* scales, double* counts, double* vals_out, bool prox) {
@@ -59,6 +248,7 @@ void accumulate_items(const int64_t* tab, const double* coefs, const int64_t* it
   for (int64_t k = 0; k < nitems; ++k) {
     const int64_t t = items[3 * k], lo = items[3 * k + 1], hi = items[3 * k + 2];
     const int64_t* r = tab + t * NCOLS;
+    if (fast_accumulate_item<K>(r, coefs + 3 * t, lo, hi, vals[k])) continue;
     const int64_t A = r[T_A], B = r[T_B], C = r[T_C];
     const auto* W = reinterpret_cast<const typename S::raw*>(r[T_W]);
     auto* G = reinterpret_cast<typename S::raw*>(r[T_G]);
@@ -107,6 +297,7 @@ void prox_items(const int64_t* tab, const double* coefs, const int64_t* items, i
   for (int64_t k = 0; k < nitems; ++k) {
     const int64_t t = items[3 * k], lo = items[3 * k + 1], hi = items[3 * k + 2];
     const int64_t* r = tab + t * NCOLS;
+    if (fast_prox_item<K>(r, coefs + 3 * t, lo, hi)) continue;
     const int64_t A = r[T_A], B = r[T_B], C = r[T_C];
     auto* W = reinterpret_cast<typename S::raw*>(r[T_W]);
     const T tau1 = static_cast<T>(coefs[3 * t]);

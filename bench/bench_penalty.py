@@ -1,0 +1,164 @@
+"""Penalty family benchmarks (docs/penalty.md): fastreg.penalty vs torch compositions.
+
+Two parameter lists, built by hand (no torchvision):
+  resnet18     the 62 parameter tensors of torchvision's resnet18 (11,689,512 weights)
+  transformer  a small pre-LN transformer, d=128, 16 layers, separate q/k/v (260 tensors, ~3.7M)
+
+Work (float32, grads exist, CPU; CUDA when present):
+  L1+L2   grad += l1 sign(w) + 2 l2 w
+  group   grad += group_lasso sqrt(|g|) w_g / ||w_g||, groups = rows (filters / output units)
+  prox    w <- GS(soft(w, lr l1), lr gl sqrt(|g|)): sparse-group-lasso proximal step, rows
+
+Providers: "autograd penalty" (the penalty added to a loss and back-propagated into .grad),
+"python loop" (in-place ops per tensor), "torch._foreach" (foreach composition where torch
+has the ops: L1+L2 and the elementwise half of prox), "fastreg" (which also returns the
+penalty's value: the loop/foreach providers compute only the gradient, so the comparison
+favours them), and "copy (floor)": one flat copy moving the bytes the op must move (read w,
+read grad, write grad = 12 bytes per weight; prox: read w, write w = 8).
+"""
+
+import math
+
+import pytest
+import torch
+
+import fastreg.penalty as P
+from _util import run
+
+L1, L2, GL, LR = 1e-5, 1e-4, 1e-3, 1e-4
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def resnet18_shapes():
+    s = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            c_in = cin if block == 0 else cout
+            s += [(cout, c_in, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
+            if block == 0 and (stride != 1 or c_in != cout):
+                s += [(cout, c_in, 1, 1), (cout,), (cout,)]
+        cin = cout
+    s += [(1000, 512), (1000,)]
+    return s
+
+
+def transformer_shapes(d=128, layers=16, ff=512, vocab=4000, ctx=256):
+    s = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        s += [(d,), (d,)]  # ln1
+        s += [(d, d), (d,)] * 4  # q, k, v, o
+        s += [(d,), (d,)]  # ln2
+        s += [(ff, d), (ff,), (d, ff), (d,)]
+    s += [(d,), (d,)]
+    return s
+
+
+LISTS = {"resnet18": resnet18_shapes, "transformer": transformer_shapes}
+
+
+def test_shape_lists():
+    r = resnet18_shapes()
+    assert len(r) == 62 and sum(math.prod(x) for x in r) == 11_689_512
+    assert len(transformer_shapes()) == 260
+
+
+def _params(name, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ps = [(torch.randn(s, generator=g) * 0.05).to(device).requires_grad_(True) for s in LISTS[name]()]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g).to(device) * 1e-3
+    return ps
+
+
+def _rows(p):
+    return p.reshape(p.shape[0], -1) if p.dim() >= 1 else p.reshape(1, 1)
+
+
+def _providers(kind, ps):
+    grads = [p.grad for p in ps]
+    ws = [p.detach() for p in ps]
+    sq = [math.sqrt(_rows(w).shape[1]) for w in ws]
+
+    if kind == "L1+L2":
+        def autograd():
+            loss = sum(L1 * p.abs().sum() + L2 * (p * p).sum() for p in ps)
+            loss.backward()
+
+        def loop():
+            for w, g in zip(ws, grads):
+                g.add_(w.sign(), alpha=L1).add_(w, alpha=2 * L2)
+
+        def foreach():
+            torch._foreach_add_(grads, torch._foreach_sign(ws), alpha=L1)
+            torch._foreach_add_(grads, ws, alpha=2 * L2)
+
+        def fr():
+            return P.accumulate_(ps, l1=L1, l2=L2)
+
+        return {"autograd penalty": autograd, "python loop": loop, "torch._foreach": foreach, "fastreg": fr}
+
+    if kind == "group":
+        def autograd():
+            loss = sum(GL * s * torch.linalg.vector_norm(_rows(p), dim=1).sum() for p, s in zip(ps, sq))
+            loss.backward()
+
+        def loop():
+            for w, g, s in zip(ws, grads, sq):
+                w2 = _rows(w)
+                n = torch.linalg.vector_norm(w2, dim=1, keepdim=True)
+                scale = torch.where(n > 0, (GL * s) / n, 0.0)
+                _rows(g).addcmul_(w2, scale)
+
+        def fr():
+            return P.accumulate_(ps, group_lasso=GL, groups="rows")
+
+        return {"autograd penalty": autograd, "python loop": loop, "fastreg": fr}
+
+    # prox: sparse group lasso on rows
+    def loop():
+        for w, s in zip(ws, sq):
+            z = w.sign() * (w.abs() - LR * L1).clamp_(min=0)
+            z2 = _rows(z)
+            n = torch.linalg.vector_norm(z2, dim=1, keepdim=True)
+            f = torch.where(n > 0, (1 - LR * GL * s / n).clamp_(min=0), 0.0)
+            _rows(w).copy_(z2 * f)
+
+    def foreach():
+        z = torch._foreach_abs(ws)
+        torch._foreach_sub_(z, LR * L1)
+        torch._foreach_clamp_min_(z, 0.0)
+        torch._foreach_mul_(z, torch._foreach_sign(ws))
+        ns = [torch.linalg.vector_norm(_rows(t), dim=1, keepdim=True) for t in z]  # no foreach per-row norm
+        for w, t, n, s in zip(ws, z, ns, sq):
+            _rows(w).copy_(_rows(t) * torch.where(n > 0, (1 - LR * GL * s / n).clamp_(min=0), 0.0))
+
+    def fr():
+        P.prox_(ps, LR, l1=L1, group_lasso=GL, groups="rows")
+
+    return {"python loop": loop, "torch._foreach": foreach, "fastreg": fr}
+
+
+PROVIDERS = ["autograd penalty", "python loop", "torch._foreach", "fastreg", "copy (floor)"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("plist", list(LISTS))
+@pytest.mark.parametrize("kind", ["L1+L2", "group", "prox"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_penalty(benchmark, provider, kind, plist, device):
+    ps = _params(plist, device)
+    n = sum(p.numel() for p in ps)
+    if provider == "copy (floor)":
+        per = 2 if kind == "prox" else 3  # 4-byte words moved per weight
+        src = torch.randn(n * per // 2, device=device)
+        dst = torch.empty_like(src)
+        fn = lambda: dst.copy_(src)  # noqa: E731
+    else:
+        provs = _providers(kind, ps)
+        if provider not in provs:
+            pytest.skip(f"{provider} does not express {kind}")
+        fn = provs[provider]
+    big = n > 5_000_000
+    run(benchmark, fn, device, provider=provider, group=f"penalty {kind} {plist} f32 {device}",
+        rounds=15 if big else 30, warmup=2, numel=n, tensors=len(ps))
