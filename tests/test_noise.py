@@ -100,7 +100,7 @@ def test_kernels_high_indices(start, dist, gen):
     sstr = np.array([0], np.int64)
     out = np.empty(n, np.float32)
     nb.noise_fwd(x.numpy(), np.ones(1, np.float32), out, sizes, sstr, 42, 9, dist, True,
-                 np.float32(1), start)
+                 np.float32(1), start, 2)
     torch.testing.assert_close(torch.from_numpy(out), x + ref, rtol=4e-6, atol=4e-6)
     tout = torch.empty(n)
     tk.noise_fwd_kernel[tk.grid(n)](x, torch.ones(1), tout, torch.tensor([n]), torch.tensor([0]),

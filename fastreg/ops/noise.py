@@ -130,6 +130,7 @@ def _np_layout(x: Tensor, sigma: Tensor):
 
 def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
                additive: bool) -> Tensor:
+    import numba
     import numpy as np
 
     from fastreg.kernels.numba import noise as nb
@@ -139,7 +140,7 @@ def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
     out = np.empty_like(xa)
     sizes, sstr = _np_layout(x, sigma)
     nb.noise_fwd(xa, _np_in(sigma, cd), out, sizes, sstr, int(seed), stream, dist, additive,
-                 _np_one(cd), 0)
+                 _np_one(cd), 0, numba.get_num_threads())
     return torch.from_numpy(out).to(x.dtype).view(x.shape)
 
 

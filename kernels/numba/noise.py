@@ -230,8 +230,75 @@ def _locate(i, sizes, sstr):
     return so, pos
 
 
+# Runs: loops over slices (indices provably >= 0, so LLVM vectorises them;
+# `a[i + k]` with a signed i carries a wraparound check per access and does not).
+@numba.njit(inline="always", cache=True)
+def _mul_s(dst, src, z, s, one):
+    for k in range(dst.size):
+        dst[k] = src[k] * (one + s * z[k])
+
+
+@numba.njit(inline="always", cache=True)
+def _mul_v(dst, src, z, sv, one):
+    for k in range(dst.size):
+        dst[k] = src[k] * (one + sv[k] * z[k])
+
+
+@numba.njit(inline="always", cache=True)
+def _add_s(dst, src, z, s):
+    for k in range(dst.size):
+        dst[k] = src[k] + s * z[k]
+
+
+@numba.njit(inline="always", cache=True)
+def _add_v(dst, src, z, sv):
+    for k in range(dst.size):
+        dst[k] = src[k] + sv[k] * z[k]
+
+
+@numba.njit(inline="always", cache=True)
+def _prod2(dst, a, z):
+    for k in range(dst.size):
+        dst[k] = a[k] * z[k]
+
+
+@numba.njit(inline="always", cache=True)
+def _prod3(dst, a, b, z):
+    for k in range(dst.size):
+        dst[k] = a[k] * b[k] * z[k]
+
+
+@numba.njit(inline="always", cache=True)
+def _acc2(dst, a, z):
+    for k in range(dst.size):
+        dst[k] += a[k] * z[k]
+
+
+@numba.njit(inline="always", cache=True)
+def _acc3(dst, a, b, z):
+    for k in range(dst.size):
+        dst[k] += a[k] * b[k] * z[k]
+
+
+@numba.njit(cache=True)
+def _sum2(a, z):
+    """sum a z in float64 (not inlined: one call per run)."""
+    acc = 0.0
+    for k in range(a.size):
+        acc += a[k] * z[k]
+    return acc
+
+
+@numba.njit(cache=True)
+def _sum3(a, b, z):
+    acc = 0.0
+    for k in range(a.size):
+        acc += a[k] * b[k] * z[k]
+    return acc
+
+
 @numba.njit(parallel=True, cache=True)
-def noise_fwd(x, sig, out, sizes, sstr, seed, stream, dist, additive, one, start):
+def noise_fwd(x, sig, out, sizes, sstr, seed, stream, dist, additive, one, start, nthreads):
     """out = x * (1 + sigma * eps) (additive=False) or x + sigma * eps (additive=True).
 
     x, out: 1-D contiguous, float32 or float64 (the compute dtype); sig: sigma's
@@ -239,40 +306,44 @@ def noise_fwd(x, sig, out, sizes, sstr, seed, stream, dist, additive, one, start
     so that sigma's offset of element i is sum(index_d * sstr[d]) (sstr 0 on
     broadcast dims). one: 1 in the compute dtype. Element k takes eps(start + k)
     (start % 4 == 0; the ops pass 0, tests reach indices past 2^32).
+    Work is split in one contiguous range of chunks per thread (scratch allocated once);
+    nthreads: numba.get_num_threads() (passed in: a call inside would disable caching).
     """
     n = x.size
     k0, k1, s0, s1 = _keys(seed, stream)
     c0 = np.uint64(start) >> np.uint64(2)
     inner = sizes[sizes.size - 1]
     st = sstr[sstr.size - 1]
-    for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
-        base = ch * 4 * BLOCK
-        length = min(4 * BLOCK, n - base)
+    nch = (n + 4 * BLOCK - 1) // (4 * BLOCK)
+    nparts = max(1, min(nthreads, nch))
+    for t in numba.prange(nparts):
         z = np.empty(4 * BLOCK, np.float32)
         ua = np.empty(2 * BLOCK, np.float32)
         ub = np.empty(2 * BLOCK, np.float32)
-        fill_eps(z, ua, ub, k0, k1, s0, s1, c0 + np.uint64(ch * BLOCK), (length + 3) // 4, dist)
-        e = 0
-        while e < length:
-            i = base + e
-            so, pos = _locate(i, sizes, sstr)
-            run = min(inner - pos, length - e)
-            if st == 0:
-                s = sig[so]
-                if additive:
-                    for k in range(run):
-                        out[i + k] = x[i + k] + s * z[e + k]
+        for ch in range(nch * t // nparts, nch * (t + 1) // nparts):
+            base = ch * 4 * BLOCK
+            length = min(4 * BLOCK, n - base)
+            fill_eps(z, ua, ub, k0, k1, s0, s1, c0 + np.uint64(ch * BLOCK), (length + 3) // 4,
+                     dist)
+            e = 0
+            while e < length:
+                i = base + e
+                so, pos = _locate(i, sizes, sstr)
+                run = min(inner - pos, length - e)
+                dst = out[i:i + run]
+                src = x[i:i + run]
+                zz = z[e:e + run]
+                if st == 0:
+                    if additive:
+                        _add_s(dst, src, zz, sig[so])
+                    else:
+                        _mul_s(dst, src, zz, sig[so], one)
                 else:
-                    for k in range(run):
-                        out[i + k] = x[i + k] * (one + s * z[e + k])
-            else:
-                if additive:
-                    for k in range(run):
-                        out[i + k] = x[i + k] + sig[so + k] * z[e + k]
-                else:
-                    for k in range(run):
-                        out[i + k] = x[i + k] * (one + sig[so + k] * z[e + k])
-            e += run
+                    if additive:
+                        _add_v(dst, src, zz, sig[so:so + run])
+                    else:
+                        _mul_v(dst, src, zz, sig[so:so + run], one)
+                e += run
 
 
 @numba.njit(parallel=True, cache=True)
@@ -294,50 +365,40 @@ def noise_bwd(g, x, sig, gx, gs, part, sizes, sstr, seed, stream, dist, additive
     nch = (n + 4 * BLOCK - 1) // (4 * BLOCK)
     nparts = part.shape[0]
     for t in numba.prange(nparts):
-        ch_lo = nch * t // nparts
-        ch_hi = nch * (t + 1) // nparts
         z = np.empty(4 * BLOCK, np.float32)
         ua = np.empty(2 * BLOCK, np.float32)
         ub = np.empty(2 * BLOCK, np.float32)
-        for ch in range(ch_lo, ch_hi):
+        for ch in range(nch * t // nparts, nch * (t + 1) // nparts):
             base = ch * 4 * BLOCK
             length = min(4 * BLOCK, n - base)
-            fill_eps(z, ua, ub, k0, k1, s0, s1, c0 + np.uint64(ch * BLOCK), (length + 3) // 4, dist)
+            fill_eps(z, ua, ub, k0, k1, s0, s1, c0 + np.uint64(ch * BLOCK), (length + 3) // 4,
+                     dist)
             e = 0
             while e < length:
                 i = base + e
                 so, pos = _locate(i, sizes, sstr)
                 run = min(inner - pos, length - e)
+                gg = g[i:i + run]
+                zz = z[e:e + run]
                 if need_gx:
                     if st == 0:
-                        s = sig[so]
-                        for k in range(run):
-                            gx[i + k] = g[i + k] * (one + s * z[e + k])
+                        _mul_s(gx[i:i + run], gg, zz, sig[so], one)
                     else:
-                        for k in range(run):
-                            gx[i + k] = g[i + k] * (one + sig[so + k] * z[e + k])
+                        _mul_v(gx[i:i + run], gg, zz, sig[so:so + run], one)
                 if gs_mode == 1:
                     if additive:
-                        for k in range(run):
-                            gs[i + k] = g[i + k] * z[e + k]
+                        _prod2(gs[i:i + run], gg, zz)
                     else:
-                        for k in range(run):
-                            gs[i + k] = g[i + k] * x[i + k] * z[e + k]
+                        _prod3(gs[i:i + run], gg, x[i:i + run], zz)
                 elif gs_mode == 2:
                     if st == 0:
-                        acc = 0.0
                         if additive:
-                            for k in range(run):
-                                acc += g[i + k] * z[e + k]
+                            part[t, so] += _sum2(gg, zz)
                         else:
-                            for k in range(run):
-                                acc += g[i + k] * x[i + k] * z[e + k]
-                        part[t, so] += acc
+                            part[t, so] += _sum3(gg, x[i:i + run], zz)
                     else:
                         if additive:
-                            for k in range(run):
-                                part[t, so + k] += g[i + k] * z[e + k]
+                            _acc2(part[t, so:so + run], gg, zz)
                         else:
-                            for k in range(run):
-                                part[t, so + k] += g[i + k] * x[i + k] * z[e + k]
+                            _acc3(part[t, so:so + run], gg, x[i:i + run], zz)
                 e += run
