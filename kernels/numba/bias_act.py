@@ -45,6 +45,40 @@ def _dact(z, act, half, one):
     return half * (one + math.erf(z * _INV_SQRT2)) + z * math.exp(-half * z * z) * _INV_SQRT_2PI
 
 
+# Runs over slices: indices provably >= 0, so LLVM vectorises (a[i + k] would not).
+@numba.njit(inline="always", cache=True)
+def _fwd_run(dst, xs, bs, ms, act, zero, half, one):
+    if act == ACT_RELU:
+        for k in range(dst.size):
+            z = xs[k] + bs[k]
+            dst[k] = (zero if z <= zero else z) * ms[k]
+    elif act == ACT_GELU:
+        for k in range(dst.size):
+            dst[k] = _act(xs[k] + bs[k], ACT_GELU, zero, half, one) * ms[k]
+    else:
+        for k in range(dst.size):
+            dst[k] = (xs[k] + bs[k]) * ms[k]
+
+
+@numba.njit(inline="always", cache=True)
+def _bwd_run(gx, prow, gs, ss, bs, ms, act, scale, zero, half, one):
+    if act == ACT_RELU:
+        for k in range(gx.size):
+            gz = gs[k] * scale if ss[k] > zero else zero
+            gx[k] = gz
+            prow[k] += gz
+    elif act == ACT_GELU:
+        for k in range(gx.size):
+            gz = gs[k] * ms[k] * _dact(ss[k] + bs[k], ACT_GELU, half, one)
+            gx[k] = gz
+            prow[k] += gz
+    else:
+        for k in range(gx.size):
+            gz = gs[k] * ms[k]
+            gx[k] = gz
+            prow[k] += gz
+
+
 @numba.njit(parallel=True, cache=True)
 def bias_act_fwd(x, b, out, C, seed, stream, threshold, scale, act, start):
     """out[i] = act(x[i] + b[i % C]) * keep(start + i) * scale (flat, contiguous arrays)."""
@@ -64,17 +98,8 @@ def bias_act_fwd(x, b, out, C, seed, stream, threshold, scale, act, start):
             i = base + e
             c0 = i % C
             run = min(C - c0, length - e)
-            if act == ACT_RELU:
-                for k in range(run):
-                    z = x[i + k] + b[c0 + k]
-                    out[i + k] = (zero if z <= zero else z) * m[off + e + k]
-            elif act == ACT_GELU:
-                for k in range(run):
-                    z = x[i + k] + b[c0 + k]
-                    out[i + k] = _act(z, ACT_GELU, zero, half, one) * m[off + e + k]
-            else:
-                for k in range(run):
-                    out[i + k] = (x[i + k] + b[c0 + k]) * m[off + e + k]
+            _fwd_run(out[i:i + run], x[i:i + run], b[c0:c0 + run], m[off + e:off + e + run], act,
+                     zero, half, one)
             e += run
 
 
@@ -104,20 +129,6 @@ def bias_act_bwd(g, saved, b, gx, part, C, seed, stream, threshold, scale, act, 
                 i = base + e
                 c0 = i % C
                 run = min(C - c0, length - e)
-                if act == ACT_RELU:
-                    for k in range(run):
-                        gz = g[i + k] * scale if saved[i + k] > zero else zero
-                        gx[i + k] = gz
-                        part[t, c0 + k] += gz
-                elif act == ACT_GELU:
-                    for k in range(run):
-                        z = saved[i + k] + b[c0 + k]
-                        gz = g[i + k] * m[off + e + k] * _dact(z, ACT_GELU, half, one)
-                        gx[i + k] = gz
-                        part[t, c0 + k] += gz
-                else:
-                    for k in range(run):
-                        gz = g[i + k] * m[off + e + k]
-                        gx[i + k] = gz
-                        part[t, c0 + k] += gz
+                _bwd_run(gx[i:i + run], part[t, c0:c0 + run], g[i:i + run], saved[i:i + run],
+                         b[c0:c0 + run], m[off + e:off + e + run], act, scale, zero, half, one)
                 e += run

@@ -39,6 +39,13 @@ def fill_keep(m, jlo, length, k0, k1, s0, s1, t, scale):
     return jlo - 4 * (jlo >> 2)
 
 
+@numba.njit(inline="always", cache=True)
+def _apply(dst, src, m):
+    # slices: indices provably >= 0, so LLVM vectorises (a[base + k] would not)
+    for k in range(dst.size):
+        dst[k] = src[k] * m[k]
+
+
 @numba.njit(parallel=True, cache=True)
 def locked_fwd(x, out, O, D, I, seed, stream, threshold, scale, start):
     """out[o, d, k] = x[o, d, k] * keep(start + o * I + k) * scale (x, out flat, contiguous).
@@ -65,7 +72,7 @@ def locked_fwd(x, out, O, D, I, seed, stream, threshold, scale, start):
         off = fill_keep(m, jlo, length, k0, k1, s0, s1, t, scale)
         for o in range(o0, o1):
             mo = off + (o - o0) * I
+            mm = m[mo:mo + klen]
             for d in range(D):
                 base = (o * D + d) * I + klo
-                for k in range(klen):
-                    out[base + k] = x[base + k] * m[mo + k]
+                _apply(out[base:base + klen], x[base:base + klen], mm)
