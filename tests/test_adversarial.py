@@ -8,7 +8,7 @@ from torch.library import opcheck
 
 import fastreg
 from fastreg import adversarial as A
-from fastreg.kernels.numba.adversarial import CHUNK
+from fastreg.kernels.numba.adversarial import PARALLEL_MIN
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 BACKENDS = ["numba", "triton", "torch"]
@@ -40,7 +40,7 @@ def _exact(got, ref):
     torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
 
 
-SHAPES_FAST = [(), (1,), (7, 13), (3, 5, 11), (CHUNK * 2 + 37,)]
+SHAPES_FAST = [(), (1,), (7, 13), (3, 5, 11), (PARALLEL_MIN * 2 + 37,)]
 SHAPES_TRITON = [(), (1,), (7, 13), (3, 5, 11), (1029,)]
 
 
