@@ -18,8 +18,10 @@ $(DEPS): Makefile pyproject.toml
 
 venv: $(DEPS)
 
+# The editable install only registers the package (its C++-only build is quick and is
+# replaced at once); `build` then compiles everything, incrementally, with ninja.
 $(EDITABLE): $(DEPS) setup.py pyproject.toml
-	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	FASTREG_CUDA=0 $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 # Editable install once, then incremental native rebuilds (ninja, in build/).
