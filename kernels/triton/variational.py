@@ -45,7 +45,7 @@ def _sqrt(v, F64: tl.constexpr):
     return tl.sqrt_rn(v)
 
 
-@triton.jit(do_not_specialize=["eps_bits"])
+@triton.jit(do_not_specialize=["stream", "eps_bits"])
 def vd_sample_fwd_kernel(mu_ptr, var_ptr, out_ptr, seed_ptr, stream, eps_bits, n,
                          F64: tl.constexpr, BLOCK: tl.constexpr):
     """out = mu + sqrt(var + eps) * z."""
@@ -57,7 +57,7 @@ def vd_sample_fwd_kernel(mu_ptr, var_ptr, out_ptr, seed_ptr, stream, eps_bits, n
     store_rounded(out_ptr + offs, mu + s * z.to(eps.dtype), m)
 
 
-@triton.jit(do_not_specialize=["eps_bits"])
+@triton.jit(do_not_specialize=["stream", "eps_bits"])
 def vd_sample_grad_var_kernel(g_ptr, var_ptr, out_ptr, seed_ptr, stream, eps_bits, n,
                               F64: tl.constexpr, BLOCK: tl.constexpr):
     """out = g * z * 0.5 / sqrt(var + eps)."""
