@@ -413,15 +413,19 @@ class ReversibleSGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ accounting
     def buffer_bits(self) -> dict:
-        """Information-buffer size: bits in use (64 per head + 32 per spill word) and allocated."""
+        """Information-buffer size: bits stored (64 per head + 32 per spill word in use), allocated
+        (heads + spill capacity), and the information held (32 per word + log2(head) - 31 per element)."""
         used = alloc = nel = 0
+        info = 0.0
         for g in self.param_groups:
             for p in g["params"]:
                 st = self.state[p]
                 used += 64 * st["head"].numel() + 32 * int(st["count"].to(torch.int64).sum())
                 alloc += 64 * st["head"].numel() + 32 * st["spill"].numel()
                 nel += st["head"].numel()
-        return dict(used_bits=used, allocated_bits=alloc, numel=nel)
+                info += float((32.0 * st["count"].to(torch.float64)
+                               + torch.log2(st["head"].to(torch.float64)) - 31.0).sum())
+        return dict(used_bits=used, allocated_bits=alloc, info_bits=info, numel=nel)
 
 
 def _check_hyper(h, name: str) -> None:
