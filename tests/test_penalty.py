@@ -335,6 +335,7 @@ def test_hot_path_choice(gen, monkeypatch):
     """float32/float64 take the C++ host kernels when built, halves and explicit groups Numba."""
     if _native.native() is None:
         pytest.skip("fastreg._C not built")
+    monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
     used = []
     monkeypatch.setattr(ops, "_accumulate_host", lambda *a, **k: used.append("host") or torch.zeros(()))
     monkeypatch.setattr(ops, "_accumulate_numba", lambda *a, **k: used.append("numba") or torch.zeros(()))

@@ -268,12 +268,22 @@ def _accumulate_host(params, grads, coefs, modes, gidx, init, cuda=False):
     return total.to(torch.float32)
 
 
-HOST_HOT_PATH = True  # tests switch it off to exercise the Numba kernels
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+# The C++ host kernels are vectorised with AVX-512 masks; without AVX-512 their selects become
+# branches and the Numba kernels are faster (docs/penalty.md). Tests switch it off and on.
+HOST_HOT_PATH = _has_avx512()
 
 
 def _host_ok(params, modes):
-    """The C++ host kernels take the CPU hot path (float32/float64, native build present,
-    no explicit groups): measured faster than the Numba kernels on the 2-core EPYC (docs)."""
+    """The C++ host kernels take the CPU hot path (AVX-512 CPU, float32/float64, native build
+    present, no explicit groups): measured faster than the Numba kernels on the 2-core EPYC."""
     return (HOST_HOT_PATH and _native.native() is not None
             and MODE_EXPLICIT not in modes
             and all(p.dtype in (torch.float32, torch.float64) for p in params))
