@@ -222,7 +222,7 @@ def test_layer_log_alpha_kl_sparsity_and_eval(gen):
     lad = la.double()
     neg_kl = K1 / (1 + torch.exp(-(K2 + K3 * lad))) - 0.5 * torch.log1p(torch.exp(-lad)) - K1
     torch.testing.assert_close(layer.kl().double(), -neg_kl.sum(), rtol=1e-5, atol=1e-5)
-    assert float(layer.kl()) > 0
+    assert float(layer.kl().detach()) > 0
     pruned = la >= 3
     assert 0 < int(pruned.sum()) < la.numel()
     assert layer.sparsity() == pytest.approx(float(pruned.float().mean()))
@@ -233,6 +233,34 @@ def test_layer_log_alpha_kl_sparsity_and_eval(gen):
     w = layer.weight.detach() * (~pruned)
     torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias), rtol=0, atol=0)
     assert torch.equal(layer(x), layer(x))  # deterministic
+
+
+def test_layer_gradcheck_float64(gen):
+    """Gradients of the whole training forward (and of kl) w.r.t. input and parameters."""
+    layer = VariationalDropoutLinear(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        layer.log_sigma2.copy_(torch.randn(4, 5, generator=gen, dtype=torch.float64) - 3)
+    names = [n for n, _ in layer.named_parameters()]
+    x = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
+
+    def f(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,), {"seed": 21})
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+    class KL(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self):
+            return self.layer.kl()
+
+    kl_module = KL()
+    assert torch.autograd.gradcheck(
+        lambda *ps: torch.func.functional_call(kl_module, {f"layer.{n}": p for n, p in
+                                                           zip(names, ps)}, ()), params)
 
 
 def test_layer_kl_decreases_with_alpha():
