@@ -85,7 +85,9 @@ def _fwd_cpu(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: fl
     cd = compute_dtype(x.dtype)
     xa = x.to(cd).contiguous().view(-1).numpy()
     out = np.empty_like(xa)
-    if xa.size:
+    from fastreg.kernels.numba.noise import threads_for
+
+    with threads_for(xa.size):
         nb.bias_act_fwd(xa, bias.to(cd).contiguous().numpy(), out, bias.numel(), int(seed), stream,
                         keep_threshold(p), _np_scale(p, cd), act, 0)
     return torch.from_numpy(out).to(x.dtype).view(x.shape)
@@ -99,7 +101,6 @@ def _(x, bias, seed, stream, act, p):
 @torch.library.custom_op("fastreg::bias_act_dropout_bwd_cpu", mutates_args=(), device_types="cpu")
 def _bwd_cpu(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int,
              p: float) -> tuple[Tensor, Tensor]:
-    import numba
     import numpy as np
 
     from fastreg.kernels.numba import bias_act as nb
@@ -109,8 +110,10 @@ def _bwd_cpu(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: in
     sa = saved.to(cd).contiguous().view(-1).numpy() if act != 0 else ga
     gx = np.empty_like(ga)
     C = bias.numel()
-    part = np.zeros((max(1, numba.get_num_threads()), C), dtype=np.float64)
-    if ga.size:
+    from fastreg.kernels.numba.noise import threads_for
+
+    with threads_for(ga.size) as nparts:
+        part = np.zeros((nparts, C), dtype=np.float64)
         nb.bias_act_bwd(ga, sa, bias.to(cd).contiguous().numpy(), gx, part, C, int(seed), stream,
                         keep_threshold(p), _np_scale(p, cd), act, 0)
     return (torch.from_numpy(gx).to(grad.dtype).view(grad.shape),

@@ -64,7 +64,10 @@ def _locked_dropout_cpu(x: Tensor, seed: Tensor, stream: int, p: float, dim: int
     out = np.empty_like(xa)
     O, D, I = _odi(x.shape, dim)
     scale = (np.float64 if cd == torch.float64 else np.float32)(dropout_scale(p))
-    nb.locked_fwd(xa, out, O, D, I, int(seed), stream, keep_threshold(p), scale, 0)
+    from fastreg.kernels.numba.noise import threads_for
+
+    with threads_for(xa.size):
+        nb.locked_fwd(xa, out, O, D, I, int(seed), stream, keep_threshold(p), scale, 0)
     return torch.from_numpy(out).to(x.dtype).view(x.shape)
 
 

@@ -130,7 +130,6 @@ def _np_layout(x: Tensor, sigma: Tensor):
 
 def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
                additive: bool) -> Tensor:
-    import numba
     import numpy as np
 
     from fastreg.kernels.numba import noise as nb
@@ -139,8 +138,9 @@ def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
     xa = _np_in(x, cd)
     out = np.empty_like(xa)
     sizes, sstr = _np_layout(x, sigma)
-    nb.noise_fwd(xa, _np_in(sigma, cd), out, sizes, sstr, int(seed), stream, dist, additive,
-                 _np_one(cd), 0, numba.get_num_threads())
+    with nb.threads_for(xa.size) as nthreads:
+        nb.noise_fwd(xa, _np_in(sigma, cd), out, sizes, sstr, int(seed), stream, dist, additive,
+                     _np_one(cd), 0, nthreads)
     return torch.from_numpy(out).to(x.dtype).view(x.shape)
 
 
@@ -157,7 +157,6 @@ def _(x, sigma, seed, stream, dist, additive):
 
 def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
                additive: bool, need_gx: bool, need_gs: bool) -> tuple[Tensor, Tensor]:
-    import numba
     import numpy as np
 
     from fastreg.kernels.numba import noise as nb
@@ -170,11 +169,11 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
     mode = 0 if not need_gs else min(_gs_mode(n, sigma), 2)
     gx = np.empty(n if need_gx else 0, dtype=ga.dtype)
     gs = np.empty(n if mode == 1 else 0, dtype=ga.dtype)
-    nparts = max(1, numba.get_num_threads())
-    part = np.zeros((nparts, sigma.numel() if mode == 2 else 1), dtype=np.float64)
     sizes, sstr = _np_layout(grad, sigma)
-    nb.noise_bwd(ga, xa, sa, gx, gs, part, sizes, sstr, int(seed), stream, dist, additive,
-                 need_gx, mode, _np_one(cd), 0)
+    with nb.threads_for(n) as nparts:
+        part = np.zeros((nparts, sigma.numel() if mode == 2 else 1), dtype=np.float64)
+        nb.noise_bwd(ga, xa, sa, gx, gs, part, sizes, sstr, int(seed), stream, dist, additive,
+                     need_gx, mode, _np_one(cd), 0)
     gx_t = torch.from_numpy(gx).to(grad.dtype).view(grad.shape) if need_gx else grad.new_empty(0)
     if mode == 1:
         gs_t = torch.from_numpy(gs).to(sigma.dtype).view(sigma.shape)

@@ -27,6 +27,7 @@ Why this file carries its own forms of the RNG building blocks:
 Both would belong in kernels/numba/rng.py; they live here until that file adopts them.
 """
 
+import contextlib
 import math
 
 import numba
@@ -50,6 +51,22 @@ TWO_PI = F(2.0 * math.pi)  # float32(2*pi), as rng.box_muller uses
 SQRT3 = F(math.sqrt(3.0))
 DIST_GAUSSIAN = 0
 DIST_UNIFORM = 1
+SERIAL_BELOW = 1 << 16  # elements: below this a call runs on the calling thread only
+
+
+@contextlib.contextmanager
+def threads_for(n):
+    """Yields the thread count to use for n elements: small calls run on one thread
+    (waking the worker threads costs more than the work, and far more on a busy machine)."""
+    if n >= SERIAL_BELOW:
+        yield numba.get_num_threads()
+        return
+    prev = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield 1
+    finally:
+        numba.set_num_threads(prev)
 
 
 # ---------------------------------------------------------------- bit casts
