@@ -146,7 +146,8 @@ def main():
           f"digits 1347 train / 450 test, pixels in [0, 1]; eps = {args.eps} (L-inf); "
           f"seeds {args.seeds}; {elapsed:.0f} s total, 1 thread")
     print()
-    print(f"| training | clean test acc | FGSM (eps {args.eps}) acc | PGD-20 (eps {args.eps}) acc |")
+    print(f"| training | clean test acc | FGSM (eps {args.eps}) acc | "
+          f"PGD-20 (eps {args.eps}) acc |")
     print("| --- | --- | --- | --- |")
     for mode in modes:
         cells = []

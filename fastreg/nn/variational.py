@@ -53,7 +53,8 @@ class VariationalDropoutLinear(nn.Module):
                 raise ValueError(f"fastreg.nn.VariationalDropoutLinear: {name} must be a "
                                  f"positive int, got {v!r}")
         if not isinstance(bias, bool):
-            raise TypeError(f"fastreg.nn.VariationalDropoutLinear: bias must be a bool, got {bias!r}")
+            raise TypeError(f"fastreg.nn.VariationalDropoutLinear: bias must be a bool, "
+                            f"got {bias!r}")
         for name, v in (("threshold", threshold), ("init_log_sigma2", init_log_sigma2),
                         ("eps", eps)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

@@ -5,8 +5,9 @@ from the fastreg RNG (docs/rng.md: Box-Muller on the lane pairs of each counter)
 Loop structure as in the dropout kernels: each parallel chunk of BLOCK counters
 first fills a small array of normals (4 per counter, one Philox call each; it stays
 in L1), then streams the data through it. Measured on one core at 2^22 float32
-elements: Philox ~2 ms, Box-Muller (scalar libm log/cos/sin) ~28 ms, the stream ~4 ms. No full-size temporary exists,
-and backward regenerates z from (seed, stream) instead of reading a saved copy.
+elements: Philox ~2 ms, Box-Muller (scalar libm log/cos/sin) ~28 ms, the stream ~4 ms.
+No full-size temporary exists, and backward regenerates z from (seed, stream)
+instead of reading a saved copy.
 Arrays are 1-D and contiguous, float32 or float64 (z is float32, as the spec says,
 and widened in float64); element k has logical index k.
 """
