@@ -160,3 +160,43 @@ def test_reversible_hypergrad_digits(benchmark, provider, T):
         benchmark.extra_info["rel_err_w0"] = float(
             torch.cat([(a - b).reshape(-1) for a, b in zip(w_e, w_u)]).norm()
             / torch.cat([b.reshape(-1) for b in w_u]).norm())
+
+
+# ---------------------------------------------------------------- GPU (make gpu-check)
+D_GPU = 1 << 24
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", ["fastreg fwd", "fastreg rev", "torch SGD(momentum)", "copy (floor)"])
+def test_reversible_step_gpu(benchmark, provider):
+    """The fused steps on CUDA against the copy of the bytes they must move (64 B per element:
+    read w, v, head, count, g; write w, v, head, count, p), d = 2^24."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter((torch.randn(D_GPU, generator=g) * 0.1).cuda())
+    p.grad = (torch.randn(D_GPU, generator=g) * 1e-2).cuda()
+    if provider == "copy (floor)":
+        src = torch.zeros(4 * D_GPU, dtype=torch.int64, device="cuda")
+        dst = torch.empty_like(src)
+        fn = lambda: dst.copy_(src)  # noqa: E731
+    elif provider == "torch SGD(momentum)":
+        fn = torch.optim.SGD([p], lr=0.05, momentum=GAMMA).step
+    else:
+        opt = ReversibleSGD([p], lr=0.05, momentum=GAMMA)
+        if provider == "fastreg fwd":
+            fn = opt.step
+        else:
+            for _ in range(60):
+                opt.step()
+            st = opt.state[p]
+            hvp = torch.zeros(D_GPU, device="cuda")
+            dw = torch.zeros(D_GPU, dtype=torch.float64, device="cuda")
+            dv = torch.zeros(D_GPU, dtype=torch.float64, device="cuda")
+            u = torch.empty(D_GPU, device="cuda")
+            alpha, n, gamma, omg, c1s, lam = opt._step_consts(opt.param_groups[0], 0)
+            gr = p.grad.reshape(-1)
+
+            def fn():
+                K.rev_restore("cuda", st["w"], st["v"], dw, dv, u, p.data.view(-1), alpha, omg, opt.inv_scale)
+                K.rev_step("cuda", st["w"], st["v"], st["head"], st["count"], st["spill"], gr, hvp, dw, dv,
+                           opt.momentum_bits, n, gamma, c1s, lam, omg, opt.inv_scale)
+    run(benchmark, fn, "cuda", provider=provider, group="reversible step 2^24 cuda", rounds=40)

@@ -194,6 +194,29 @@ def test_backends_agree_on_whole_run(backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_noncontiguous_params_and_explicit_inputs():
+    g = torch.Generator().manual_seed(8)
+    p = torch.nn.Parameter(torch.randn(7, 5, generator=g).t())  # a non-contiguous view
+    q = torch.nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64))
+    meta = torch.rand(5, 7, generator=g, requires_grad=True)
+    A = torch.randn(5, 7, generator=g)
+    opt = ReversibleSGD([{"params": [p]}, {"params": [q], "lr": 0.05}], lr=0.1, momentum=0.8)
+    p0, q0 = p.detach().clone(), q.detach().clone()
+
+    def loss(t):
+        return ((p - A * (t + 1)) ** 2 * meta).sum() + (q.float() ** 4).sum() * 0.1
+
+    for t in range(15):
+        opt.zero_grad()
+        loss(t).backward()
+        opt.step()
+    assert not p.is_contiguous()
+    meta.grad = None
+    opt.reverse(lambda: (p**2).sum() + q.sum(), loss, inputs=[meta])
+    assert torch.equal(p.detach(), p0) and torch.equal(q.detach(), q0)
+    assert meta.grad is not None and bool(meta.grad.abs().sum() > 0)
+
+
 def test_params_are_on_the_grid_and_training_works():
     model = _mlp(torch.float32, 4)
     X, y = _data(4)
@@ -441,7 +464,7 @@ def test_cuda_kernels_compiled_when_the_build_has_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gpu_run_is_bit_identical_to_cpu_and_reverses(dtype):
+def test_gpu_run_reverses_exactly(dtype):
     T = 40
     res = {}
     for dev in ("cpu", "cuda"):
@@ -451,8 +474,8 @@ def test_gpu_run_is_bit_identical_to_cpu_and_reverses(dtype):
         lr = torch.full((T,), 0.1, dtype=torch.float64, device=dev, requires_grad=True)
         opt = ReversibleSGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3)
         w0 = [p.detach().clone() for p in model.parameters()]
-        # full-batch closure: the same arithmetic on both devices is not promised for matmuls,
-        # so the comparison is on the optimizer state given the same gradients
+        # matmuls may round differently on the two devices, so each device is checked for
+        # its own bit-exact reversal; the kernels themselves are compared bit for bit below
         _train(model, opt, X, y, T)
         wT = [opt.state[p]["w"].clone().cpu() for p in model.parameters()]
         opt.reverse(lambda: _loss(model, X, y, 0, bs=48), lambda t: _loss(model, X, y, t))
@@ -465,8 +488,8 @@ def test_gpu_run_is_bit_identical_to_cpu_and_reverses(dtype):
 @pytest.mark.gpu
 def test_gpu_kernels_match_reference(gen):
     n_el, cap, k, n, F = 100_003, 6, 16, 58982, 44
-    state = [s.cuda() for s in _random_state(2000, cap, gen, k)]
-    g = torch.randn(2000, generator=gen, dtype=torch.float64).cuda()
+    state = [s.cuda() for s in _random_state(n_el, cap, gen, k)]
+    g = torch.randn(n_el, generator=gen, dtype=torch.float64).cuda()
     ref, fast = _clone(state), _clone(state)
     p1, p2 = torch.empty_like(g), torch.empty_like(g)
     omg = 1 - n / 2**k
@@ -475,4 +498,17 @@ def test_gpu_kernels_match_reference(gen):
     for a, b in zip(ref, fast):
         assert torch.equal(a, b)
     assert torch.equal(p1, p2)
-    del n_el
+    dw, dv = torch.randn_like(g), torch.randn_like(g)
+    outs = []
+    for name, st in (("torch", ref), ("cuda", fast)):
+        a, b, u, p = dw.clone(), dv.clone(), torch.empty_like(g), torch.empty_like(g)
+        da = K.rev_restore(name, st[0], st[1], a, b, u, p, 0.1, omg, 2.0**-F)
+        code, dg, dl = K.rev_step(name, *st, g, g, a, b, k, n, n / 2**k, omg * 2.0**F, 0.01, omg, 2.0**-F)
+        assert code == 0
+        outs.append((da, dg, dl, a, b))
+    for a, b in zip(ref, fast):
+        assert torch.equal(a, b)
+    for x, y in zip(outs[0][:3], outs[1][:3]):
+        assert math.isclose(x, y, rel_tol=1e-10, abs_tol=1e-9)
+    for x, y in zip(outs[0][3:], outs[1][3:]):
+        assert torch.equal(x, y)
