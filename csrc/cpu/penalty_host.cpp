@@ -209,7 +209,8 @@ void explicit_norms(const int64_t* tab, const double* coefs, const int64_t* expl
                     double* scales, double* counts, double* vals_out, bool prox) {
   using S = Storage<K>;
   using T = typename S::acc;
-#pragma omp parallel for schedule(dynamic)
+  if (nexpl <= 0) return;  // no parallel region at all: waking the pool is not free
+#pragma omp parallel for schedule(dynamic) if (nexpl > 1)
   for (int64_t j = 0; j < nexpl; ++j) {
     const int64_t* r = tab + expl[j] * NCOLS;
     const int64_t n = r[T_A] * r[T_B] * r[T_C];
@@ -239,12 +240,26 @@ void explicit_norms(const int64_t* tab, const double* coefs, const int64_t* expl
   }
 }
 
+// Elements covered by the items: below 2^16 one thread does it all (waking the pool costs
+// more than the work, and much more on a loaded machine).
+constexpr int64_t kParallelMin = 1 << 16;
+inline int64_t item_work(const int64_t* tab, const int64_t* items, int64_t nitems) {
+  int64_t total = 0;
+  for (int64_t k = 0; k < nitems; ++k) {
+    const int64_t* r = tab + items[3 * k] * NCOLS;
+    const int64_t span = items[3 * k + 2] - items[3 * k + 1];
+    total += r[T_MODE] == M_BLOCK ? span * r[T_A] * r[T_C] : span;
+  }
+  return total;
+}
+
 template <int K>
 void accumulate_items(const int64_t* tab, const double* coefs, const int64_t* items, int64_t nitems,
                       const double* scales, double* vals) {
   using S = Storage<K>;
   using T = typename S::acc;
-#pragma omp parallel for schedule(dynamic)
+  const bool par = item_work(tab, items, nitems) >= kParallelMin;
+#pragma omp parallel for schedule(dynamic) if (par)
   for (int64_t k = 0; k < nitems; ++k) {
     const int64_t t = items[3 * k], lo = items[3 * k + 1], hi = items[3 * k + 2];
     const int64_t* r = tab + t * NCOLS;
@@ -293,7 +308,8 @@ void prox_items(const int64_t* tab, const double* coefs, const int64_t* items, i
                 const double* scales) {
   using S = Storage<K>;
   using T = typename S::acc;
-#pragma omp parallel for schedule(dynamic)
+  const bool par = item_work(tab, items, nitems) >= kParallelMin;
+#pragma omp parallel for schedule(dynamic) if (par)
   for (int64_t k = 0; k < nitems; ++k) {
     const int64_t t = items[3 * k], lo = items[3 * k + 1], hi = items[3 * k + 2];
     const int64_t* r = tab + t * NCOLS;
