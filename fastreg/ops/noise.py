@@ -112,7 +112,10 @@ def _gs_mode(x_numel: int, sigma: Tensor) -> int:
 
 # ---------------------------------------------------------------- Numba (CPU)
 def _np_in(t: Tensor, cd):
-    return t.to(cd).contiguous().view(-1).numpy()
+    t = t.detach()
+    if t.dtype != cd:
+        t = t.to(cd)
+    return (t if t.is_contiguous() else t.contiguous()).view(-1).numpy()
 
 
 def _np_one(cd):
@@ -141,7 +144,8 @@ def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
     with nb.threads_for(xa.size) as nthreads:
         nb.noise_fwd(xa, _np_in(sigma, cd), out, sizes, sstr, int(seed), stream, dist, additive,
                      _np_one(cd), 0, nthreads)
-    return torch.from_numpy(out).to(x.dtype).view(x.shape)
+    out_t = torch.from_numpy(out)
+    return (out_t if out_t.dtype == x.dtype else out_t.to(x.dtype)).view(x.shape)
 
 
 @torch.library.custom_op("fastreg::noise_fwd_cpu", mutates_args=(), device_types="cpu")
@@ -174,7 +178,10 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
         part = np.zeros((nparts, sigma.numel() if mode == 2 else 1), dtype=np.float64)
         nb.noise_bwd(ga, xa, sa, gx, gs, part, sizes, sstr, int(seed), stream, dist, additive,
                      need_gx, mode, _np_one(cd), 0)
-    gx_t = torch.from_numpy(gx).to(grad.dtype).view(grad.shape) if need_gx else grad.new_empty(0)
+    gx_t = grad.new_empty(0)
+    if need_gx:
+        gx_t = torch.from_numpy(gx)
+        gx_t = (gx_t if gx_t.dtype == grad.dtype else gx_t.to(grad.dtype)).view(grad.shape)
     if mode == 1:
         gs_t = torch.from_numpy(gs).to(sigma.dtype).view(sigma.shape)
     elif mode == 2:
@@ -340,13 +347,13 @@ def _bwd_direct(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs):
 
 
 class _NoiseFn(torch.autograd.Function):
+    # forward(ctx, ...) rather than a separate setup_context: the latter makes every
+    # apply() bind default arguments through inspect (tens of microseconds)
     @staticmethod
-    def forward(x, sigma, seed, stream, dist, additive):
-        return _fwd_impl(x, sigma, seed, stream, dist, additive, True)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _noise_setup(ctx, inputs, output)
+    def forward(ctx, x, sigma, seed, stream, dist, additive):
+        out = _fwd_impl(x, sigma, seed, stream, dist, additive, True)
+        _noise_setup(ctx, (x, sigma, seed, stream, dist, additive), out)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -424,7 +431,9 @@ def gaussian_dropout(input: Tensor, p: float = 0.5, training: bool = True, *, se
     check_seed(seed, "gaussian_dropout")
     if not training or p == 0.0 or input.numel() == 0:
         return input
-    sigma = torch.full((), math.sqrt(p / (1.0 - p)), dtype=torch.float64, device=input.device)
+    # in the compute dtype: the kernels round sigma to it anyway
+    sigma = torch.full((), math.sqrt(p / (1.0 - p)), dtype=compute_dtype(input.dtype),
+                       device=input.device)
     seed_t = seed_tensor(seed, input.device, "gaussian_dropout")
     return _noise(input, sigma, seed_t, stream, 0, False)
 
