@@ -358,7 +358,9 @@ class ReversibleSGD(torch.optim.Optimizer):
             for p in params:
                 gw = dw[id(p)].view_as(p).to(p.dtype)
                 p.grad = gw if p.grad is None else p.grad.copy_(gw)
-                self.state[p]["bound"] = 0
+                st = self.state[p]
+                st["bound"] = 0  # the buffer is empty again: release its spill rows
+                st["spill"] = torch.zeros((0, st["spill"].shape[1]), dtype=torch.int32, device=p.device)
             for gi, group in enumerate(self.param_groups):
                 for name in _HYPERS:
                     h = group[name]
