@@ -32,10 +32,12 @@ def store_rounded(ptr, v, mask):
 
 @triton.jit
 def _scalar(bits, F64: tl.constexpr):
+    # one return: compiled Triton rejects returns of different types even under a
+    # constexpr `if` (the interpreter does not), so the branches assign instead
     v = bits.to(tl.int64).to(tl.float64, bitcast=True)
-    if F64:
-        return v
-    return v.to(tl.float32)
+    if not F64:
+        v = v.to(tl.float32)
+    return v
 
 
 @triton.jit(do_not_specialize=["step_bits", "eps_bits", "lo_bits", "hi_bits"])

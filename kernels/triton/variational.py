@@ -32,17 +32,19 @@ def _tile_normals(seed_ptr, stream, n, BLOCK: tl.constexpr):
 @triton.jit
 def _eps(eps_bits, F64: tl.constexpr):
     v = eps_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    if F64:
-        return v
-    return v.to(tl.float32)
+    if not F64:  # one return (see adversarial._scalar)
+        v = v.to(tl.float32)
+    return v
 
 
 @triton.jit
 def _sqrt(v, F64: tl.constexpr):
     """Correctly rounded square root (tl.sqrt is approximate in float32)."""
     if F64:
-        return tl.sqrt(v)
-    return tl.sqrt_rn(v)
+        r = tl.sqrt(v)
+    else:
+        r = tl.sqrt_rn(v)
+    return r
 
 
 @triton.jit(do_not_specialize=["stream", "eps_bits"])
