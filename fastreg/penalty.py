@@ -63,15 +63,15 @@ def _group_spec(spec, p, op, name):
         return GROUP_NAMES[spec], None
     if isinstance(spec, torch.Tensor):
         if spec.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise TypeError(f"fastreg.penalty.{op}: {name} index tensor must have an integer dtype, "
-                            f"got {spec.dtype}")
+            raise TypeError(f"fastreg.penalty.{op}: {name} index tensor must have an integer "
+                            f"dtype, got {spec.dtype}")
         if spec.numel() != p.numel():
             raise ValueError(f"fastreg.penalty.{op}: {name} index tensor must have one entry per "
                              f"element: numel {spec.numel()} != parameter numel {p.numel()} "
                              f"(shape {tuple(p.shape)})")
         if spec.device != p.device:
-            raise ValueError(f"fastreg.penalty.{op}: {name} index tensor is on {spec.device} but its "
-                             f"parameter is on {p.device}")
+            raise ValueError(f"fastreg.penalty.{op}: {name} index tensor is on {spec.device} "
+                             f"but its parameter is on {p.device}")
         if spec.numel() and int(spec.min()) < 0:
             raise ValueError(f"fastreg.penalty.{op}: {name} index tensor must be >= 0")
         return MODE_EXPLICIT, spec.reshape(-1).to(torch.int64)
@@ -94,7 +94,8 @@ def _flatten(params, op, l1, l2, group_lasso, groups):
             unknown = set(e) - {"params", "l1", "l2", "group_lasso", "groups"}
             plist = e.get("params")
             if plist is None:
-                raise ValueError(f"fastreg.penalty.{op}: params[{gi}] (a dict) needs a 'params' entry")
+                raise ValueError(f"fastreg.penalty.{op}: params[{gi}] (a dict) needs a 'params' "
+                                 "entry")
             plist = [plist] if isinstance(plist, torch.Tensor) else list(plist)
             c = (e.get("l1", l1), e.get("l2", l2), e.get("group_lasso", group_lasso))
             gspec = e.get("groups", groups)
@@ -143,7 +144,8 @@ def _encode(recs):
 
 
 def accumulate_(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torch.Tensor:
-    """Adds the penalty's gradient into every parameter's .grad; returns the penalty (0-dim float32).
+    """Adds the penalty's gradient into every parameter's .grad; returns the penalty's value
+    (0-dim float32).
 
     A parameter whose .grad is None gets one (the penalty gradient alone). Call after
     loss.backward() and before optimizer.step(). One kernel pass per (device, dtype) over
@@ -229,7 +231,8 @@ def activity_penalty(x, *, l1=0.0, l2=0.0, return_value=False):
     l1 |x|_1 + l2 |x|^2 had been added to the loss. The forward computes that value in the
     same pass that produces its output, so logging it costs nothing extra:
     `y, value = activity_penalty(x, l1=..., return_value=True)` gives it as a detached 0-dim
-    tensor (float32; float64 for float64 x) (do not add it to the loss too: the gradient is already there), and
+    tensor (float32; float64 for float64 x; do not add it to the loss too: the gradient is
+    already there), and
     fastreg.nn.ActivityPenalty keeps the last one in `.last_value`.
 
     It is the torch.library op fastreg::activity_penalty (outputs (y, value), differentiable

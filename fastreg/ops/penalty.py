@@ -97,7 +97,8 @@ def prox_reference_one(w, lr, l1, l2, gl, mode, explicit=None):
         nrm = torch.zeros(ng, dtype=torch.float64, device=w.device).index_add_(0, idx, z * z).sqrt()
         cnt = torch.bincount(idx, minlength=ng).to(torch.float64)
         tg = lr * gl * cnt.sqrt()
-        f = torch.where(nrm > 0, torch.clamp(1.0 - tg / torch.where(nrm > 0, nrm, 1.0), min=0.0), 0.0)
+        safe = torch.where(nrm > 0, nrm, 1.0)
+        f = torch.where(nrm > 0, torch.clamp(1.0 - tg / safe, min=0.0), 0.0)
         z = z * f[idx]
     return (z / (1.0 + 2.0 * lr * l2)).reshape(w.shape)
 
@@ -124,7 +125,8 @@ _PLANS: dict = {}
 
 
 def _plan(shapes, modes, coefs_rows, explicit_ng, storage, kind, lr=None):
-    """Static tables of one dtype batch: (tab, coefs, items, scale size), cached by shape/mode/coefs."""
+    """Static tables of one dtype batch: (tab, coefs, items, scale size, explicit rows),
+    cached by shapes, modes and coefficients."""
     key = (kind, storage, tuple(shapes), tuple(modes), tuple(coefs_rows), tuple(explicit_ng), lr)
     hit = _PLANS.get(key)
     if hit is not None:
@@ -137,7 +139,8 @@ def _plan(shapes, modes, coefs_rows, explicit_ng, storage, kind, lr=None):
     coefs = np.zeros((nt, 3), cdt)
     items = []
     soff = 0
-    for t, (shape, mode, (l1, l2, gl), ngx) in enumerate(zip(shapes, modes, coefs_rows, explicit_ng)):
+    rows = zip(shapes, modes, coefs_rows, explicit_ng)
+    for t, (shape, mode, (l1, l2, gl), ngx) in enumerate(rows):
         n = math.prod(shape)
         grouped = gl != 0.0 and mode != MODE_NONE
         if grouped and mode != MODE_EXPLICIT:
@@ -165,7 +168,7 @@ def _plan(shapes, modes, coefs_rows, explicit_ng, storage, kind, lr=None):
         else:  # prox: tau1, inv, tau_g
             coefs[t] = (lr * l1, 1.0 / (1.0 + 2.0 * lr * l2), lr * gw)
     items_arr = np.asarray(items, np.int64).reshape(-1, 3)
-    explicit_rows = np.asarray([t for t in range(nt) if tab[t, nb.T_MODE] == nb.M_EXPLICIT], np.int64)
+    explicit_rows = np.flatnonzero(tab[:, nb.T_MODE] == nb.M_EXPLICIT).astype(np.int64)
     plan = (tab, coefs, items_arr, soff, explicit_rows)
     if len(_PLANS) > 256:
         _PLANS.clear()
@@ -188,83 +191,91 @@ def _accumulate_torch(params, grads, coefs, modes, gidx, init):
     return total.to(torch.float32)
 
 
+class _Batch:
+    """The tables of one dtype batch, with the (contiguous) tensors they point to kept alive."""
+
+    def __init__(self, params, grads, coefs, modes, gidx, rows, kind, lr=None, init=None):
+        from fastreg.kernels.numba import penalty as nb
+
+        self.storage = _STORAGE[params[rows[0]].dtype]
+        self.kind_code = {np.float32: 0, np.float64: 1, np.uint16: 2, np.int16: 3}[self.storage]
+        self.orig = [params[i] if grads is None else grads[i] for i in rows]  # what gets written
+        self.ws = [_contig(params[i]) for i in rows]
+        self.gs = None if grads is None else [_contig(grads[i]) for i in rows]
+        self.exps = [None if gidx[i] is None else _contig(gidx[i].reshape(-1).to(torch.int64))
+                     for i in rows]
+        ngs = [0 if e is None else int(e.max()) + 1 for e in self.exps]
+        tab, self.cf, self.items, self.nscale, self.exp_rows = _plan(
+            [tuple(w.shape) for w in self.ws], [modes[i] for i in rows],
+            [tuple(coefs[3 * i:3 * i + 3]) for i in rows], ngs, self.storage, kind, lr)
+        self.tab = tab.copy()
+        self.tab[:, nb.T_W] = [w.data_ptr() for w in self.ws]
+        if self.gs is not None:
+            self.tab[:, nb.T_G] = [g.data_ptr() for g in self.gs]
+            self.tab[:, nb.T_INIT] = [init[i] for i in rows]
+        for j in self.exp_rows:
+            self.tab[j, nb.T_IDX] = self.exps[j].data_ptr()
+
+    def copy_back(self):
+        """Results computed in contiguous copies go back to the caller's tensors."""
+        for dst, src in zip(self.orig, self.gs if self.gs is not None else self.ws):
+            if src is not dst:
+                dst.copy_(src)
+
+    def native_args(self, device, with_vals):
+        """Device tensors for the C++/CUDA entry points (kept on self) and their argument tuple."""
+        tabs = [torch.from_numpy(self.tab), torch.from_numpy(self.cf.astype(np.float64)),
+                torch.from_numpy(self.items), torch.from_numpy(self.exp_rows)]
+        if device.type == "cuda":
+            tabs = [x.to(device, non_blocking=True) for x in tabs]
+        n = max(self.nscale, 1)
+        self.keep = tabs
+        self.scales = torch.zeros(n, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(n, dtype=torch.float64, device=device)
+        args = (tabs[0].data_ptr(), self.tab.shape[0], tabs[1].data_ptr(), tabs[2].data_ptr(),
+                len(self.items), tabs[3].data_ptr(), len(self.exp_rows), self.scales.data_ptr(),
+                self.counts.data_ptr())
+        if with_vals:
+            self.vals = torch.zeros(len(self.items) + len(self.exp_rows), dtype=torch.float64,
+                                    device=device)
+            args += (self.vals.data_ptr(),)
+        return args + (self.kind_code,)
+
+
 def _accumulate_numba(params, grads, coefs, modes, gidx, init):
     from fastreg.kernels.numba import penalty as nb
 
     total = 0.0
-    for dtype, rows in _by_dtype(params).items():
-        storage = _STORAGE[dtype]
-        ws = [_contig(params[i]) for i in rows]
-        gs = [grads[i] for i in rows]
-        gcs = [_contig(g) for g in gs]
-        exps = [_contig(gidx[i].reshape(-1).to(torch.int64)) if gidx[i] is not None else None for i in rows]
-        ngs = [(int(e.max()) + 1) if e is not None else 0 for e in exps]
-        tab, cf, items, nscale, exp_rows = _plan(
-            [tuple(w.shape) for w in ws], [modes[i] for i in rows],
-            [tuple(coefs[3 * i:3 * i + 3]) for i in rows], ngs, storage, "accumulate")
-        tab = tab.copy()
-        tab[:, nb.T_W] = [w.data_ptr() for w in ws]
-        tab[:, nb.T_G] = [g.data_ptr() for g in gcs]
-        tab[:, nb.T_INIT] = [init[i] for i in rows]
-        proto = np.empty(0, storage)
-        scales = np.zeros(max(nscale, 1), cf.dtype)
-        if len(exp_rows):
-            tab[exp_rows, nb.T_IDX] = [exps[j].data_ptr() for j in exp_rows]
-            gv = np.zeros(len(exp_rows), np.float64)
-            nb.explicit_norms(tab, cf, exp_rows, scales, proto, gv, np.zeros(len(exp_rows)), False)
+    for rows in _by_dtype(params).values():
+        b = _Batch(params, grads, coefs, modes, gidx, rows, "accumulate", init=init)
+        proto = np.empty(0, b.storage)
+        scales = np.zeros(max(b.nscale, 1), b.cf.dtype)
+        if len(b.exp_rows):
+            gv = np.zeros(len(b.exp_rows), np.float64)
+            nb.explicit_norms(b.tab, b.cf, b.exp_rows, scales, proto, gv,
+                              np.zeros(len(b.exp_rows)), False)
             total += float(gv.sum())
-        vals = np.empty(len(items), np.float64)
-        nb.accumulate(tab, cf, items, scales, proto, vals)
+        vals = np.empty(len(b.items), np.float64)
+        nb.accumulate(b.tab, b.cf, b.items, scales, proto, vals)
         total += float(vals.sum())
-        for g, gc in zip(gs, gcs):
-            if gc is not g:
-                g.copy_(gc)
+        b.copy_back()
     return _scalar(total, params[0].device if params else "cpu")
 
 
 def _accumulate_host(params, grads, coefs, modes, gidx, init, cuda=False):
     """The C++ build of csrc/include/fastreg/penalty.h (host), or its CUDA kernels."""
-    from fastreg.kernels.numba import penalty as nb
-
     C = _native.native_cuda() if cuda else _native.native()
     device = params[0].device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for dtype, rows in _by_dtype(params).items():
-        storage = _STORAGE[dtype]
-        ws = [_contig(params[i]) for i in rows]
-        gs = [grads[i] for i in rows]
-        gcs = [_contig(g) for g in gs]
-        exps = [_contig(gidx[i].reshape(-1).to(torch.int64)) if gidx[i] is not None else None for i in rows]
-        ngs = [(int(e.max()) + 1) if e is not None else 0 for e in exps]
-        tab, cf, items, nscale, exp_rows = _plan(
-            [tuple(w.shape) for w in ws], [modes[i] for i in rows],
-            [tuple(coefs[3 * i:3 * i + 3]) for i in rows], ngs, storage, "accumulate")
-        tab = tab.copy()
-        tab[:, nb.T_W] = [w.data_ptr() for w in ws]
-        tab[:, nb.T_G] = [g.data_ptr() for g in gcs]
-        tab[:, nb.T_INIT] = [init[i] for i in rows]
-        for j in exp_rows:
-            tab[j, nb.T_IDX] = exps[j].data_ptr()
-        cfd = torch.from_numpy(cf.astype(np.float64))
-        tab_t, cf_t, it_t = torch.from_numpy(tab), cfd, torch.from_numpy(items)
-        ex_t = torch.from_numpy(exp_rows)
-        if cuda:
-            tab_t, cf_t, it_t, ex_t = (x.to(device, non_blocking=True) for x in (tab_t, cf_t, it_t, ex_t))
-        scales = torch.zeros(max(nscale, 1), dtype=torch.float64, device=device)
-        counts = torch.zeros(max(nscale, 1), dtype=torch.float64, device=device)
-        vals = torch.zeros(len(items) + len(exp_rows), dtype=torch.float64, device=device)
-        kind = {np.float32: 0, np.float64: 1, np.uint16: 2, np.int16: 3}[storage]
-        args = (tab_t.data_ptr(), tab.shape[0], cf_t.data_ptr(), it_t.data_ptr(), len(items),
-                ex_t.data_ptr(), len(exp_rows), scales.data_ptr(), counts.data_ptr(),
-                vals.data_ptr(), kind)
+    for rows in _by_dtype(params).values():
+        b = _Batch(params, grads, coefs, modes, gidx, rows, "accumulate", init=init)
+        args = b.native_args(device, with_vals=True)
         if cuda:
             C.penalty_accumulate_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
         else:
             C.penalty_accumulate_host(*args)
-        total = total + vals.sum()
-        for g, gc in zip(gs, gcs):
-            if gc is not g:
-                g.copy_(gc)
+        total = total + b.vals.sum()
+        b.copy_back()
     return total.to(torch.float32)
 
 
@@ -326,65 +337,30 @@ def _prox_torch(params, lr, coefs, modes, gidx):
 def _prox_numba(params, lr, coefs, modes, gidx):
     from fastreg.kernels.numba import penalty as nb
 
-    for dtype, rows in _by_dtype(params).items():
-        storage = _STORAGE[dtype]
-        ws0 = [params[i] for i in rows]
-        ws = [_contig(w) for w in ws0]
-        exps = [_contig(gidx[i].reshape(-1).to(torch.int64)) if gidx[i] is not None else None for i in rows]
-        ngs = [(int(e.max()) + 1) if e is not None else 0 for e in exps]
-        tab, cf, items, nscale, exp_rows = _plan(
-            [tuple(w.shape) for w in ws], [modes[i] for i in rows],
-            [tuple(coefs[3 * i:3 * i + 3]) for i in rows], ngs, storage, "prox", lr)
-        tab = tab.copy()
-        tab[:, nb.T_W] = [w.data_ptr() for w in ws]
-        proto = np.empty(0, storage)
-        scales = np.zeros(max(nscale, 1), cf.dtype)
-        if len(exp_rows):
-            tab[exp_rows, nb.T_IDX] = [exps[j].data_ptr() for j in exp_rows]
-            # explicit_norms reads group_lasso from coefs[:, 2]: pass lr * gl there
-            cfx = cf.copy()
-            taus = cf[exp_rows, 0].astype(np.float64)
-            nb.explicit_norms(tab, cfx, exp_rows, scales, proto, np.zeros(len(exp_rows)), taus, True)
-        nb.prox(tab, cf, items, scales, proto)
-        for w0, w in zip(ws0, ws):
-            if w is not w0:
-                w0.copy_(w)
+    for rows in _by_dtype(params).values():
+        b = _Batch(params, None, coefs, modes, gidx, rows, "prox", lr)
+        proto = np.empty(0, b.storage)
+        scales = np.zeros(max(b.nscale, 1), b.cf.dtype)
+        if len(b.exp_rows):
+            # explicit_norms reads the group strength from coefs[:, 2], here lr * group_lasso
+            taus = b.cf[b.exp_rows, 0].astype(np.float64)
+            nb.explicit_norms(b.tab, b.cf, b.exp_rows, scales, proto, np.zeros(len(b.exp_rows)),
+                              taus, True)
+        nb.prox(b.tab, b.cf, b.items, scales, proto)
+        b.copy_back()
 
 
 def _prox_host(params, lr, coefs, modes, gidx, cuda=False):
-    from fastreg.kernels.numba import penalty as nb
-
     C = _native.native_cuda() if cuda else _native.native()
     device = params[0].device
-    for dtype, rows in _by_dtype(params).items():
-        storage = _STORAGE[dtype]
-        ws0 = [params[i] for i in rows]
-        ws = [_contig(w) for w in ws0]
-        exps = [_contig(gidx[i].reshape(-1).to(torch.int64)) if gidx[i] is not None else None for i in rows]
-        ngs = [(int(e.max()) + 1) if e is not None else 0 for e in exps]
-        tab, cf, items, nscale, exp_rows = _plan(
-            [tuple(w.shape) for w in ws], [modes[i] for i in rows],
-            [tuple(coefs[3 * i:3 * i + 3]) for i in rows], ngs, storage, "prox", lr)
-        tab = tab.copy()
-        tab[:, nb.T_W] = [w.data_ptr() for w in ws]
-        for j in exp_rows:
-            tab[j, nb.T_IDX] = exps[j].data_ptr()
-        tab_t, cf_t, it_t = torch.from_numpy(tab), torch.from_numpy(cf.astype(np.float64)), torch.from_numpy(items)
-        ex_t = torch.from_numpy(exp_rows)
-        if cuda:
-            tab_t, cf_t, it_t, ex_t = (x.to(device, non_blocking=True) for x in (tab_t, cf_t, it_t, ex_t))
-        scales = torch.zeros(max(nscale, 1), dtype=torch.float64, device=device)
-        counts = torch.zeros(max(nscale, 1), dtype=torch.float64, device=device)
-        kind = {np.float32: 0, np.float64: 1, np.uint16: 2, np.int16: 3}[storage]
-        args = (tab_t.data_ptr(), tab.shape[0], cf_t.data_ptr(), it_t.data_ptr(), len(items),
-                ex_t.data_ptr(), len(exp_rows), scales.data_ptr(), counts.data_ptr(), kind)
+    for rows in _by_dtype(params).values():
+        b = _Batch(params, None, coefs, modes, gidx, rows, "prox", lr)
+        args = b.native_args(device, with_vals=False)
         if cuda:
             C.penalty_prox_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
         else:
             C.penalty_prox_host(*args)
-        for w0, w in zip(ws0, ws):
-            if w is not w0:
-                w0.copy_(w)
+        b.copy_back()
 
 
 @torch.library.custom_op("fastreg::penalty_prox", mutates_args=("params",))
@@ -421,8 +397,8 @@ def _activity_forward_impl(x, l1, l2):
 
         nch = (n + nb.ACT_CHUNK - 1) // nb.ACT_CHUNK
         vals = np.empty(nch, np.float64)
-        nb.activity_forward(xc.data_ptr(), y.data_ptr(), n, np.empty(0, _STORAGE[x.dtype]), float(l1),
-                            float(l2), vals)
+        nb.activity_forward(xc.data_ptr(), y.data_ptr(), n, np.empty(0, _STORAGE[x.dtype]),
+                            float(l1), float(l2), vals)
         return y, torch.tensor(float(vals.sum()), dtype=compute_dtype(x.dtype), device=x.device)
     y.copy_(xc)
     x64 = xc.to(torch.float64)

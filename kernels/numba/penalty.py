@@ -34,7 +34,8 @@ T_W, T_G, T_A, T_B, T_C, T_MODE, T_INIT, T_IDX, T_SOFF, T_NG = range(10)
 NCOLS = 10
 # modes
 M_FLAT, M_BLOCK, M_EXPLICIT = 0, 1, 2
-# coefficient columns: l1, l2, group weight (group_lasso * sqrt(|g|) for blocks; group_lasso for explicit)
+# coefficient columns: l1, l2, group weight (group_lasso * sqrt(|g|) for blocks, group_lasso
+# for explicit groups)
 FM = {"reassoc"}
 SUB = 1024  # elements per compute-type partial sum
 
