@@ -234,7 +234,7 @@ def test_gpu_opcheck_and_cpu_agreement():
         y = fastreg.bias_act_dropout(x, b, activation=B.ACTIVATIONS[act], p=0.3, seed=5)
         yc = fastreg.bias_act_dropout(x.detach().cpu(), b.detach().cpu(), activation=B.ACTIVATIONS[act],
                                       p=0.3, seed=5)
-        torch.testing.assert_close(y.detach().cpu(), yc, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(y.detach().cpu(), yc, rtol=1e-5, atol=1e-5)  # f32 erf on GPU
 
 
 def test_bad_arguments():

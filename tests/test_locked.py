@@ -246,3 +246,22 @@ def test_bad_arguments():
         fastreg.dropconnect_linear(x, w, p=-0.1)
     with pytest.raises(TypeError, match="dim"):
         fastreg.nn.LockedDropout(0.5, dim="t")
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_compile_and_cpu_agreement():
+    x = torch.randn(8, 5, 33, device="cuda", requires_grad=True)
+    seed = torch.tensor(5, device="cuda")
+    torch.library.opcheck(torch.ops.fastreg.locked_dropout.default, (x, seed, 1, 0.3, 1))
+    f = torch.compile(lambda t: fastreg.locked_dropout(t, 0.3, dim=1, seed=5), fullgraph=True)
+    assert torch.equal(f(x), fastreg.locked_dropout(x, 0.3, dim=1, seed=5))
+    for dtype in DTYPES:  # the same (seed, stream, shape) gives the same bits on CPU and GPU
+        xc = torch.randn(6, 7, 301).to(dtype)
+        a = fastreg.locked_dropout(xc, 0.4, dim=0, seed=9, stream=2)
+        b = fastreg.locked_dropout(xc.cuda(), 0.4, dim=0, seed=9, stream=2).cpu()
+        assert torch.equal(a, b)
+    w = torch.randn(6, 33, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.fastreg.dropconnect_linear.default, (x, w, None, seed, 0, 0.3))
+    y = fastreg.dropconnect_linear(x, w, None, 0.3, seed=4)
+    yc = fastreg.dropconnect_linear(x.detach().cpu(), w.detach().cpu(), None, 0.3, seed=4)
+    torch.testing.assert_close(y.detach().cpu(), yc, rtol=1e-4, atol=1e-4)

@@ -303,7 +303,7 @@ def test_opcheck(backend):
     s = torch.rand(5, dtype=torch.float64, requires_grad=True)
     seed = torch.tensor(5)
     # The interpreter cannot run kernels on fake tensors, so the compiled (aot_dispatch)
-    # checks of the Triton path need a GPU: test_gpu_opcheck_and_compile runs them all.
+    # checks of the Triton path need a GPU: test_gpu_opcheck_compile_and_cpu_agreement runs them.
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     kw = {"test_utils": utils} if backend == "triton" else {}
     with fastreg.use_backend(backend):
