@@ -3,8 +3,9 @@ torch.compile) and the copy floor, with bytes saved for backward per element.
 
 Groups (float32, CPU; CUDA too when present, marked gpu):
   gaussian_dropout fwd / fwd+bwd           2^24 and 2^12   x * (1 + s * randn_like(x))
-  multiplicative_noise fwd+bwd (learned    2^24 and 2^12   x * (1 + sigma * randn_like(x)),
-    per-feature sigma, 1024 features)                       sigma (1024,) requires grad
+  multiplicative_noise fwd+bwd (per-       2^24 and 2^12   x * (1 + sigma * randn_like(x)),
+    feature sigma, 1024 features)                           sigma (1024,) learned (requires
+                                           (fixed: 2^24)     grad) or fixed
   input_noise fwd+bwd                      2^24            x + s * randn_like(x)
   locked_dropout fwd+bwd (dim 0 of T=64)   2^24            x * bernoulli mask (1, B, F) / (1-p)
   bias_act_dropout relu fwd+bwd            2^24            dropout(relu(x + b))
@@ -94,14 +95,17 @@ def test_gaussian_dropout_fwd_bwd(benchmark, provider, size, device):
         warmup=2, **extra)
 
 
-# ---------------------------------------------------------------- multiplicative noise, learned sigma
+# ---------------------------------------------------------------- multiplicative noise, per-feature sigma
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("learned", [True, False], ids=["learned", "fixed"])
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("provider", ["fastreg", "torch eager", "torch.compile", "copy (floor)"])
-def test_multiplicative_noise_fwd_bwd(benchmark, provider, size, device):
+def test_multiplicative_noise_fwd_bwd(benchmark, provider, size, learned, device):
+    if not learned and size != "2^24":
+        pytest.skip("the fixed-sigma variant is timed at 2^24 only")
     n = SIZES[size]
     x = torch.randn(n // FEAT, FEAT, device=device, requires_grad=True)
-    s = torch.full((FEAT,), 0.3, device=device, requires_grad=True)
+    s = torch.full((FEAT,), 0.3, device=device, requires_grad=learned)
     g = torch.randn(n // FEAT, FEAT, device=device)
     extra = {}
     if provider == "copy (floor)":
@@ -116,10 +120,13 @@ def test_multiplicative_noise_fwd_bwd(benchmark, provider, size, device):
             make = lambda: f(x, s)  # noqa: E731
         extra["saved_bytes_per_elem"] = saved_bytes_per_elem(make, n)
 
+        inputs = (x, s) if learned else (x,)
+
         def fn():
-            torch.autograd.grad(make(), (x, s), g)
+            torch.autograd.grad(make(), inputs, g)
+    kind = "learned" if learned else "fixed"
     run(benchmark, fn, device, provider=provider,
-        group=f"multiplicative_noise learned-sigma fwd+bwd {size} f32 {device}",
+        group=f"multiplicative_noise {kind}-sigma fwd+bwd {size} f32 {device}",
         rounds=_rounds(n, device), warmup=2, **extra)
 
 
