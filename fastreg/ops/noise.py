@@ -206,9 +206,13 @@ def _(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs):
 
 # ---------------------------------------------------------------- public ops
 def _layout_tensors(x: Tensor, sigma: Tensor):
+    """(sizes, sstr, ndim) for the Triton kernels: one int64 tensor holding both (a single
+    host-to-device copy); a scalar sigma needs none (the kernels skip the index maths)."""
+    if sigma.numel() == 1:
+        return sigma, sigma, 1  # never read (SCALAR)
     sizes, sstr = broadcast_layout(x.shape, sigma.shape)
-    return (torch.tensor(sizes, dtype=torch.int64, device=x.device),
-            torch.tensor(sstr, dtype=torch.int64, device=x.device), len(sizes))
+    both = torch.tensor(sizes + sstr, dtype=torch.int64, device=x.device)
+    return both[:len(sizes)], both[len(sizes):], len(sizes)
 
 
 def _launcher(kernel, direct: bool):
