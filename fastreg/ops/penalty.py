@@ -366,6 +366,10 @@ def _prox_host(params, lr, coefs, modes, gidx, cuda=False):
 @torch.library.custom_op("fastreg::penalty_prox", mutates_args=("params",))
 def penalty_prox(params: list[torch.Tensor], lr: float, coefs: list[float], modes: list[int],
                  group_index: list[torch.Tensor]) -> None:
+    _run_prox(params, lr, coefs, modes, group_index)
+
+
+def _run_prox(params, lr, coefs, modes, group_index):
     gidx = _explicit_iter(modes, group_index)
     if not params:
         return
