@@ -130,6 +130,10 @@ def test_gradcheck_float64(backend, gen):
         for act in ACTS:
             assert torch.autograd.gradcheck(
                 lambda u, v: fastreg.bias_act_dropout(u, v, activation=act, p=0.4, seed=7), (x, b))
+            # the registered op's autograd (what torch.compile uses), not the eager fast path
+            assert torch.autograd.gradcheck(
+                lambda u, v: torch.ops.fastreg.bias_act_dropout_fwd(u, v, torch.tensor(7), 0,
+                                                                    _code(act), 0.4), (x, b))
 
 
 def _saved(fn):

@@ -30,6 +30,7 @@ from fastreg import _backend
 from fastreg._seed import check_seed, check_stream, dropout_scale, keep_threshold, seed_tensor
 from fastreg._validate import check_float_tensor, check_probability, compute_dtype
 from fastreg.ops.dropout import dropout_multipliers_reference
+from fastreg.ops.noise import _eager_fast_path
 
 BACKENDS = ("numba", "triton")
 ACTIVATIONS = (None, "relu", "gelu")
@@ -76,8 +77,7 @@ def _np_scale(p, cd):
     return (np.float64 if cd == torch.float64 else np.float32)(dropout_scale(p))
 
 
-@torch.library.custom_op("fastreg::bias_act_dropout_fwd_cpu", mutates_args=(), device_types="cpu")
-def _fwd_cpu(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: float) -> Tensor:
+def _numba_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: float) -> Tensor:
     import numpy as np
 
     from fastreg.kernels.numba import bias_act as nb
@@ -93,14 +93,18 @@ def _fwd_cpu(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: fl
     return torch.from_numpy(out).to(x.dtype).view(x.shape)
 
 
+@torch.library.custom_op("fastreg::bias_act_dropout_fwd_cpu", mutates_args=(), device_types="cpu")
+def _fwd_cpu(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: float) -> Tensor:
+    return _numba_fwd(x, bias, seed, stream, act, p)
+
+
 @_fwd_cpu.register_fake
 def _(x, bias, seed, stream, act, p):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("fastreg::bias_act_dropout_bwd_cpu", mutates_args=(), device_types="cpu")
-def _bwd_cpu(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int,
-             p: float) -> tuple[Tensor, Tensor]:
+def _numba_bwd(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int,
+               p: float) -> tuple[Tensor, Tensor]:
     import numpy as np
 
     from fastreg.kernels.numba import bias_act as nb
@@ -120,6 +124,12 @@ def _bwd_cpu(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: in
             torch.from_numpy(part.sum(0)).to(bias.dtype))
 
 
+@torch.library.custom_op("fastreg::bias_act_dropout_bwd_cpu", mutates_args=(), device_types="cpu")
+def _bwd_cpu(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int,
+             p: float) -> tuple[Tensor, Tensor]:
+    return _numba_bwd(grad, saved, bias, seed, stream, act, p)
+
+
 @_bwd_cpu.register_fake
 def _(grad, saved, bias, seed, stream, act, p):
     return (torch.empty(grad.shape, dtype=grad.dtype, device=grad.device),
@@ -131,12 +141,15 @@ def _scale_bits(p: float) -> int:
     return struct.unpack("<q", struct.pack("<d", dropout_scale(p)))[0]
 
 
-@triton_op("fastreg::bias_act_dropout_fwd", mutates_args=())
-def bias_act_dropout_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int,
-                         p: float) -> Tensor:
-    """act(x + bias) * keep / (1 - p); act 0 none, 1 relu, 2 gelu."""
+def _launcher(kernel, direct):
+    return kernel if direct else wrap_triton(kernel)
+
+
+def _fwd_impl(x, bias, seed, stream, act, p, direct):
     backend = _backend.select(x.device, BACKENDS, "bias_act_dropout")
     if backend == "numba":
+        if direct:
+            return _numba_fwd(x, bias, seed, stream, act, p)
         return torch.ops.fastreg.bias_act_dropout_fwd_cpu(x, bias, seed, stream, act, p)
     if backend == "triton":
         from fastreg.kernels.triton import bias_act as tk
@@ -145,7 +158,7 @@ def bias_act_dropout_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act
         C = bias.numel()
         R = x.numel() // C if C else 0
         if R > 0 and _backend.launch_kernel(x):
-            wrap_triton(tk.bias_act_fwd_kernel)[tk.grid(R, C)](
+            _launcher(tk.bias_act_fwd_kernel, direct)[tk.grid(R, C)](
                 x.contiguous(), bias.contiguous(), out, seed, stream, keep_threshold(p),
                 _scale_bits(p), 0, R, C, ACT=act, COMPUTE_F64=x.dtype == torch.float64,
                 BLOCK_R=tk.BLOCK_R, BLOCK_C=tk.BLOCK_C)
@@ -153,12 +166,11 @@ def bias_act_dropout_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act
     return bias_act_dropout_reference(x, bias, seed, stream, act, p)
 
 
-@triton_op("fastreg::bias_act_dropout_bwd", mutates_args=())
-def bias_act_dropout_bwd(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: int,
-                         act: int, p: float) -> tuple[Tensor, Tensor]:
-    """(grad_x, grad_bias) in one pass. saved: the output (relu), x (gelu), any (none)."""
+def _bwd_impl(grad, saved, bias, seed, stream, act, p, direct):
     backend = _backend.select(grad.device, BACKENDS, "bias_act_dropout")
     if backend == "numba":
+        if direct:
+            return _numba_bwd(grad, saved, bias, seed, stream, act, p)
         return torch.ops.fastreg.bias_act_dropout_bwd_cpu(grad, saved, bias, seed, stream, act, p)
     if backend == "triton":
         from fastreg.kernels.triton import bias_act as tk
@@ -171,12 +183,26 @@ def bias_act_dropout_bwd(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor
         part = torch.zeros((nrb, C), dtype=cd, device=grad.device)
         if R > 0 and _backend.launch_kernel(grad):
             sv = saved.contiguous() if act != 0 else grad
-            wrap_triton(tk.bias_act_bwd_kernel)[tk.grid(R, C)](
+            _launcher(tk.bias_act_bwd_kernel, direct)[tk.grid(R, C)](
                 grad.contiguous(), sv, bias.contiguous(), gx, part, seed, stream,
                 keep_threshold(p), _scale_bits(p), 0, R, C, ACT=act,
                 COMPUTE_F64=cd == torch.float64, BLOCK_R=tk.BLOCK_R, BLOCK_C=tk.BLOCK_C)
         return gx, part.sum(0).to(bias.dtype)
     return bias_act_dropout_bwd_reference(grad, saved, bias, seed, stream, act, p)
+
+
+@triton_op("fastreg::bias_act_dropout_fwd", mutates_args=())
+def bias_act_dropout_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int,
+                         p: float) -> Tensor:
+    """act(x + bias) * keep / (1 - p); act 0 none, 1 relu, 2 gelu."""
+    return _fwd_impl(x, bias, seed, stream, act, p, False)
+
+
+@triton_op("fastreg::bias_act_dropout_bwd", mutates_args=())
+def bias_act_dropout_bwd(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: int,
+                         act: int, p: float) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_bias) in one pass. saved: the output (relu), x (gelu), any (none)."""
+    return _bwd_impl(grad, saved, bias, seed, stream, act, p, False)
 
 
 def _setup(ctx, inputs, output):
@@ -196,6 +222,26 @@ def _backward(ctx, grad):
 
 
 bias_act_dropout_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+class _BiasActFn(torch.autograd.Function):
+    """The eager fast path (as fastreg.dropout's): the same kernels without the op layers.
+    Its backward is first-order, like the op's."""
+
+    @staticmethod
+    def forward(ctx, x, bias, seed, stream, act, p):
+        out = _fwd_impl(x, bias, seed, stream, act, p, True)
+        ctx.stream, ctx.act, ctx.p = stream, act, p
+        ctx.save_for_backward(out if act == 1 else (x if act == 2 else None), bias, seed)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        saved, bias, seed = ctx.saved_tensors
+        gx, gb = _bwd_impl(grad, grad if saved is None else saved, bias, seed, ctx.stream,
+                           ctx.act, ctx.p, True)
+        return gx, gb, None, None, None, None
 
 
 # ---------------------------------------------------------------- Python API
@@ -231,5 +277,7 @@ def bias_act_dropout(input: Tensor, bias: Tensor, *, activation: str | None = "r
     # p = 0 keeps everything (word >= 0): no seed is drawn, the generator is untouched
     seed_t = (seed_tensor(seed, input.device, op) if p > 0.0
               else torch.zeros((), dtype=torch.int64, device=input.device))
-    return torch.ops.fastreg.bias_act_dropout_fwd(input, bias, seed_t, stream,
-                                                  ACTIVATIONS.index(activation), p)
+    act = ACTIVATIONS.index(activation)
+    if _eager_fast_path(input, bias, seed_t):
+        return _BiasActFn.apply(input, bias, seed_t, stream, act, p)
+    return torch.ops.fastreg.bias_act_dropout_fwd(input, bias, seed_t, stream, act, p)

@@ -34,6 +34,7 @@ from fastreg import _backend
 from fastreg._seed import check_seed, check_stream, dropout_scale, keep_threshold, seed_tensor
 from fastreg._validate import check_float_tensor, check_probability, compute_dtype
 from fastreg.ops.dropout import dropout_multipliers_reference
+from fastreg.ops.noise import _eager_fast_path
 
 BACKENDS = ("numba", "triton")
 
@@ -53,8 +54,7 @@ def locked_dropout_reference(x: Tensor, seed, stream: int, p: float, dim: int,
 
 
 # ---------------------------------------------------------------- Numba (CPU)
-@torch.library.custom_op("fastreg::locked_dropout_cpu", mutates_args=(), device_types="cpu")
-def _locked_dropout_cpu(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> Tensor:
+def _numba_locked(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> Tensor:
     import numpy as np
 
     from fastreg.kernels.numba import locked as nb
@@ -71,6 +71,11 @@ def _locked_dropout_cpu(x: Tensor, seed: Tensor, stream: int, p: float, dim: int
     return torch.from_numpy(out).to(x.dtype).view(x.shape)
 
 
+@torch.library.custom_op("fastreg::locked_dropout_cpu", mutates_args=(), device_types="cpu")
+def _locked_dropout_cpu(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> Tensor:
+    return _numba_locked(x, seed, stream, p, dim)
+
+
 @_locked_dropout_cpu.register_fake
 def _(x, seed, stream, p, dim):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -81,12 +86,12 @@ def _scale_bits(p: float) -> int:
     return struct.unpack("<q", struct.pack("<d", dropout_scale(p)))[0]
 
 
-@triton_op("fastreg::locked_dropout", mutates_args=())
-def locked_dropout_op(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> Tensor:
-    """x * keep(j) / (1 - p), j = the row-major index of x with dim removed (dim >= 0)."""
+def _locked_impl(x, seed, stream, p, dim, direct):
     backend = _backend.select(x.device, BACKENDS, "locked_dropout")
     n = x.numel()
     if backend == "numba":
+        if direct:
+            return _numba_locked(x, seed, stream, p, dim)
         return torch.ops.fastreg.locked_dropout_cpu(x, seed, stream, p, dim)
     if backend == "triton":
         from fastreg.kernels.triton import locked as tk
@@ -94,11 +99,17 @@ def locked_dropout_op(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) 
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if n > 0 and _backend.launch_kernel(x):
             _, D, I = _odi(x.shape, dim)
-            wrap_triton(tk.locked_fwd_kernel)[tk.grid(n)](
+            (tk.locked_fwd_kernel if direct else wrap_triton(tk.locked_fwd_kernel))[tk.grid(n)](
                 x.contiguous(), out, seed, stream, keep_threshold(p), _scale_bits(p), 0, D * I, I,
                 n, COMPUTE_F64=x.dtype == torch.float64, BLOCK=tk.BLOCK)
         return out
     return locked_dropout_reference(x, seed, stream, p, dim)
+
+
+@triton_op("fastreg::locked_dropout", mutates_args=())
+def locked_dropout_op(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> Tensor:
+    """x * keep(j) / (1 - p), j = the row-major index of x with dim removed (dim >= 0)."""
+    return _locked_impl(x, seed, stream, p, dim, False)
 
 
 def _locked_setup(ctx, inputs, output):
@@ -114,6 +125,21 @@ def _locked_backward(ctx, grad):
 
 
 locked_dropout_op.register_autograd(_locked_backward, setup_context=_locked_setup)
+
+
+class _LockedFn(torch.autograd.Function):
+    """The eager fast path (as fastreg.dropout's): the same kernels without the op layers."""
+
+    @staticmethod
+    def forward(ctx, x, seed, stream, p, dim):
+        ctx.stream, ctx.p, ctx.dim = stream, p, dim
+        ctx.save_for_backward(seed)
+        return _locked_impl(x, seed, stream, p, dim, True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (seed,) = ctx.saved_tensors
+        return _LockedFn.apply(grad, seed, ctx.stream, ctx.p, ctx.dim), None, None, None, None
 
 
 # ---------------------------------------------------------------- DropConnect op
@@ -188,6 +214,8 @@ def locked_dropout(input: Tensor, p: float = 0.5, *, dim: int, training: bool = 
     if not training or p == 0.0 or input.numel() == 0:
         return input
     seed_t = seed_tensor(seed, input.device, "locked_dropout")
+    if _eager_fast_path(input, seed_t):
+        return _LockedFn.apply(input, seed_t, stream, p, dim)
     return torch.ops.fastreg.locked_dropout(input, seed_t, stream, p, dim)
 
 
