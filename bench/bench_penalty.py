@@ -162,3 +162,52 @@ def test_penalty(benchmark, provider, kind, plist, device):
     big = n > 5_000_000
     run(benchmark, fn, device, provider=provider, group=f"penalty {kind} {plist} f32 {device}",
         rounds=15 if big else 30, warmup=2, numel=n, tensors=len(ps))
+
+
+def interleaved(rounds=15, device="cpu"):
+    """Round-robin timing of every provider (min and median over `rounds`): on a shared machine
+    every provider then sees the same load. `python bench/bench_penalty.py [rounds]`."""
+    import time
+
+    rows = []
+    for plist in LISTS:
+        for kind in ("L1+L2", "group", "prox"):
+            ps = _params(plist, device)
+            n = sum(p.numel() for p in ps)
+            provs = dict(_providers(kind, ps))
+            src = torch.randn(n * (2 if kind == "prox" else 3) // 2, device=device)
+            dst = torch.empty_like(src)
+            provs["copy (floor)"] = lambda: dst.copy_(src)  # noqa: B023
+            ts = {k: [] for k in provs}
+            for f in provs.values():
+                f()
+            for _ in range(rounds):
+                for k, f in provs.items():
+                    t = time.perf_counter()
+                    f()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    ts[k].append(time.perf_counter() - t)
+            rows.append((kind, plist, {k: (sorted(v)[len(v) // 2], min(v)) for k, v in ts.items()}))
+    print("| work | list | " + " | ".join(PROVIDERS) + " |")
+    print("| --- | --- |" + " ---: |" * len(PROVIDERS))
+    for kind, plist, r in rows:
+        cells = [f"{r[p][0] * 1e3:.1f} / {r[p][1] * 1e3:.1f}" if p in r else "—" for p in PROVIDERS]
+        print(f"| {kind} | {plist} | " + " | ".join(cells) + " |")
+    print()
+    print("| work | list | best loop/foreach ÷ fastreg | autograd ÷ fastreg | fastreg ÷ floor |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for kind, plist, r in rows:
+        f = r["fastreg"]
+        best = [r[p] for p in ("python loop", "torch._foreach") if p in r]
+        b = f"{min(x[0] for x in best) / f[0]:.2f}x, {min(x[1] for x in best) / f[1]:.2f}x"
+        a = r.get("autograd penalty")
+        a = f"{a[0] / f[0]:.1f}x, {a[1] / f[1]:.1f}x" if a else "—"
+        fl = r["copy (floor)"]
+        print(f"| {kind} | {plist} | {b} | {a} | {f[0] / fl[0]:.2f}x, {f[1] / fl[1]:.2f}x |")
+
+
+if __name__ == "__main__":
+    import sys
+
+    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 15)

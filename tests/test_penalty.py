@@ -344,3 +344,14 @@ def test_hot_path_choice(gen, monkeypatch):
     P.accumulate_([w32.half()], l1=0.1)
     P.accumulate_([w32], group_lasso=0.1, groups=torch.zeros(16, dtype=torch.int64))
     assert used == ["host", "numba", "numba"]
+
+
+def test_version_counters_bumped(gen):
+    w = torch.randn(5, 3, generator=gen, requires_grad=True)
+    w.grad = torch.randn(5, 3, generator=gen)
+    g0 = w.grad._version
+    P.accumulate_([w], l1=0.1)
+    assert w.grad._version > g0
+    v0 = w._version
+    P.prox_([w], 0.1, l1=0.1)
+    assert w._version > v0
