@@ -20,9 +20,9 @@ BLOCK = 1024
 @triton.jit
 def _scale_value(scale_bits, COMPUTE_F64: tl.constexpr):
     s = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    if COMPUTE_F64:
-        return s
-    return s.to(tl.float32)
+    if not COMPUTE_F64:
+        s = s.to(tl.float32)
+    return s  # one return: the compiler types every return of a jit function alike
 
 
 @triton.jit
@@ -44,7 +44,12 @@ def _multipliers(seed, stream, counters, threshold, scale, BLOCK: tl.constexpr):
     return tl.where(keep, scale, scale * 0), keep
 
 
-@triton.jit
+# Integer scalars that can equal 1 are never specialised (Triton would turn them into
+# constexprs, which have no .to()), nor recompiled per value.
+_RUNTIME_INTS = ["stream", "threshold", "scale_bits", "start", "n"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def dropout_fwd_kernel(x_ptr, out_ptr, bits_ptr, seed_ptr, stream, threshold, scale_bits, start, n,
                        WITH_BITS: tl.constexpr, COMPUTE_F64: tl.constexpr, BLOCK: tl.constexpr):
     """out = x * keep * scale; with WITH_BITS also the packed mask (start % 8 == 0)."""
@@ -64,7 +69,7 @@ def dropout_fwd_kernel(x_ptr, out_ptr, bits_ptr, seed_ptr, stream, threshold, sc
         tl.store(bits_ptr + boffs, byte.to(tl.uint8), mask=boffs * 8 < n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def dropout_add_fwd_kernel(x_ptr, r_ptr, out_ptr, seed_ptr, stream, threshold, scale_bits, start,
                            n, COMPUTE_F64: tl.constexpr, BLOCK: tl.constexpr):
     """out = residual + x * keep * scale."""
@@ -78,7 +83,7 @@ def dropout_add_fwd_kernel(x_ptr, r_ptr, out_ptr, seed_ptr, stream, threshold, s
     tl.store(out_ptr + offs, to_output(r + x * m, out_ptr.dtype.element_ty), mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_bits", "n"])
 def dropout_bits_apply_kernel(g_ptr, bits_ptr, out_ptr, scale_bits, n, COMPUTE_F64: tl.constexpr,
                               BLOCK: tl.constexpr):
     """out = g * bit * scale: the backward of the packed-mask mode."""

@@ -51,7 +51,7 @@ def philox_normal(seed, stream, index):
     return tl.where((lane & 1) == 0, za, zb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stream", "start", "n"])
 def philox_fill_kernel(out_ptr, seed_ptr, stream, start, n, KIND: tl.constexpr,
                        BLOCK: tl.constexpr):
     """KIND 0: words (uint32 stored as int32 bits), 1: uniforms, 2: normals."""
