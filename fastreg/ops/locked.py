@@ -143,15 +143,22 @@ class _LockedFn(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- DropConnect op
-def _masked_weight(weight: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
-    return torch.ops.fastreg.dropout_fwd(weight, seed, stream, p, False)[0]
+def _masked_weight(weight: Tensor, seed: Tensor, stream: int, p: float, direct: bool) -> Tensor:
+    """weight * mask / (1 - p): fastreg.dropout's mask (bit for bit) over weight's logical
+    index, computed by the locked-dropout kernel with a locked dim of size 1 (mask index
+    = element index), whose vectorised Philox is the faster of the two on CPU. direct: call
+    the kernels (inside the op body) or the op (in backward, which AOT autograd traces)."""
+    w = weight.unsqueeze(0)
+    if direct:
+        return _locked_impl(w, seed, stream, p, 0, True).squeeze(0)
+    return torch.ops.fastreg.locked_dropout(w, seed, stream, p, 0).squeeze(0)
 
 
 @torch.library.custom_op("fastreg::dropconnect_linear", mutates_args=())
 def dropconnect_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], seed: Tensor,
                           stream: int, p: float) -> Tensor:
     """x (W * mask / (1 - p))^T + bias; the masked weight is a temporary."""
-    return torch.nn.functional.linear(x, _masked_weight(weight, seed, stream, p), bias)
+    return torch.nn.functional.linear(x, _masked_weight(weight, seed, stream, p, True), bias)
 
 
 @dropconnect_linear_op.register_fake
@@ -171,11 +178,11 @@ def _dc_backward(ctx, grad):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     gx = gw = gb = None
     if need_x:
-        gx = grad @ _masked_weight(weight, seed, ctx.stream, ctx.p)  # regenerated, not saved
+        gx = grad @ _masked_weight(weight, seed, ctx.stream, ctx.p, False)  # regenerated, not saved
     if need_w:
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        gw = _masked_weight(g2.t() @ x2, seed, ctx.stream, ctx.p)  # same mask on grad_W
+        gw = _masked_weight(g2.t() @ x2, seed, ctx.stream, ctx.p, False)  # same mask on grad_W
     if need_b and ctx.has_bias:
         gb = grad.reshape(-1, grad.shape[-1]).sum(0)
     return gx, gw, gb, None, None, None
