@@ -55,19 +55,24 @@ FASTREG_CLONES void seg_grad(const T* __restrict W, T* __restrict G, int64_t lo,
 }
 
 template <typename T>
-FASTREG_CLONES T seg_sumsq(const T* __restrict W, int64_t lo, int64_t hi, T tau, bool prox) {
-  T s = 0;
-  if (prox) {
+FASTREG_CLONES double seg_sumsq(const T* __restrict W, int64_t lo, int64_t hi, T tau, bool prox) {
+  double total = 0.0;
+  for (int64_t b0 = lo; b0 < hi; b0 += kSub) {  // compute-type partial sums of <= kSub elements
+    const int64_t b1 = b0 + kSub < hi ? b0 + kSub : hi;
+    T s = 0;
+    if (prox) {
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = lo; i < hi; ++i) {
-      const T z = soft(W[i], tau);
-      s += z * z;
+      for (int64_t i = b0; i < b1; ++i) {
+        const T z = soft(W[i], tau);
+        s += z * z;
+      }
+    } else {
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = b0; i < b1; ++i) s += W[i] * W[i];
     }
-  } else {
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = lo; i < hi; ++i) s += W[i] * W[i];
+    total += static_cast<double>(s);
   }
-  return s;
+  return total;
 }
 
 template <typename T>
@@ -77,16 +82,17 @@ FASTREG_CLONES void seg_prox(T* __restrict W, int64_t lo, int64_t hi, T tau, T f
 }
 
 template <typename T>
-FASTREG_CLONES void cols_sumsq(const T* __restrict W, T* __restrict sums, int64_t m, T tau, bool prox) {
+FASTREG_CLONES void cols_sumsq(const T* __restrict W, double* __restrict sums, int64_t m, T tau,
+                                bool prox) {
   if (prox) {
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
       const T z = soft(W[j], tau);
-      sums[j] += z * z;
+      sums[j] += static_cast<double>(z * z);
     }
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) sums[j] += W[j] * W[j];
+    for (int64_t j = 0; j < m; ++j) sums[j] += static_cast<double>(W[j] * W[j]);
   }
 }
 
@@ -149,17 +155,18 @@ bool fast_accumulate_item(const int64_t* r, const double* cf, int64_t lo, int64_
       // slices are one contiguous run of m = (hi - lo) C elements; square-sum them element-wise
       // over a, reduce over c, expand the group scale per element, update run by run.
       const int64_t m = (hi - lo) * C;
-      std::vector<T> acc(m, T(0));
+      std::vector<double> acc(m, 0.0);  // float64 sums over a (A may be large)
+      std::vector<T> fs(m);
       for (int64_t a = 0; a < A; ++a) cols_sumsq(W + (a * B + lo) * C, acc.data(), m, T(0), false);
       for (int64_t j = 0; j < hi - lo; ++j) {
         double sq = 0.0;
-        for (int64_t c = 0; c < C; ++c) sq += static_cast<double>(acc[j * C + c]);
+        for (int64_t c = 0; c < C; ++c) sq += acc[j * C + c];
         sg += cf[2] * std::sqrt(sq);
         const T f = static_cast<T>(group_scale(sq, cf[2]));
-        for (int64_t c = 0; c < C; ++c) acc[j * C + c] = f;
+        for (int64_t c = 0; c < C; ++c) fs[j * C + c] = f;
       }
       for (int64_t a = 0; a < A; ++a)
-        cols_grad(W + (a * B + lo) * C, G + (a * B + lo) * C, acc.data(), m, init, l1, l2x2, s1, s2);
+        cols_grad(W + (a * B + lo) * C, G + (a * B + lo) * C, fs.data(), m, init, l1, l2x2, s1, s2);
     } else {
       return false;
     }
@@ -188,15 +195,16 @@ bool fast_prox_item(const int64_t* r, const double* cf, int64_t lo, int64_t hi) 
       }
     } else if (r[T_MODE] == M_BLOCK) {  // short slices, as in fast_accumulate_item
       const int64_t m = (hi - lo) * C;
-      std::vector<T> acc(m, T(0));
+      std::vector<double> acc(m, 0.0);  // float64 sums over a (A may be large)
+      std::vector<T> fs(m);
       for (int64_t a = 0; a < A; ++a) cols_sumsq(W + (a * B + lo) * C, acc.data(), m, tau, true);
       for (int64_t j = 0; j < hi - lo; ++j) {
         double sq = 0.0;
-        for (int64_t c = 0; c < C; ++c) sq += static_cast<double>(acc[j * C + c]);
+        for (int64_t c = 0; c < C; ++c) sq += acc[j * C + c];
         const T f = static_cast<T>(shrink_factor(sq, cf[2], cf[1]));
-        for (int64_t c = 0; c < C; ++c) acc[j * C + c] = f;
+        for (int64_t c = 0; c < C; ++c) fs[j * C + c] = f;
       }
-      for (int64_t a = 0; a < A; ++a) cols_prox(W + (a * B + lo) * C, acc.data(), m, tau);
+      for (int64_t a = 0; a < A; ++a) cols_prox(W + (a * B + lo) * C, fs.data(), m, tau);
     } else {
       return false;
     }
