@@ -169,22 +169,21 @@ def accumulate_(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torc
     recs = _flatten(params, "accumulate_", l1, l2, group_lasso, groups)
     if not recs:
         return torch.zeros((), dtype=torch.float32)
-    ws, gs, init = [], [], []
-    for p, *_ in recs:
+    ws = [r[0] for r in recs]  # read through data_ptr under no_grad: no detach needed
+    gs, init = [], []
+    for p in ws:
         g = p.grad
         if g is None:
             g = torch.empty_like(p, memory_format=torch.contiguous_format)
             p.grad = g
             init.append(1)
         else:
-            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                raise ValueError(f"fastreg.penalty.accumulate_: a parameter's .grad must match it: "
-                                 f"grad {tuple(g.shape)} {g.dtype} {g.device} vs param "
-                                 f"{tuple(p.shape)} {p.dtype} {p.device}")
-            if g.is_sparse:
-                raise TypeError("fastreg.penalty.accumulate_: sparse gradients are not supported")
+            # torch itself keeps a leaf's .grad at its shape, dtype and device; sparse or other
+            # layouts are refused here
+            if g.layout is not torch.strided:
+                raise TypeError("fastreg.penalty.accumulate_: only dense (strided) gradients are "
+                                f"supported, got {g.layout}")
             init.append(0)
-        ws.append(p.detach())
         gs.append(g)
     coefs, modes, gidx = _encode(recs)
     with torch.no_grad():
@@ -220,7 +219,7 @@ def prox_(params, lr, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> None:
     if not recs:
         return
     coefs, modes, gidx = _encode(recs)
-    ws = [p.detach() for p, *_ in recs]
+    ws = [r[0] for r in recs]
     with torch.no_grad():
         if torch.compiler.is_compiling():
             torch.ops.fastreg.penalty_prox(ws, lr, coefs, modes, gidx)

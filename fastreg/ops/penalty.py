@@ -124,10 +124,10 @@ def _by_dtype(params):
 _PLANS: dict = {}
 
 
-def _plan(shapes, modes, coefs_rows, explicit_ng, storage, kind, lr=None):
+def _plan(shapes, modes, coefs_flat, explicit_ng, storage, kind, lr=None):
     """Static tables of one dtype batch: (tab, coefs, items, scale size, explicit rows),
     cached by shapes, modes and coefficients."""
-    key = (kind, storage, tuple(shapes), tuple(modes), tuple(coefs_rows), tuple(explicit_ng), lr)
+    key = (kind, storage, shapes, modes, coefs_flat, explicit_ng, lr)
     hit = _PLANS.get(key)
     if hit is not None:
         return hit
@@ -139,6 +139,8 @@ def _plan(shapes, modes, coefs_rows, explicit_ng, storage, kind, lr=None):
     coefs = np.zeros((nt, 3), cdt)
     items = []
     soff = 0
+    coefs_rows = [coefs_flat[3 * t:3 * t + 3] for t in range(nt)]
+    explicit_ng = explicit_ng or (0,) * nt
     rows = zip(shapes, modes, coefs_rows, explicit_ng)
     for t, (shape, mode, (l1, l2, gl), ngx) in enumerate(rows):
         n = math.prod(shape)
@@ -199,20 +201,27 @@ class _Batch:
 
         self.storage = _STORAGE[params[rows[0]].dtype]
         self.kind_code = {np.float32: 0, np.float64: 1, np.uint16: 2, np.int16: 3}[self.storage]
-        self.orig = [params[i] if grads is None else grads[i] for i in rows]  # what gets written
-        self.ws = [_contig(params[i]) for i in rows]
-        self.gs = None if grads is None else [_contig(grads[i]) for i in rows]
-        self.exps = [None if gidx[i] is None else _contig(gidx[i].reshape(-1).to(torch.int64))
-                     for i in rows]
-        ngs = [0 if e is None else int(e.max()) + 1 for e in self.exps]
+        allrows = len(rows) == len(params)
+        ws0 = params if allrows else [params[i] for i in rows]
+        self.orig = ws0 if grads is None else (grads if allrows else [grads[i] for i in rows])
+        self.ws = [w if w.is_contiguous() else w.contiguous() for w in ws0]
+        self.gs = None if grads is None else [
+            g if g.is_contiguous() else g.contiguous() for g in self.orig]
+        ms = modes if allrows else [modes[i] for i in rows]
+        if MODE_EXPLICIT in ms:
+            self.exps = [None if gidx[i] is None else _contig(gidx[i].reshape(-1).to(torch.int64))
+                         for i in rows]
+            ngs = tuple(0 if e is None else int(e.max()) + 1 for e in self.exps)
+        else:
+            self.exps, ngs = None, ()
+        cf = tuple(coefs) if allrows else tuple(c for i in rows for c in coefs[3 * i:3 * i + 3])
         tab, self.cf, self.items, self.nscale, self.exp_rows = _plan(
-            [tuple(w.shape) for w in self.ws], [modes[i] for i in rows],
-            [tuple(coefs[3 * i:3 * i + 3]) for i in rows], ngs, self.storage, kind, lr)
+            tuple(w.shape for w in self.ws), tuple(ms), cf, ngs, self.storage, kind, lr)
         self.tab = tab.copy()
         self.tab[:, nb.T_W] = [w.data_ptr() for w in self.ws]
         if self.gs is not None:
             self.tab[:, nb.T_G] = [g.data_ptr() for g in self.gs]
-            self.tab[:, nb.T_INIT] = [init[i] for i in rows]
+            self.tab[:, nb.T_INIT] = init if allrows else [init[i] for i in rows]
         for j in self.exp_rows:
             self.tab[j, nb.T_IDX] = self.exps[j].data_ptr()
 
