@@ -355,3 +355,31 @@ def test_version_counters_bumped(gen):
     v0 = w._version
     P.prox_([w], 0.1, l1=0.1)
     assert w._version > v0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tall_matrix_cols_accuracy(gen, backend, monkeypatch):
+    """Column groups summed over many rows (the C++ short-slice path) stay float32-accurate."""
+    if backend == "host":
+        _host_patch(monkeypatch)
+    w = torch.randn(3001, 7, generator=gen)
+    w.grad = torch.zeros_like(w)
+    v = _run(backend, lambda: P.accumulate_([w], group_lasso=0.3, groups="cols"))
+    rv, rg = ops.accumulate_reference_one(w, 0.0, 0.0, 0.3, ops.MODE_DIM1)
+    _close(w.grad, rg, torch.float32, "tall cols")
+    assert float(v) == pytest.approx(float(rv), rel=1e-6)
+
+
+def test_host_launches_independent_of_parameter_count(monkeypatch):
+    C = _native.native()
+    if C is None:
+        pytest.skip("fastreg._C not built")
+    monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
+    calls = []
+    real = C.penalty_accumulate_host
+    monkeypatch.setattr(C, "penalty_accumulate_host", lambda *a: (calls.append(1), real(*a))[1])
+    for n in (3, 300):
+        calls.clear()
+        ps = [torch.randn(4, 5) for _ in range(n)] + [torch.randn(3, dtype=torch.float64)]
+        P.accumulate_(ps, l1=0.1, group_lasso=0.1, groups="rows")
+        assert len(calls) == 2  # one per dtype
