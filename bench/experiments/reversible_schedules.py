@@ -125,8 +125,8 @@ def main():
         ["hyperparameters", "validation loss", "test loss", "test accuracy", "init scales (per layer)"],
         rows,
         "Per layer, mean learned alpha over steps: "
-        + ", ".join(f"{float(torch.exp(a[l]).mean()):.3f}" for l in range(nl))
-        + "; mean learned gamma: " + ", ".join(f"{float(torch.sigmoid(b[l]).mean()):.3f}" for l in range(nl))
+        + ", ".join(f"{float(torch.exp(a[l].detach()).mean()):.3f}" for l in range(nl))
+        + "; mean learned gamma: " + ", ".join(f"{float(torch.sigmoid(b[l].detach()).mean()):.3f}" for l in range(nl))
         + f". {args.meta_iters} meta-iterations (T forward + T reverse steps each) took {wall:.0f} s."
         + f"\n\nMachine: {machine()}.",
     )

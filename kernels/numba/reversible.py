@@ -64,12 +64,24 @@ def _floordiv_small(a, b, invb):
 
 
 @numba.njit(inline="always", cache=True)
+def _div_31(a, b, invb):
+    """a // b for 0 <= a < 2^31, 1 <= b < 2^31: the double estimate is off by at most one."""
+    s = np.int64(np.float64(a) * invb)
+    r = a - s * b
+    if r < 0:
+        s -= 1
+    elif r >= b:
+        s += 1
+    return s
+
+
+@numba.njit(inline="always", cache=True)
 def _sym_of_slot(slot, q, rr, thr, invq, invq1):
     """Quasi-uniform code over n symbols with total 2^31: symbol, frequency, cumulative."""
     if slot < thr:
-        s, _ = _floordiv_small(slot, q + 1, invq1)
+        s = _div_31(slot, q + 1, invq1)
         return s, q + 1, s * (q + 1)
-    s, _ = _floordiv_small(slot - thr, q, invq)
+    s = _div_31(slot - thr, q, invq)
     return s + rr, q, thr + s * q
 
 

@@ -89,6 +89,17 @@ FASTREG_HD void floordiv_small(int64_t a, int64_t b, double invb, int64_t& q, in
   }
 }
 
+// a / b for 0 <= a < 2^31, 1 <= b < 2^31: the double estimate is off by at most one.
+FASTREG_HD int64_t div_31(int64_t a, int64_t b, double invb) {
+  int64_t s = static_cast<int64_t>(mul(static_cast<double>(a), invb));
+  const int64_t r = a - s * b;
+  if (r < 0)
+    s -= 1;
+  else if (r >= b)
+    s += 1;
+  return s;
+}
+
 // Renormalise before a push: move the low word of x to the spill when x >= bound.
 // A zero word on an empty spill is not stored (the canonical empty stack).
 FASTREG_HD void emit(int64_t& x, int64_t& c, uint32_t* spill, int64_t stride, int64_t cap,
@@ -142,13 +153,13 @@ FASTREG_HD int fwd_element(int64_t& w, int64_t& v, int64_t& x, int64_t& c, uint3
   emit(x, c, spill, stride, cap, int64_t(1) << (63 - k), bad);
   x = (x << k) | lo;
   const int64_t slot = x & kMask31;
-  int64_t s, f, cum, tmp;
+  int64_t s, f, cum;
   if (slot < cd.thr) {
-    floordiv_small(slot, cd.q + 1, cd.invq1, s, tmp);
+    s = div_31(slot, cd.q + 1, cd.invq1);
     f = cd.q + 1;
     cum = s * (cd.q + 1);
   } else {
-    floordiv_small(slot - cd.thr, cd.q, cd.invq, s, tmp);
+    s = div_31(slot - cd.thr, cd.q, cd.invq);
     cum = cd.thr + s * cd.q;
     s += cd.rr;
     f = cd.q;
