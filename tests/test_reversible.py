@@ -512,3 +512,24 @@ def test_gpu_kernels_match_reference(gen):
         assert math.isclose(x, y, rel_tol=1e-10, abs_tol=1e-9)
     for x, y in zip(outs[0][3:], outs[1][3:]):
         assert torch.equal(x, y)
+
+
+def test_train_reverse_train_again_and_missing_grads():
+    """After reverse the optimizer is at step 0 with an empty buffer: it can run and reverse again;
+    a parameter without .grad is stepped with a zero gradient (the decay still applies)."""
+    model = _mlp(torch.float32, 12)
+    extra = torch.nn.Parameter(torch.randn(4))  # never receives a gradient
+    X, y = _data(12)
+    opt = ReversibleSGD(list(model.parameters()) + [extra], lr=0.1, momentum=0.7, weight_decay=0.1)
+    w0 = [p.detach().clone() for p in model.parameters()] + [extra.detach().clone()]
+    grads = []
+    for _ in range(2):
+        _train(model, opt, X, y, 10)
+        assert not torch.equal(extra.detach(), w0[-1])  # weight decay moved it
+        opt.reverse(lambda: _loss(model, X, y, 0, bs=48), lambda t: _loss(model, X, y, t))
+        for a, p in zip(w0, list(model.parameters()) + [extra]):
+            assert torch.equal(a, p.detach())
+        assert opt.state[extra]["spill"].shape[0] == 0
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

@@ -262,8 +262,9 @@ class ReversibleSGD(torch.optim.Optimizer):
             other than the parameters).
 
         Accumulates into `.grad`: lr / momentum / weight_decay tensors that require
-        grad (per step for schedules), the parameters (d objective / d w_0), and the
-        meta-parameters. Returns the objective's value. Raises RuntimeError when w_0
+        grad (per step for schedules) and the meta-parameters (zero theirs first: the
+        forward run's backward() calls accumulated into them too). The parameters'
+        `.grad` is replaced by d objective / d w_0. Returns the objective's value. Raises RuntimeError when w_0
         is not recovered bit for bit (a nondeterministic closure).
         """
         self._check_ok()
