@@ -9,10 +9,19 @@ import os
 if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
     os.environ["TRITON_INTERPRET"] = "1"
 
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton_launches  # noqa: E402
+
+    triton_launches.install()
 
 
 def pytest_collection_modifyitems(config, items):
