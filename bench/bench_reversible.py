@@ -221,3 +221,31 @@ def test_reversible_step_gpu(benchmark, provider):
                 K.rev_step("cuda", st["w"], st["v"], st["head"], st["count"], st["spill"], gr, hvp, dw, dv,
                            opt.momentum_bits, n, gamma, c1s, lam, omg, opt.inv_scale)
     run(benchmark, fn, "cuda", provider=provider, group="reversible step 2^24 cuda", rounds=40)
+
+
+@pytest.mark.parametrize("provider", ["fastreg", "torch SGD(momentum)", "copy (floor)"])
+def test_reversible_fwd_step_large(benchmark, provider):
+    """d = 2^24 with one thread: the SGD step no longer runs from the cache."""
+    import numba
+
+    d = 1 << 24
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(d, generator=g) * 0.1)
+    p.grad = torch.randn(d, generator=g) * 1e-2
+    if provider == "fastreg":
+        fn = ReversibleSGD([p], lr=0.05, momentum=GAMMA).step
+    elif provider == "torch SGD(momentum)":
+        fn = torch.optim.SGD([p], lr=0.05, momentum=GAMMA).step
+    else:
+        src = torch.zeros(4 * d, dtype=torch.int64)
+        dst = torch.empty_like(src)
+        fn = lambda: dst.copy_(src)  # noqa: E731
+    before_t, before_n = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    try:
+        run(benchmark, fn, "cpu", provider=provider, group="reversible fwd step d=2^24 1T", rounds=5,
+            warmup=1)
+    finally:
+        torch.set_num_threads(before_t)
+        numba.set_num_threads(before_n)
