@@ -163,6 +163,28 @@ PYBIND11_MODULE(_C, m) {
                                           ptr<double>(scales), ptr<double>(counts), kind, stream),
                "penalty_prox_cuda");
   });
+  m.def("activity_penalty_fwd_cuda", [](uintptr_t x, uintptr_t y, int64_t n, double l1, double l2,
+                                        uintptr_t partial, int kind, uintptr_t stream) {
+    check_cuda(fastreg::activity_penalty_fwd_cuda(ptr<const void>(x), ptr<void>(y), n, l1, l2,
+                                                  ptr<double>(partial), kind, stream),
+               "activity_penalty_fwd_cuda");
+  });
+  m.def("activity_penalty_bwd_cuda", [](uintptr_t gy, uintptr_t x, uintptr_t gx, int64_t n, double l1,
+                                        double l2, uintptr_t gv, int kind, uintptr_t stream) {
+    check_cuda(fastreg::activity_penalty_bwd_cuda(ptr<const void>(gy), ptr<const void>(x), ptr<void>(gx), n,
+                                                  l1, l2, ptr<const double>(gv), kind, stream),
+               "activity_penalty_bwd_cuda");
+  });
 #endif
+  m.def("activity_penalty_fwd_host", [](uintptr_t x, uintptr_t y, int64_t n, double l1, double l2, int kind) {
+    py::gil_scoped_release nogil;
+    return fastreg::activity_penalty_fwd_host(ptr<const void>(x), ptr<void>(y), n, l1, l2, kind);
+  });
+  m.def("activity_penalty_bwd_host", [](uintptr_t gy, uintptr_t x, uintptr_t gx, int64_t n, double c1,
+                                        double c2, int kind) {
+    py::gil_scoped_release nogil;
+    fastreg::activity_penalty_bwd_host(ptr<const void>(gy), ptr<const void>(x), ptr<void>(gx), n, c1, c2,
+                                       kind);
+  });
   // ---- end penalty ----
 }

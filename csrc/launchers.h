@@ -60,7 +60,15 @@ int penalty_accumulate_cuda(const int64_t* tab, int64_t ntensors, const double* 
 int penalty_prox_cuda(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
                       int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales, double* counts,
                       int kind, uintptr_t stream);
+// partial: 1024 zeroed doubles (one per block, at most 1024 blocks); gv: a float64 device scalar
+int activity_penalty_fwd_cuda(const void* x, void* y, int64_t n, double l1, double l2, double* partial,
+                              int kind, uintptr_t stream);
+int activity_penalty_bwd_cuda(const void* gy, const void* x, void* gx, int64_t n, double l1, double l2,
+                              const double* gv, int kind, uintptr_t stream);
 #endif
+double activity_penalty_fwd_host(const void* x, void* y, int64_t n, double l1, double l2, int kind);
+void activity_penalty_bwd_host(const void* gy, const void* x, void* gx, int64_t n, double c1, double c2,
+                               int kind);
 // ---- end penalty ----
 
 }  // namespace fastreg

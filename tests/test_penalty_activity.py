@@ -99,3 +99,36 @@ def test_no_grad_path_and_compile(gen):
     out.backward()
     torch.testing.assert_close(xc.grad, 2 + 0.2 * torch.sign(xc.detach()))
     assert ops.compute_dtype(torch.float16) == torch.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_host_build_matches_reference(gen, dtype):
+    """The C++ build of the CUDA kernels' arithmetic (penalty.h activity_grad), forward and backward."""
+    if ops._native.native() is None:
+        pytest.skip("fastreg._C not built")
+    x = torch.randn(3, 70001, generator=gen, dtype=torch.float64).to(dtype)
+    x.reshape(-1)[::7] = 0.0
+    gy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype)
+    y, v = ops._activity_forward_native(x, 0.3, 0.7, cuda=False)
+    assert torch.equal(y, x) and v.dtype == ops.compute_dtype(dtype)
+    gv = torch.tensor(1.5)
+    gx = ops._activity_backward_native(gy, x, gv, 0.3, 0.7, cuda=False)
+    rv, rg = _ref(x, gy, 0.3 * 1.5, 0.7 * 1.5)
+    assert float(v) * 1.5 == pytest.approx(float(rv), rel=1e-6)
+    err = ((gx.to(torch.float64) - rg).abs() / rg.abs().clamp(min=1)).max().item()
+    assert err <= TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_reference(gen, dtype):
+    x = torch.randn(3, 70001, generator=gen, dtype=torch.float64).to(dtype).cuda().requires_grad_(True)
+    gy = torch.randn(x.shape, dtype=torch.float64, device="cuda").to(dtype)
+    y, v = fastreg.activity_penalty(x, l1=0.3, l2=0.7, return_value=True)
+    assert torch.equal(y, x.detach())
+    y.backward(gy)
+    rv, rg = _ref(x, gy, 0.3, 0.7)
+    assert float(v) == pytest.approx(float(rv), rel=1e-5)
+    err = ((x.grad.to(torch.float64) - rg).abs() / rg.abs().clamp(min=1)).max().item()
+    assert err <= TOL[dtype]
+    torch.library.opcheck(torch.ops.fastreg.activity_penalty.default, (x, 0.3, 0.7))

@@ -370,7 +370,57 @@ void prox_all(const int64_t* tab, const double* coefs, const int64_t* items, int
   prox_items<K>(tab, coefs, items, nitems, scales);
 }
 
+template <int K>
+void activity_fwd(const void* xp, void* yp, int64_t n, double l1, double l2, double* out) {
+  using S = Storage<K>;
+  using T = typename S::acc;
+  const auto* X = static_cast<const typename S::raw*>(xp);
+  auto* Y = static_cast<typename S::raw*>(yp);
+  double s1 = 0.0, s2 = 0.0;
+#pragma omp parallel for reduction(+ : s1, s2) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    Y[i] = X[i];
+    const T w = S::load(X, i);
+    s1 += static_cast<double>(w < T(0) ? -w : w);
+    s2 += static_cast<double>(w * w);
+  }
+  *out = l1 * s1 + l2 * s2;
+}
+
+template <int K>
+void activity_bwd(const void* gyp, const void* xp, void* gxp, int64_t n, double c1, double c2) {
+  using S = Storage<K>;
+  using T = typename S::acc;
+  const auto* GY = static_cast<const typename S::raw*>(gyp);
+  const auto* X = static_cast<const typename S::raw*>(xp);
+  auto* GX = static_cast<typename S::raw*>(gxp);
+#pragma omp parallel for if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i)
+    S::store(GX, i, activity_grad(S::load(GY, i), S::load(X, i), static_cast<T>(c1), static_cast<T>(c2)));
+}
+
 }  // namespace
+
+double activity_penalty_fwd_host(const void* x, void* y, int64_t n, double l1, double l2, int kind) {
+  double v = 0.0;
+  switch (kind) {
+    case K_F32: activity_fwd<K_F32>(x, y, n, l1, l2, &v); break;
+    case K_F64: activity_fwd<K_F64>(x, y, n, l1, l2, &v); break;
+    case K_F16: activity_fwd<K_F16>(x, y, n, l1, l2, &v); break;
+    default: activity_fwd<K_BF16>(x, y, n, l1, l2, &v); break;
+  }
+  return v;
+}
+
+void activity_penalty_bwd_host(const void* gy, const void* x, void* gx, int64_t n, double c1, double c2,
+                               int kind) {
+  switch (kind) {
+    case K_F32: activity_bwd<K_F32>(gy, x, gx, n, c1, c2); break;
+    case K_F64: activity_bwd<K_F64>(gy, x, gx, n, c1, c2); break;
+    case K_F16: activity_bwd<K_F16>(gy, x, gx, n, c1, c2); break;
+    default: activity_bwd<K_BF16>(gy, x, gx, n, c1, c2); break;
+  }
+}
 
 void penalty_accumulate_host(const int64_t* tab, int64_t /*ntensors*/, const double* coefs,
                              const int64_t* items, int64_t nitems, const int64_t* expl, int64_t nexpl,

@@ -216,7 +216,72 @@ int prox_launch(const int64_t* tab, const double* coefs, const int64_t* items, i
   return static_cast<int>(cudaGetLastError());
 }
 
+// Activity penalty: y = x and per-block partial values (reduced by the caller), one pass.
+template <int K>
+__global__ void activity_fwd_kernel(const void* xp, void* yp, int64_t n, double l1, double l2,
+                                    double* partial) {
+  using S = Storage<K>;
+  using T = typename S::acc;
+  const auto* X = static_cast<const typename S::raw*>(xp);
+  auto* Y = static_cast<typename S::raw*>(yp);
+  double s = 0.0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    Y[i] = X[i];
+    const T w = S::load(X, i);
+    s += l1 * static_cast<double>(w < T(0) ? -w : w) + l2 * static_cast<double>(w * w);
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// gx = gy + gv (l1 sign(x) + 2 l2 x); gv read on the device (a float64 scalar): no host sync.
+template <int K>
+__global__ void activity_bwd_kernel(const void* gyp, const void* xp, void* gxp, int64_t n, double l1,
+                                    double l2, const double* gv) {
+  using S = Storage<K>;
+  using T = typename S::acc;
+  const auto* GY = static_cast<const typename S::raw*>(gyp);
+  const auto* X = static_cast<const typename S::raw*>(xp);
+  auto* GX = static_cast<typename S::raw*>(gxp);
+  const T c1 = static_cast<T>(*gv * l1), c2 = static_cast<T>(*gv * 2.0 * l2);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    S::store(GX, i, activity_grad(S::load(GY, i), S::load(X, i), c1, c2));
+}
+
 }  // namespace
+
+// partial: at least activity_blocks(n) doubles.
+int64_t activity_blocks(int64_t n) { return grid_size(n, kThreads, 1024); }
+
+int activity_penalty_fwd_cuda(const void* x, void* y, int64_t n, double l1, double l2, double* partial,
+                              int kind, uintptr_t stream) {
+  if (n == 0) return 0;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const auto blocks = static_cast<unsigned>(activity_blocks(n));
+  switch (kind) {
+    case K_F32: activity_fwd_kernel<K_F32><<<blocks, kThreads, 0, s>>>(x, y, n, l1, l2, partial); break;
+    case K_F64: activity_fwd_kernel<K_F64><<<blocks, kThreads, 0, s>>>(x, y, n, l1, l2, partial); break;
+    case K_F16: activity_fwd_kernel<K_F16><<<blocks, kThreads, 0, s>>>(x, y, n, l1, l2, partial); break;
+    default: activity_fwd_kernel<K_BF16><<<blocks, kThreads, 0, s>>>(x, y, n, l1, l2, partial); break;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int activity_penalty_bwd_cuda(const void* gy, const void* x, void* gx, int64_t n, double l1, double l2,
+                              const double* gv, int kind, uintptr_t stream) {
+  if (n == 0) return 0;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const auto blocks = static_cast<unsigned>(grid_size(n, kThreads));
+  switch (kind) {
+    case K_F32: activity_bwd_kernel<K_F32><<<blocks, kThreads, 0, s>>>(gy, x, gx, n, l1, l2, gv); break;
+    case K_F64: activity_bwd_kernel<K_F64><<<blocks, kThreads, 0, s>>>(gy, x, gx, n, l1, l2, gv); break;
+    case K_F16: activity_bwd_kernel<K_F16><<<blocks, kThreads, 0, s>>>(gy, x, gx, n, l1, l2, gv); break;
+    default: activity_bwd_kernel<K_BF16><<<blocks, kThreads, 0, s>>>(gy, x, gx, n, l1, l2, gv); break;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
 
 int penalty_accumulate_cuda(const int64_t* tab, int64_t /*ntensors*/, const double* coefs,
                             const int64_t* items, int64_t nitems, const int64_t* expl, int64_t nexpl,

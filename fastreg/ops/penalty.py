@@ -400,20 +400,56 @@ def _(params, lr, coefs, modes, group_index):
 
 
 # ================================================================ activity penalty
+_KIND = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+ACT_PARTIALS = 1024  # the CUDA forward writes at most this many per-block partial values
+
+
+def _activity_forward_native(xc, l1, l2, cuda):
+    """The C++ host build (tests) or the CUDA kernel of the fused forward."""
+    y = torch.empty_like(xc)
+    n = xc.numel()
+    if cuda:
+        partial = torch.zeros(ACT_PARTIALS, dtype=torch.float64, device=xc.device)
+        _native.native_cuda().activity_penalty_fwd_cuda(
+            xc.data_ptr(), y.data_ptr(), n, l1, l2, partial.data_ptr(), _KIND[xc.dtype],
+            torch.cuda.current_stream(xc.device).cuda_stream)
+        return y, partial.sum().to(compute_dtype(xc.dtype))
+    v = _native.native().activity_penalty_fwd_host(xc.data_ptr(), y.data_ptr(), n, l1, l2,
+                                                   _KIND[xc.dtype])
+    return y, torch.tensor(v, dtype=compute_dtype(xc.dtype))
+
+
+def _activity_backward_native(gyc, xc, gv, l1, l2, cuda):
+    gx = torch.empty_like(xc)
+    n = xc.numel()
+    if cuda:
+        gv64 = gv.to(torch.float64).reshape(()).contiguous()
+        _native.native_cuda().activity_penalty_bwd_cuda(
+            gyc.data_ptr(), xc.data_ptr(), gx.data_ptr(), n, l1, l2, gv64.data_ptr(),
+            _KIND[xc.dtype], torch.cuda.current_stream(xc.device).cuda_stream)
+        return gx
+    g = float(gv)
+    _native.native().activity_penalty_bwd_host(gyc.data_ptr(), xc.data_ptr(), gx.data_ptr(), n,
+                                              g * l1, 2.0 * g * l2, _KIND[xc.dtype])
+    return gx
+
+
 def _activity_forward_impl(x, l1, l2):
     xc = _contig(x)
-    y = torch.empty_like(xc)
-    backend = _backend.select(x.device, ("numba",), "activity_penalty")
+    backend = _backend.select(x.device, ("numba", "cuda"), "activity_penalty")
     n = xc.numel()
+    if backend == "cuda" and n:
+        return _activity_forward_native(xc, l1, l2, cuda=True)
     if backend == "numba" and n:
         from fastreg.kernels.numba import penalty as nb
 
+        y = torch.empty_like(xc)
         nch = (n + nb.ACT_CHUNK - 1) // nb.ACT_CHUNK
         vals = np.empty(nch, np.float64)
         nb.activity_forward(xc.data_ptr(), y.data_ptr(), n, np.empty(0, _STORAGE[x.dtype]),
                             float(l1), float(l2), vals)
         return y, torch.tensor(float(vals.sum()), dtype=compute_dtype(x.dtype), device=x.device)
-    y.copy_(xc)
+    y = xc.clone()
     x64 = xc.to(torch.float64)
     v = (l1 * x64.abs().sum() + l2 * (x64 * x64).sum()).to(compute_dtype(x.dtype))
     return y, v
@@ -422,8 +458,10 @@ def _activity_forward_impl(x, l1, l2):
 def _activity_backward_impl(gy, x, gv, l1, l2):
     xc = _contig(x)
     gyc = _contig(gy.to(x.dtype))
-    backend = _backend.select(x.device, ("numba",), "activity_penalty")
+    backend = _backend.select(x.device, ("numba", "cuda"), "activity_penalty")
     n = xc.numel()
+    if backend == "cuda" and n:
+        return _activity_backward_native(gyc, xc, gv, l1, l2, cuda=True)
     if backend == "numba" and n:
         from fastreg.kernels.numba import penalty as nb
 

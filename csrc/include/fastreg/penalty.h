@@ -130,6 +130,9 @@ FASTREG_HD double shrink_factor(double sumsq, double tau_g, double inv) {
   return n == 0.0 ? 0.0 : n;
 }
 
+// Activity penalty backward: gy + gv (l1 sign(x) + 2 l2 x) with c1 = gv l1, c2 = 2 gv l2.
+template <typename T> FASTREG_HD T activity_grad(T gy, T x, T c1, T c2) { return gy + (c1 * sgn(x) + c2 * x); }
+
 // Element index of (a, b, c) in a tensor viewed as (A, B, C).
 FASTREG_HD int64_t block_index(int64_t a, int64_t b, int64_t c, int64_t B, int64_t C) {
   return (a * B + b) * C + c;
