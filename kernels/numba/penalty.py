@@ -17,8 +17,11 @@ passed as uint16 (float16) or int16 (bfloat16) and converted with exact bit
 arithmetic (round to nearest even on store); arithmetic is float32 for half and
 float32 storage and float64 for float64 storage.
 
-Reductions use fastmath={"reassoc"} only: it lets LLVM vectorise the sums and
-changes only summation order; NaN and Inf still propagate (no nnan/ninf).
+Reductions use fastmath={"reassoc"} only: it allows LLVM to reorder the sums (and so to
+vectorise them) without assuming away NaN/Inf (no nnan/ninf). In practice these loops stayed
+scalar on the 2-core EPYC, so float32/float64 take the C++ host kernels there
+(fastreg.ops.penalty.HOST_HOT_PATH; docs/penalty.md); these kernels serve half precision,
+explicit index groups and machines without the native build or AVX-512.
 """
 
 import math
