@@ -16,7 +16,8 @@ Ops (namespace fastreg):
         the one public op (a triton_op: torch.compile sees the Triton kernel);
         x0=None is FGSM. Its body dispatches by backend: Triton (CUDA, or forced
         under TRITON_INTERPRET=1), the Numba kernel through the opaque inner op
-        adversarial_numba, or the pure-PyTorch reference.
+        adversarial_numba (called directly on plain eager tensors), or the
+        pure-PyTorch reference.
 """
 
 from __future__ import annotations
@@ -57,9 +58,8 @@ def fgsm_reference(x, grad, eps, lo=-math.inf, hi=math.inf):
 
 
 # ---------------------------------------------------------------- Numba (opaque inner op)
-@torch.library.custom_op("fastreg::adversarial_numba", mutates_args=(), device_types="cpu")
-def _adversarial_numba(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor,
-                       step: float, eps: float, lo: float, hi: float) -> torch.Tensor:
+def _adversarial_numba_impl(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor,
+                            step: float, eps: float, lo: float, hi: float) -> torch.Tensor:
     from fastreg.kernels.numba import adversarial as nb
 
     ct = compute_dtype(x.dtype)
@@ -81,9 +81,21 @@ def _adversarial_numba(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Ten
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+_adversarial_numba = torch.library.custom_op(
+    "fastreg::adversarial_numba", _adversarial_numba_impl, mutates_args=(), device_types="cpu")
+
+
 @_adversarial_numba.register_fake
 def _(x, x0, grad, step, eps, lo, hi):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _plain(*ts) -> bool:
+    """True when every tensor is a plain torch.Tensor (eager, no tracing subclass): the
+    body may then call the Numba implementation directly, skipping one torch.library
+    dispatch. Fake/functional tensors (torch.compile, opcheck) go through the
+    opaque op, so the graph records it."""
+    return all(t is None or type(t) is torch.Tensor for t in ts)
 
 
 # ---------------------------------------------------------------- Triton
@@ -125,6 +137,8 @@ def _pgd_step_op(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor, s
                  eps: float, lo: float, hi: float) -> torch.Tensor:
     backend = _backend.select(x.device, _SUPPORTED, "adversarial")
     if backend == "numba":
+        if _plain(x, x0, grad):
+            return _adversarial_numba_impl(x, x0, grad, step, eps, lo, hi)
         return torch.ops.fastreg.adversarial_numba(x, x0, grad, step, eps, lo, hi)
     if backend == "triton":
         return _pgd_triton(x, x0, grad, step, eps, lo, hi)

@@ -72,8 +72,7 @@ def _np_scalar(v: float, dtype: torch.dtype):
     return (np.float64 if compute_dtype(dtype) == torch.float64 else np.float32)(v)
 
 
-@torch.library.custom_op("fastreg::vd_sample_cpu", mutates_args=(), device_types="cpu")
-def _vd_sample_cpu(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
+def _vd_sample_cpu_impl(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
     from fastreg.kernels.numba import variational as nb
 
     ma, va = _np(mu), _np(var)
@@ -83,14 +82,17 @@ def _vd_sample_cpu(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: floa
     return torch.from_numpy(out).to(mu.dtype).view(mu.shape)
 
 
+_vd_sample_cpu = torch.library.custom_op("fastreg::vd_sample_cpu", _vd_sample_cpu_impl,
+                                         mutates_args=(), device_types="cpu")
+
+
 @_vd_sample_cpu.register_fake
 def _(mu, var, seed, stream, eps):
     return torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
 
 
-@torch.library.custom_op("fastreg::vd_sample_grad_var_cpu", mutates_args=(), device_types="cpu")
-def _vd_sample_grad_var_cpu(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
-                            eps: float) -> Tensor:
+def _vd_sample_grad_var_cpu_impl(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
+                                 eps: float) -> Tensor:
     from fastreg.kernels.numba import variational as nb
 
     ga, va = _np(grad), _np(var)
@@ -101,9 +103,22 @@ def _vd_sample_grad_var_cpu(grad: Tensor, var: Tensor, seed: Tensor, stream: int
     return torch.from_numpy(out).to(grad.dtype).view(grad.shape)
 
 
+_vd_sample_grad_var_cpu = torch.library.custom_op(
+    "fastreg::vd_sample_grad_var_cpu", _vd_sample_grad_var_cpu_impl, mutates_args=(),
+    device_types="cpu")
+
+
 @_vd_sample_grad_var_cpu.register_fake
 def _(grad, var, seed, stream, eps):
     return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+
+
+def _plain(*ts) -> bool:
+    """True when every tensor is a plain torch.Tensor (eager, no tracing subclass): the
+    op body then calls the Numba implementation directly, skipping one torch.library
+    dispatch. Fake/functional tensors (torch.compile, opcheck) go through the opaque
+    op, so the graph records it."""
+    return all(type(t) is torch.Tensor for t in ts)
 
 
 # ---------------------------------------------------------------- Triton
@@ -140,6 +155,8 @@ def vd_sample_op(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float)
     """mu + sqrt(var + eps) * z, z the spec's normals at (seed, stream)."""
     backend = _backend.select(mu.device, BACKENDS, "vd_sample")
     if backend == "numba":
+        if _plain(mu, var, seed):
+            return _vd_sample_cpu_impl(mu, var, seed, stream, eps)
         return torch.ops.fastreg.vd_sample_cpu(mu, var, seed, stream, eps)
     if backend == "triton" and not _interpreted_trace(mu):
         from fastreg.kernels.triton.variational import vd_sample_fwd_kernel
@@ -154,6 +171,8 @@ def vd_sample_grad_var_op(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
     """grad * z / (2 sqrt(var + eps)), z regenerated from (seed, stream)."""
     backend = _backend.select(grad.device, BACKENDS, "vd_sample")
     if backend == "numba":
+        if _plain(grad, var, seed):
+            return _vd_sample_grad_var_cpu_impl(grad, var, seed, stream, eps)
         return torch.ops.fastreg.vd_sample_grad_var_cpu(grad, var, seed, stream, eps)
     if backend == "triton" and not _interpreted_trace(grad):
         from fastreg.kernels.triton.variational import vd_sample_grad_var_kernel
