@@ -95,7 +95,7 @@ def test_gaussian_dropout_fwd_bwd(benchmark, provider, size, device):
         warmup=2, **extra)
 
 
-# ---------------------------------------------------------------- multiplicative noise, per-feature sigma
+# ------------------------------------------------------- multiplicative noise, per-feature sigma
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("learned", [True, False], ids=["learned", "fixed"])
 @pytest.mark.parametrize("size", list(SIZES))

@@ -89,7 +89,8 @@ def test_identity_and_extremes(gen):
 def test_gradcheck_and_backward_is_same_mask(backend, gen):
     x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     with fastreg.use_backend(backend):
-        assert torch.autograd.gradcheck(lambda a: fastreg.locked_dropout(a, 0.4, dim=1, seed=8), (x,))
+        assert torch.autograd.gradcheck(
+            lambda a: fastreg.locked_dropout(a, 0.4, dim=1, seed=8), (x,))
         # the registered op's autograd (what torch.compile uses), not the eager fast path
         assert torch.autograd.gradcheck(
             lambda a: torch.ops.fastreg.locked_dropout(a, torch.tensor(8), 0, 0.4, 1), (x,))

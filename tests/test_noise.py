@@ -61,7 +61,6 @@ def test_gaussian_eps_agrees_with_spec_normals(start):
     ref = rng.normals(n, 987654321, 3, start=start, backend="torch")
     got = torch.from_numpy(out)
     torch.testing.assert_close(got, ref, rtol=4e-6, atol=4e-6)
-    assert float((got - ref).abs().max()) > 0 or True  # equality is allowed, not required
 
 
 def test_gaussian_eps_tails_and_extremes():
@@ -225,7 +224,8 @@ def test_backward_matches_reference(backend, dtype, gen):
         g = torch.randn(shape, generator=gen).to(dtype)
         for d in (0, 1):
             for additive in (False, True):
-                rgx, rgs = N.noise_bwd_reference(g, x, sigma, 77, 1, d, additive, not additive, True)
+                rgx, rgs = N.noise_bwd_reference(g, x, sigma, 77, 1, d, additive, not additive,
+                                                 True)
                 for name, gv in views(g):
                     with fastreg.use_backend(backend):
                         gx, gs = torch.ops.fastreg.noise_bwd(gv, x, sigma, torch.tensor(77), 1, d,
@@ -293,7 +293,8 @@ def test_saved_bytes_per_element():
     s = torch.tensor(0.2, requires_grad=True)
     assert _saved_bytes(lambda: fastreg.input_noise(x, s, seed=1), n) < 0.01
     # a learned multiplicative sigma needs x (d y / d sigma = x eps): exactly the input
-    assert _saved_bytes(lambda: fastreg.multiplicative_noise(x, s, seed=1), n) == pytest.approx(4, abs=0.01)
+    saved = _saved_bytes(lambda: fastreg.multiplicative_noise(x, s, seed=1), n)
+    assert saved == pytest.approx(4, abs=0.01)
 
 
 # ---------------------------------------------------------------- registration
@@ -410,7 +411,8 @@ def test_gpu_opcheck_compile_and_cpu_agreement():
         for add in (False, True):
             torch.library.opcheck(torch.ops.fastreg.noise_fwd.default, (x, s, seed, 1, d, add))
             torch.library.opcheck(torch.ops.fastreg.noise_bwd.default,
-                                  (x.detach(), x.detach(), s.detach(), seed, 1, d, add, not add, True))
+                                  (x.detach(), x.detach(), s.detach(), seed, 1, d, add, not add,
+                                   True))
     f = torch.compile(lambda t: fastreg.gaussian_dropout(t, 0.3, seed=5), fullgraph=True)
     assert torch.equal(f(x), fastreg.gaussian_dropout(x, 0.3, seed=5))
     # the same (seed, stream, shape) gives the same noise on CPU and GPU (a few ulp)

@@ -52,11 +52,14 @@ class MultiplicativeNoise(nn.Module):
             shape = (int(shape),)
         shape = tuple(int(s) for s in shape)
         if any(s < 1 for s in shape):
-            raise ValueError(f"fastreg.nn.MultiplicativeNoise: shape must have sizes >= 1, got {shape}")
+            raise ValueError(f"fastreg.nn.MultiplicativeNoise: shape must have sizes >= 1, "
+                             f"got {shape}")
         if isinstance(init, bool) or not isinstance(init, numbers.Real) or not math.isfinite(init):
-            raise TypeError(f"fastreg.nn.MultiplicativeNoise: init must be a finite number, got {init!r}")
+            raise TypeError(f"fastreg.nn.MultiplicativeNoise: init must be a finite number, "
+                            f"got {init!r}")
         if dist not in DISTS:
-            raise ValueError(f"fastreg.nn.MultiplicativeNoise: dist must be one of {DISTS}, got {dist!r}")
+            raise ValueError(f"fastreg.nn.MultiplicativeNoise: dist must be one of {DISTS}, "
+                             f"got {dist!r}")
         sigma = torch.full(shape, float(init))
         if learn:
             self.sigma = nn.Parameter(sigma)

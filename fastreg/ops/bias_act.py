@@ -266,7 +266,8 @@ def bias_act_dropout(input: Tensor, bias: Tensor, *, activation: str | None = "r
         raise ValueError(f"fastreg.{op}: bias must have input's dtype and device ({input.dtype}, "
                          f"{input.device}), got ({bias.dtype}, {bias.device})")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"fastreg.{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise ValueError(f"fastreg.{op}: activation must be one of {ACTIVATIONS}, "
+                         f"got {activation!r}")
     p = check_probability(p, "p", op)
     if not isinstance(training, bool):
         raise TypeError(f"fastreg.{op}: training must be a bool, got {training!r}")

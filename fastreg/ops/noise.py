@@ -53,7 +53,8 @@ def eps_reference(n: int, seed, stream: int, dist: int, device) -> Tensor:
     return torch.tensor(SQRT3_F32, dtype=torch.float32, device=device) * (2.0 * u - 1.0)
 
 
-def noise_reference(x: Tensor, sigma: Tensor, seed, stream: int, dist: int, additive: bool) -> Tensor:
+def noise_reference(x: Tensor, sigma: Tensor, seed, stream: int, dist: int,
+                    additive: bool) -> Tensor:
     cd = compute_dtype(x.dtype)
     e = eps_reference(x.numel(), seed, stream, dist, x.device).to(cd).reshape(x.shape)
     s = sigma.to(cd)
@@ -243,7 +244,8 @@ def _fwd_impl(x, sigma, seed, stream, dist, additive, direct):
 
 def _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, direct):
     if additive and need_gx:
-        raise ValueError("fastreg.noise_bwd: additive noise has grad_x = grad; need_gx must be False")
+        raise ValueError("fastreg.noise_bwd: additive noise has grad_x = grad; "
+                         "need_gx must be False")
     backend = _backend.select(grad.device, BACKENDS, "noise")
     n = grad.numel()
     if backend == "numba":

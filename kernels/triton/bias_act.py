@@ -69,15 +69,16 @@ def bias_act_bwd_kernel(g_ptr, saved_ptr, b_ptr, gx_ptr, part_ptr, seed_ptr, str
         x = tl.load(saved_ptr + offs, mask=inb, other=0.0).to(m.dtype)
         b = tl.load(b_ptr + cols, mask=cols < C, other=0.0).to(m.dtype)
         z = x + b[None, :]
-        d = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+        d = (0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+             + z * tl.exp(-0.5 * z * z) * 0.3989422804014327)
         gz = g * m * d
     else:
         gz = g * m
     gz = tl.where(inb, gz, 0.0).to(m.dtype)
     tl.store(gx_ptr + offs, to_output(gz, gx_ptr.dtype.element_ty), mask=inb)
     colsum = tl.sum(gz, axis=0)
-    tl.store(part_ptr + tl.program_id(0).to(tl.int64) * C + cols, colsum.to(part_ptr.dtype.element_ty),
-             mask=cols < C)
+    prow = part_ptr + tl.program_id(0).to(tl.int64) * C
+    tl.store(prow + cols, colsum.to(part_ptr.dtype.element_ty), mask=cols < C)
 
 
 def grid(R, C):

@@ -46,7 +46,8 @@ def eps_tile(seed, stream, counters, DIST: tl.constexpr):
         za, zb = box_muller(uniform_from_word(r0), uniform_from_word(r1))
         zc, zd = box_muller(uniform_from_word(r2), uniform_from_word(r3))
         return tl.where(lane == 0, za[:, None],
-                        tl.where(lane == 1, zb[:, None], tl.where(lane == 2, zc[:, None], zd[:, None])))
+                        tl.where(lane == 1, zb[:, None],
+                                 tl.where(lane == 2, zc[:, None], zd[:, None])))
     w = tl.where(lane == 0, r0[:, None],
                  tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])))
     return 1.7320508075688772 * (2.0 * uniform_from_word(w) - 1.0)
