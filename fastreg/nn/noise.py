@@ -43,6 +43,8 @@ class MultiplicativeNoise(nn.Module):
     "uniform" (eps uniform on (-sqrt(3), sqrt(3)), unit variance). learn=False
     keeps sigma fixed (a buffer), and then nothing is saved per element.
     The sigma gradient is reduced over the broadcast dims inside the backward pass.
+    sigma is not constrained: the noise is symmetric, so a sigma driven below 0 by the
+    optimizer acts as |sigma|.
     """
 
     def __init__(self, shape=(), init: float = 0.1, *, dist: str = "gaussian",
