@@ -13,18 +13,15 @@ through it in runs along the innermost dimension of sigma's broadcast. eps stays
 in L1; no full-size temporary exists.
 
 Why this file carries its own forms of the RNG building blocks:
-* `philox_unrolled` is kernels/numba/rng.philox4x32_10 with its ten rounds
-  written out. The loop form does not get unrolled inside Numba's parallel loops,
-  so the counter loop is not the innermost loop and LLVM does not vectorise it
-  (measured on the 2-core AMD EPYC: 4.7x slower). The words are bit-identical
-  (tests/test_noise.py checks them against fastreg.rng.words).
+* `philox_unrolled` is kernels/numba/rng.philox4x32_10 (whose ten rounds are
+  written out so that the counter loops vectorise) in this file's argument order.
 * `box_muller_fast` is rng.box_muller with float32 polynomial log / sin / cos
   (Cephes coefficients, Cody-Waite reduction of the float32 angle 2*pi*u) in
   place of libm, because libm calls are scalar: the libm form runs at about
   170 ms per 2^24 normals here, this one at about 15 ms. It agrees with the
   libm normals to a few ulp (test_noise.py bounds the difference), as
   DESIGN.md allows for normals across backends.
-Both would belong in kernels/numba/rng.py; they live here until that file adopts them.
+box_muller_fast would belong in kernels/numba/rng.py; it lives here until that file adopts it.
 """
 
 import contextlib
@@ -36,14 +33,10 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from fastreg.kernels.numba.rng import MASK32
+from fastreg.kernels.numba.rng import MASK32, philox4x32_10
 
 BLOCK = 512  # counters per chunk = 2048 elements: the eps buffer is 8 KiB
 F = np.float32
-_M0 = np.uint64(0xD2511F53)
-_M1 = np.uint64(0xCD9E8D57)
-_W0 = np.uint64(0x9E3779B9)
-_W1 = np.uint64(0xBB67AE85)
 _S32 = np.uint64(32)
 _S9 = np.uint64(9)
 U_SCALE = F(2.0**-23)
@@ -88,39 +81,9 @@ def _i32_as_f32(typingctx, x):
 
 # ---------------------------------------------------------------- Philox, unrolled
 @numba.njit(inline="always", cache=True)
-def _round(c0, c1, c2, c3, k0, k1):
-    p0 = _M0 * c0
-    p1 = _M1 * c2
-    return (p1 >> _S32) ^ c1 ^ k0, p1 & MASK32, (p0 >> _S32) ^ c3 ^ k1, p0 & MASK32
-
-
-@numba.njit(inline="always", cache=True)
-def _bump(k0, k1):
-    return (k0 + _W0) & MASK32, (k1 + _W1) & MASK32
-
-
-@numba.njit(inline="always", cache=True)
 def philox_unrolled(k0, k1, s0, s1, counter):
     """rng.philox_block(seed, stream, counter) with k0/k1 = lo/hi(seed), s0/s1 = lo/hi(stream)."""
-    c0, c1, c2, c3 = _round(counter & MASK32, counter >> _S32, s0, s1, k0, k1)
-    k0, k1 = _bump(k0, k1)
-    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = _bump(k0, k1)
-    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = _bump(k0, k1)
-    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = _bump(k0, k1)
-    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = _bump(k0, k1)
-    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = _bump(k0, k1)
-    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = _bump(k0, k1)
-    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = _bump(k0, k1)
-    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = _bump(k0, k1)
-    return _round(c0, c1, c2, c3, k0, k1)
+    return philox4x32_10(counter & MASK32, counter >> _S32, s0, s1, k0, k1)
 
 
 @numba.njit(inline="always", cache=True)

@@ -21,20 +21,42 @@ U_SCALE = np.float32(2.0**-23)
 
 
 @numba.njit(inline="always", cache=True)
+def _round(c0, c1, c2, c3, k0, k1):
+    p0 = _M0 * c0
+    p1 = _M1 * c2
+    return (p1 >> _S32) ^ c1 ^ k0, p1 & MASK32, (p0 >> _S32) ^ c3 ^ k1, p0 & MASK32
+
+
+@numba.njit(inline="always", cache=True)
+def _bump(k0, k1):
+    return (k0 + _W0) & MASK32, (k1 + _W1) & MASK32
+
+
+@numba.njit(inline="always", cache=True)
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
-    """Random123 Philox4x32 with 10 rounds; arguments and results are uint64 < 2^32."""
-    for _ in range(10):
-        p0 = _M0 * c0
-        p1 = _M1 * c2
-        n0 = (p1 >> _S32) ^ c1 ^ k0
-        n2 = (p0 >> _S32) ^ c3 ^ k1
-        c0 = n0
-        c1 = p1 & MASK32
-        c2 = n2
-        c3 = p0 & MASK32
-        k0 = (k0 + _W0) & MASK32
-        k1 = (k1 + _W1) & MASK32
-    return c0, c1, c2, c3
+    """Random123 Philox4x32 with 10 rounds; arguments and results are uint64 < 2^32.
+
+    The rounds are written out: a counted loop here was not always unrolled and then
+    kept the callers' loops from vectorising."""
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    c0, c1, c2, c3 = _round(c0, c1, c2, c3, k0, k1)
+    k0, k1 = _bump(k0, k1)
+    return _round(c0, c1, c2, c3, k0, k1)
 
 
 @numba.njit(inline="always", cache=True)
