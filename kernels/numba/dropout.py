@@ -1,10 +1,10 @@
 """Numba CPU kernels of the dropout family (docs/rng.md for the mask).
 
 Loop structure (it decides the speed; Philox itself is cheap): each parallel
-chunk of BLOCK counters first fills a small multiplier array m (scale where kept,
-0 where dropped; 4 elements per counter) -- that loop is straight-line Philox
-and LLVM vectorises it -- then streams x through out = x * m. m stays in L1;
-no full-size temporary exists. Arrays are 1-D and contiguous, float32 or
+chunk of BLOCK counters first fills a small multiplier array m[lane, counter]
+(scale where kept, 0 where dropped) -- that loop is straight-line Philox with
+contiguous stores, which LLVM vectorises -- then streams x through out = x * m.
+m stays in L1; no full-size temporary exists. Arrays are 1-D and contiguous, float32 or
 float64; element k has logical index start + k (start a multiple of 8). The
 multiplier form keeps NaN/Inf behaviour identical to torch's x * mask * scale.
 """
@@ -21,7 +21,10 @@ _S2 = np.uint64(2)
 
 @numba.njit(inline="always", cache=True)
 def _fill_multipliers(m, seed, stream, t, scale, c_first, count):
-    """m[4j + lane] = scale if word >= t else 0, for counters c_first .. c_first+count-1."""
+    """m[lane, j] = scale if word >= t else 0, for counters c_first + j, j < count.
+
+    One row per lane keeps the stores of this loop contiguous, so LLVM vectorises
+    the whole Philox (measured: 2x faster than element-ordered m[4j + lane])."""
     k0 = seed & MASK32
     k1 = seed >> _S32
     s0 = stream & MASK32
@@ -30,10 +33,10 @@ def _fill_multipliers(m, seed, stream, t, scale, c_first, count):
     for j in range(count):
         c = c_first + np.uint64(j)
         r0, r1, r2, r3 = philox4x32_10(c & MASK32, c >> _S32, s0, s1, k0, k1)
-        m[4 * j] = scale if r0 >= t else zero
-        m[4 * j + 1] = scale if r1 >= t else zero
-        m[4 * j + 2] = scale if r2 >= t else zero
-        m[4 * j + 3] = scale if r3 >= t else zero
+        m[0, j] = scale if r0 >= t else zero
+        m[1, j] = scale if r1 >= t else zero
+        m[2, j] = scale if r2 >= t else zero
+        m[3, j] = scale if r3 >= t else zero
 
 
 @numba.njit(inline="always", cache=True)
@@ -61,20 +64,36 @@ def _nchunks(n):
 def _fwd_chunk(ch, x, out, seed, stream, t, scale, start):
     n = x.size
     base, length, c_first, count = _chunk(ch, n, start)
-    m = np.empty(4 * BLOCK, dtype=x.dtype)
+    m = np.empty((4, BLOCK), dtype=x.dtype)
     _fill_multipliers(m, seed, stream, t, scale, c_first, count)
-    for e in range(length):
-        out[base + e] = x[base + e] * m[e]
+    full = length // 4
+    for j in range(full):
+        e = base + 4 * j
+        out[e] = x[e] * m[0, j]
+        out[e + 1] = x[e + 1] * m[1, j]
+        out[e + 2] = x[e + 2] * m[2, j]
+        out[e + 3] = x[e + 3] * m[3, j]
+    for lane in range(length - 4 * full):
+        e = base + 4 * full + lane
+        out[e] = x[e] * m[lane, full]
 
 
 @numba.njit(inline="always", cache=True)
 def _add_chunk(ch, x, residual, out, seed, stream, t, scale, start):
     n = x.size
     base, length, c_first, count = _chunk(ch, n, start)
-    m = np.empty(4 * BLOCK, dtype=x.dtype)
+    m = np.empty((4, BLOCK), dtype=x.dtype)
     _fill_multipliers(m, seed, stream, t, scale, c_first, count)
-    for e in range(length):
-        out[base + e] = residual[base + e] + x[base + e] * m[e]
+    full = length // 4
+    for j in range(full):
+        e = base + 4 * j
+        out[e] = residual[e] + x[e] * m[0, j]
+        out[e + 1] = residual[e + 1] + x[e + 1] * m[1, j]
+        out[e + 2] = residual[e + 2] + x[e + 2] * m[2, j]
+        out[e + 3] = residual[e + 3] + x[e + 3] * m[3, j]
+    for lane in range(length - 4 * full):
+        e = base + 4 * full + lane
+        out[e] = residual[e] + x[e] * m[lane, full]
 
 
 @numba.njit(inline="always", cache=True)
@@ -83,28 +102,42 @@ def _bits_chunk(ch, x, out, bits, seed, stream, t, scale, start):
     (scale > 0), so that keep is exactly m != 0; p = 1 has t = 2^32, m = 0, bits 0."""
     n = x.size
     base, length, c_first, count = _chunk(ch, n, start)
-    m = np.empty(4 * BLOCK, dtype=x.dtype)
+    m = np.empty((4, BLOCK), dtype=x.dtype)
     _fill_multipliers(m, seed, stream, t, scale, c_first, count)
-    for e in range(length):
-        out[base + e] = x[base + e] * m[e]
+    full = length // 4
+    for j in range(full):
+        e = base + 4 * j
+        out[e] = x[e] * m[0, j]
+        out[e + 1] = x[e + 1] * m[1, j]
+        out[e + 2] = x[e + 2] * m[2, j]
+        out[e + 3] = x[e + 3] * m[3, j]
+    for lane in range(length - 4 * full):
+        e = base + 4 * full + lane
+        out[e] = x[e] * m[lane, full]
     for b in range((length + 7) // 8):
         byte = 0
         for j in range(8):
             e = 8 * b + j
-            if e < length and m[e] != 0:
+            if e < length and m[j & 3, 2 * b + (j >> 2)] != 0:
                 byte |= 1 << j
         bits[base // 8 + b] = np.uint8(byte)
 
 
 @numba.njit(inline="always", cache=True)
 def _apply_chunk(ch, g, bits, out, scale):
+    """out = g * bit * scale for chunk ch: one mask byte per 8 elements."""
     n = g.size
-    zero = scale - scale  # same type as scale (scale * 0 would widen to float64)
+    zero = scale - scale
     base = ch * 4 * BLOCK
     length = min(4 * BLOCK, n - base)
-    for e in range(length):
-        i = base + e
-        out[i] = g[i] * (scale if (bits[i >> 3] >> (i & 7)) & 1 else zero)
+    b0 = base // 8
+    for b in range(length // 8):
+        byte = bits[b0 + b]
+        e = base + 8 * b
+        for j in range(8):
+            out[e + j] = g[e + j] * (scale if (byte >> j) & 1 else zero)
+    for e in range(base + 8 * (length // 8), base + length):
+        out[e] = g[e] * (scale if (bits[e >> 3] >> (e & 7)) & 1 else zero)
 
 
 @numba.njit(parallel=True, cache=True)
