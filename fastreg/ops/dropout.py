@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from fastreg import _backend
+from fastreg import _alloc, _backend
 from fastreg._seed import check_seed, check_stream, dropout_scale, keep_threshold, seed_tensor
 from fastreg._validate import check_float_tensor, check_probability, check_same, compute_dtype
 from fastreg.ops.rng import words_reference
@@ -76,6 +76,11 @@ def _numba_out(arr, like: Tensor) -> Tensor:
     return torch.from_numpy(arr).to(like.dtype).view(like.shape)
 
 
+def _numba_empty(like: Tensor):
+    """Output array in like's compute dtype (huge-page advised when large: fastreg._alloc)."""
+    return _alloc.empty((like.numel(),), compute_dtype(like.dtype)).numpy()
+
+
 def _np_scale(p: float, dtype: torch.dtype):
     import numpy as np
 
@@ -90,7 +95,7 @@ def _numba_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
 
     n = x.numel()
     xa = _numba_in(x)
-    out = np.empty_like(xa)
+    out = _numba_empty(x)
     args = (int(seed), stream, keep_threshold(p), _np_scale(p, x.dtype), 0)
     if with_bits:
         bits = np.empty((n + 7) // 8, dtype=np.uint8)
@@ -113,12 +118,10 @@ def _(x, seed, stream, p, with_bits):
 
 
 def _numba_add(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
-    import numpy as np
-
     from fastreg.kernels.numba import dropout as nb
 
     xa, ra = _numba_in(x), _numba_in(residual)
-    out = np.empty_like(xa)
+    out = _numba_empty(x)
     nb.dropout_add_fwd(xa, ra, out, int(seed), stream, keep_threshold(p), _np_scale(p, x.dtype), 0)
     return _numba_out(out, x)
 
@@ -134,12 +137,10 @@ def _(x, residual, seed, stream, p):
 
 
 def _numba_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
-    import numpy as np
-
     from fastreg.kernels.numba import dropout as nb
 
     ga = _numba_in(grad)
-    out = np.empty_like(ga)
+    out = _numba_empty(grad)
     nb.dropout_bits_apply(ga, bits.contiguous().numpy(), out, _np_scale(p, grad.dtype))
     return _numba_out(out, grad)
 
