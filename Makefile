@@ -32,7 +32,8 @@ test: build
 	$(BIN)/python -m pytest -q tests
 
 bench: build
-	$(BIN)/python -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds \
+	$(BIN)/python -m pytest -q bench -o python_files="bench_*.py" --benchmark-only \
+		--benchmark-columns=median,iqr,rounds \
 		--benchmark-json=$(FASTREG_RESULTS_DIR)/last-run.json
 	$(BIN)/python bench/summary.py $(FASTREG_RESULTS_DIR)/last-run.json
 

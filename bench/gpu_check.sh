@@ -22,7 +22,7 @@ timeout 240 $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -25
 tests_rc=${PIPESTATUS[0]}
 
 echo "== gpu benchmarks ($(($(date +%s) - t0)) s)"
-timeout 240 $PY -m pytest -q -m gpu bench --benchmark-only -p no:cacheprovider \
+timeout 240 $PY -m pytest -q -m gpu bench -o python_files="bench_*.py" --benchmark-only -p no:cacheprovider \
   --benchmark-json="$FASTREG_RESULTS_DIR/gpu-last-run.json" 2>&1 | tail -5
 echo "== summary ($(($(date +%s) - t0)) s); gpu tests exit code: $tests_rc"
 $PY bench/summary.py "$FASTREG_RESULTS_DIR/gpu-last-run.json"
