@@ -62,6 +62,8 @@ def _nchunks(n):
 
 @numba.njit(inline="always", cache=True)
 def _fwd_chunk(ch, x, out, seed, stream, t, scale, start):
+    """out = x * m over chunk ch; returns m and the chunk's element range for callers
+    that also pack the mask."""
     n = x.size
     base, length, c_first, count = _chunk(ch, n, start)
     m = np.empty((4, BLOCK), dtype=x.dtype)
@@ -76,6 +78,7 @@ def _fwd_chunk(ch, x, out, seed, stream, t, scale, start):
     for lane in range(length - 4 * full):
         e = base + 4 * full + lane
         out[e] = x[e] * m[lane, full]
+    return m, base, length
 
 
 @numba.njit(inline="always", cache=True)
@@ -100,20 +103,7 @@ def _add_chunk(ch, x, residual, out, seed, stream, t, scale, start):
 def _bits_chunk(ch, x, out, bits, seed, stream, t, scale, start):
     """Also packs the keep mask: bit b of bits[k] is element 8k+b. Needs p < 1
     (scale > 0), so that keep is exactly m != 0; p = 1 has t = 2^32, m = 0, bits 0."""
-    n = x.size
-    base, length, c_first, count = _chunk(ch, n, start)
-    m = np.empty((4, BLOCK), dtype=x.dtype)
-    _fill_multipliers(m, seed, stream, t, scale, c_first, count)
-    full = length // 4
-    for j in range(full):
-        e = base + 4 * j
-        out[e] = x[e] * m[0, j]
-        out[e + 1] = x[e + 1] * m[1, j]
-        out[e + 2] = x[e + 2] * m[2, j]
-        out[e + 3] = x[e + 3] * m[3, j]
-    for lane in range(length - 4 * full):
-        e = base + 4 * full + lane
-        out[e] = x[e] * m[lane, full]
+    m, base, length = _fwd_chunk(ch, x, out, seed, stream, t, scale, start)
     for b in range((length + 7) // 8):
         byte = 0
         for j in range(8):
