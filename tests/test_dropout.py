@@ -338,3 +338,15 @@ def test_gpu_opcheck_and_compile():
     torch.library.opcheck(torch.ops.fastreg.dropout_add_fwd, (x, x.detach(), seed, 0, 0.3))
     f = torch.compile(lambda t: fastreg.dropout(t, 0.3, seed=5), fullgraph=True)
     assert torch.equal(f(x), fastreg.dropout(x, 0.3, seed=5))
+
+
+def test_huge_page_allocation_is_plain_memory():
+    from fastreg import _alloc
+
+    big = _alloc.empty((3, 1 << 21), torch.float32)  # 24 MiB: advised
+    assert big.shape == (3, 1 << 21) and big.dtype == torch.float32 and big.is_contiguous()
+    big.fill_(1.5)
+    assert float(big.sum()) == 1.5 * 3 * (1 << 21)
+    a = _alloc.empty_like_numpy(np.zeros((5, 7), dtype=np.float64))
+    assert a.shape == (5, 7) and a.dtype == np.float64
+    assert _alloc.empty_numpy(0, np.float32).shape == (0,)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.library import triton_op, wrap_triton
 
-from fastreg import _backend, _native
+from fastreg import _alloc, _backend, _native
 from fastreg._validate import check_float_tensor, check_same, compute_dtype
 
 _SUPPORTED = ("numba", "triton")
@@ -69,7 +69,7 @@ def _adversarial_numba_impl(x: torch.Tensor, x0: torch.Tensor | None, grad: torc
     # grad keeps its precision (a float64 1e-50 must stay positive); halves widen exactly
     gc = grad.detach()
     gc = (gc if gc.dtype in (torch.float32, torch.float64) else gc.float()).contiguous()
-    out = torch.empty(x.shape, dtype=ct)
+    out = _alloc.empty(x.shape, ct)
     npt = np.float64 if ct == torch.float64 else np.float32
     if out.numel():
         xa, ga, oa = xc.view(-1).numpy(), gc.view(-1).numpy(), out.view(-1).numpy()

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from fastreg import _backend
+from fastreg import _alloc, _backend
 from fastreg._seed import check_seed, check_stream, dropout_scale, keep_threshold, seed_tensor
 from fastreg._validate import check_float_tensor, check_probability, compute_dtype
 from fastreg.ops.dropout import dropout_multipliers_reference
@@ -84,7 +84,7 @@ def _numba_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: 
 
     cd = compute_dtype(x.dtype)
     xa = x.to(cd).contiguous().view(-1).numpy()
-    out = np.empty_like(xa)
+    out = _alloc.empty_like_numpy(xa)
     from fastreg.kernels.numba.noise import threads_for
 
     with threads_for(xa.size):
@@ -112,7 +112,7 @@ def _numba_bwd(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: 
     cd = compute_dtype(grad.dtype)
     ga = grad.to(cd).contiguous().view(-1).numpy()
     sa = saved.to(cd).contiguous().view(-1).numpy() if act != 0 else ga
-    gx = np.empty_like(ga)
+    gx = _alloc.empty_like_numpy(ga)
     C = bias.numel()
     from fastreg.kernels.numba.noise import threads_for
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from fastreg import _backend
+from fastreg import _alloc, _backend
 from fastreg._seed import check_seed, check_stream, dropout_scale, keep_threshold, seed_tensor
 from fastreg._validate import check_float_tensor, check_probability, compute_dtype
 from fastreg.ops.dropout import dropout_multipliers_reference
@@ -61,7 +61,7 @@ def _numba_locked(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> T
 
     cd = compute_dtype(x.dtype)
     xa = x.to(cd).contiguous().view(-1).numpy()
-    out = np.empty_like(xa)
+    out = _alloc.empty_like_numpy(xa)
     O, D, I = _odi(x.shape, dim)
     scale = (np.float64 if cd == torch.float64 else np.float32)(dropout_scale(p))
     from fastreg.kernels.numba.noise import threads_for

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from fastreg import _backend
+from fastreg import _alloc, _backend
 from fastreg._seed import check_seed, check_stream, seed_tensor
 from fastreg._validate import check_float_tensor, check_probability, compute_dtype
 from fastreg.ops.rng import normals_reference, uniform_from_words_reference, words_reference
@@ -140,7 +140,7 @@ def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
 
     cd = compute_dtype(x.dtype)
     xa = _np_in(x, cd)
-    out = np.empty_like(xa)
+    out = _alloc.empty_like_numpy(xa)
     sizes, sstr = _np_layout(x, sigma)
     with nb.threads_for(xa.size) as nthreads:
         nb.noise_fwd(xa, _np_in(sigma, cd), out, sizes, sstr, int(seed), stream, dist, additive,
@@ -172,8 +172,8 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
     xa = _np_in(x, cd) if (need_gs and not additive) else ga
     sa = _np_in(sigma, cd)
     mode = 0 if not need_gs else min(_gs_mode(n, sigma), 2)
-    gx = np.empty(n if need_gx else 0, dtype=ga.dtype)
-    gs = np.empty(n if mode == 1 else 0, dtype=ga.dtype)
+    gx = _alloc.empty_numpy(n if need_gx else 0, ga.dtype)
+    gs = _alloc.empty_numpy(n if mode == 1 else 0, ga.dtype)
     sizes, sstr = _np_layout(grad, sigma)
     with nb.threads_for(n) as nparts:
         part = np.zeros((nparts, sigma.numel() if mode == 2 else 1), dtype=np.float64)

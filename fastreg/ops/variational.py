@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from fastreg import _backend, _native
+from fastreg import _alloc, _backend, _native
 from fastreg._seed import check_stream, seed_tensor
 from fastreg._validate import check_float_tensor, check_same, compute_dtype
 from fastreg.ops.rng import normals_reference
@@ -76,7 +76,7 @@ def _vd_sample_cpu_impl(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps:
     from fastreg.kernels.numba import variational as nb
 
     ma, va = _np(mu), _np(var)
-    out = np.empty_like(ma)
+    out = _alloc.empty_like_numpy(ma)
     if out.size:
         nb.vd_sample_fwd(ma, va, out, int(seed), stream, _np_scalar(eps, mu.dtype))
     return torch.from_numpy(out).to(mu.dtype).view(mu.shape)
@@ -96,7 +96,7 @@ def _vd_sample_grad_var_cpu_impl(grad: Tensor, var: Tensor, seed: Tensor, stream
     from fastreg.kernels.numba import variational as nb
 
     ga, va = _np(grad), _np(var)
-    out = np.empty_like(ga)
+    out = _alloc.empty_like_numpy(ga)
     if out.size:
         nb.vd_sample_grad_var(ga, va, out, int(seed), stream, _np_scalar(eps, grad.dtype),
                               _np_scalar(0.5, grad.dtype))
