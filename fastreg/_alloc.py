@@ -1,16 +1,15 @@
 """Output allocation for the CPU kernels.
 
 A fresh 64 MiB output costs more in page faults (16384 of them at 4 KiB) than the
-kernel that fills it costs in arithmetic. Large CPU outputs are therefore advised
-to the kernel as transparent huge pages (madvise(MADV_HUGEPAGE)) before their first
-touch: the same memory, 512x fewer faults. Where THP is off, or not Linux, the
-advice is a no-op and this is plain torch.empty. (torch's own allocator does the same
-for every tensor under THP_MEM_ALLOC_ENABLE=1.)
-
-With the kernel's THP defrag policy at "madvise", the first large allocations of a
-process may stall while the kernel compacts memory for huge pages (seen once in a
-benchmark here: one 2^24 forward at several times its usual time). FASTREG_THP=0
-turns the advice off.
+kernel that fills it costs in arithmetic. With FASTREG_THP=1, large CPU outputs are
+advised to the kernel as transparent huge pages (madvise(MADV_HUGEPAGE)) before their
+first touch: the same memory, 512x fewer faults (measured here: dropout forward at 2^24
+float32 from about 30 ms to 16-19 ms). It is off by default: with the kernel's THP
+defrag policy at "madvise" (as on the development machine), the first large allocations
+of a process may stall while the kernel compacts memory, and a fresh process saw a
+2^24 forward take 80-90 ms in two of four benchmark runs. (torch's own allocator offers
+the same trade for every tensor under THP_MEM_ALLOC_ENABLE=1.) Off, or where THP is
+unavailable, this is plain torch.empty.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ MADV_HUGEPAGE = 14
 ADVISE_FROM_BYTES = 4 * HUGE_PAGE  # below this, faults are few and the call is not worth it
 
 _madvise = None
-if sys.platform.startswith("linux") and os.environ.get("FASTREG_THP", "1") != "0":
+if sys.platform.startswith("linux") and os.environ.get("FASTREG_THP", "0") == "1":
     try:
         _libc = ctypes.CDLL(None, use_errno=True)
         _madvise = _libc.madvise
