@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
 
 import torch
@@ -109,3 +110,17 @@ def launch_kernel(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return not is_fake(t) and t.device.type != "meta"
+
+
+def launcher(kernel, direct: bool):
+    """The Triton kernel itself in the eager fast path; wrap_triton(kernel) inside a
+    triton_op, so that torch.compile records the launch."""
+    from torch.library import wrap_triton
+
+    return kernel if direct else wrap_triton(kernel)
+
+
+def f64_bits(v: float) -> int:
+    """The bits of a float64 as an int64: Triton would round a Python float argument to
+    float32, so kernels take float64 scalars as bits and bitcast them back."""
+    return struct.unpack("<q", struct.pack("<d", v))[0]

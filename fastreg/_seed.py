@@ -9,6 +9,7 @@ that device, so torch.manual_seed makes runs reproducible.
 from __future__ import annotations
 
 import numbers
+import struct
 
 import torch
 
@@ -63,3 +64,8 @@ def keep_threshold(p: float) -> int:
 def dropout_scale(p: float) -> float:
     """1 / (1 - p) in float64; 0 for p = 1 (output = input * 0, as torch does)."""
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+def dropout_scale_bits(p: float) -> int:
+    """dropout_scale(p) as float64 bits, the form the Triton kernels take."""
+    return struct.unpack("<q", struct.pack("<d", dropout_scale(p)))[0]

@@ -84,7 +84,7 @@ def test_kernels_high_indices(start, gen):
         assert torch.equal(torch.from_numpy(out).view(R, C), ref)
         tout = torch.empty_like(x)
         tk.bias_act_fwd_kernel[tk.grid(R, C)](x, b, tout, torch.tensor(31), 4, t,
-                                              B._scale_bits(0.4), start, R, C, ACT=act,
+                                              B.dropout_scale_bits(0.4), start, R, C, ACT=act,
                                               COMPUTE_F64=False, BLOCK_R=tk.BLOCK_R,
                                               BLOCK_C=tk.BLOCK_C)
         assert torch.equal(tout, ref)

@@ -89,7 +89,7 @@ def test_high_indices_numba_and_triton_kernels(start, gen):
     tout = torch.empty(n)
     tbits = torch.empty((n + 7) // 8, dtype=torch.uint8)
     tk.dropout_fwd_kernel[tk.grid(n)](x, tout, tbits, torch.tensor(seed), stream,
-                                      D.keep_threshold(p), D._scale_bits(p), start, n,
+                                      D.keep_threshold(p), D.dropout_scale_bits(p), start, n,
                                       WITH_BITS=True, COMPUTE_F64=False, BLOCK=tk.BLOCK)
     assert torch.equal(tout, ref)
     assert torch.equal(tbits, D.pack_bits_reference(keep))

@@ -63,7 +63,7 @@ def test_kernels_high_indices(start, gen):
     nb.locked_fwd(x.view(-1).numpy(), out, O, D, I, 99, 5, t, np.float32(1 / 0.7), start)
     assert torch.equal(torch.from_numpy(out).view(O, D, I), ref)
     tout = torch.empty_like(x)
-    tk.locked_fwd_kernel[tk.grid(x.numel())](x, tout, torch.tensor(99), 5, t, L._scale_bits(0.3),
+    tk.locked_fwd_kernel[tk.grid(x.numel())](x, tout, torch.tensor(99), 5, t, L.dropout_scale_bits(0.3),
                                             start, D * I, I, x.numel(), COMPUTE_F64=False,
                                             BLOCK=tk.BLOCK)
     assert torch.equal(tout, ref)

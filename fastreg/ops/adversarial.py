@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import struct
 
 import numpy as np
 import torch
@@ -105,11 +104,6 @@ def _is_fake(t: torch.Tensor) -> bool:
     return is_fake(t)
 
 
-def _f64_bits(v: float) -> int:
-    """The bits of a float64 as an int64 (Triton would round a Python float to float32)."""
-    return struct.unpack("<q", struct.pack("<d", v))[0]
-
-
 def _pgd_triton(x, x0, grad, step, eps, lo, hi):
     from fastreg.kernels.triton.adversarial import pgd_kernel
 
@@ -125,8 +119,8 @@ def _pgd_triton(x, x0, grad, step, eps, lo, hi):
     n = x.numel()
     if n:
         grid = ((n + _BLOCK - 1) // _BLOCK,)
-        wrap_triton(pgd_kernel)[grid](x, x0c, grad, out, n, _f64_bits(step), _f64_bits(eps),
-                                      _f64_bits(lo), _f64_bits(hi), HAS_X0=x0 is not None,
+        wrap_triton(pgd_kernel)[grid](x, x0c, grad, out, n, _backend.f64_bits(step), _backend.f64_bits(eps),
+                                      _backend.f64_bits(lo), _backend.f64_bits(hi), HAS_X0=x0 is not None,
                                       F64=x.dtype == torch.float64, BLOCK=_BLOCK)
     return out
 

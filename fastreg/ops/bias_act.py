@@ -20,14 +20,14 @@ The op pattern is the dropout family's (fastreg/ops/dropout.py).
 
 from __future__ import annotations
 
-import struct
 
 import torch
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from fastreg import _alloc, _backend
-from fastreg._seed import check_seed, check_stream, dropout_scale, keep_threshold, seed_tensor
+from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scale_bits,
+                           keep_threshold, seed_tensor)
 from fastreg._validate import check_float_tensor, check_probability, compute_dtype
 from fastreg.ops.dropout import dropout_multipliers_reference
 from fastreg.ops.noise import _eager_fast_path
@@ -78,8 +78,6 @@ def _np_scale(p, cd):
 
 
 def _numba_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: float) -> Tensor:
-    import numpy as np
-
     from fastreg.kernels.numba import bias_act as nb
 
     cd = compute_dtype(x.dtype)
@@ -137,14 +135,6 @@ def _(grad, saved, bias, seed, stream, act, p):
 
 
 # ---------------------------------------------------------------- public ops
-def _scale_bits(p: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", dropout_scale(p)))[0]
-
-
-def _launcher(kernel, direct):
-    return kernel if direct else wrap_triton(kernel)
-
-
 def _fwd_impl(x, bias, seed, stream, act, p, direct):
     backend = _backend.select(x.device, BACKENDS, "bias_act_dropout")
     if backend == "numba":
@@ -158,9 +148,9 @@ def _fwd_impl(x, bias, seed, stream, act, p, direct):
         C = bias.numel()
         R = x.numel() // C if C else 0
         if R > 0 and _backend.launch_kernel(x):
-            _launcher(tk.bias_act_fwd_kernel, direct)[tk.grid(R, C)](
+            _backend.launcher(tk.bias_act_fwd_kernel, direct)[tk.grid(R, C)](
                 x.contiguous(), bias.contiguous(), out, seed, stream, keep_threshold(p),
-                _scale_bits(p), 0, R, C, ACT=act, COMPUTE_F64=x.dtype == torch.float64,
+                dropout_scale_bits(p), 0, R, C, ACT=act, COMPUTE_F64=x.dtype == torch.float64,
                 BLOCK_R=tk.BLOCK_R, BLOCK_C=tk.BLOCK_C)
         return out
     return bias_act_dropout_reference(x, bias, seed, stream, act, p)
@@ -183,9 +173,9 @@ def _bwd_impl(grad, saved, bias, seed, stream, act, p, direct):
         part = torch.zeros((nrb, C), dtype=cd, device=grad.device)
         if R > 0 and _backend.launch_kernel(grad):
             sv = saved.contiguous() if act != 0 else grad
-            _launcher(tk.bias_act_bwd_kernel, direct)[tk.grid(R, C)](
+            _backend.launcher(tk.bias_act_bwd_kernel, direct)[tk.grid(R, C)](
                 grad.contiguous(), sv, bias.contiguous(), gx, part, seed, stream,
-                keep_threshold(p), _scale_bits(p), 0, R, C, ACT=act,
+                keep_threshold(p), dropout_scale_bits(p), 0, R, C, ACT=act,
                 COMPUTE_F64=cd == torch.float64, BLOCK_R=tk.BLOCK_R, BLOCK_C=tk.BLOCK_C)
         return gx, part.sum(0).to(bias.dtype)
     return bias_act_dropout_bwd_reference(grad, saved, bias, seed, stream, act, p)

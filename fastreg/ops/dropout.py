@@ -19,14 +19,14 @@ The pattern every elementwise family follows:
 
 from __future__ import annotations
 
-import struct
 
 import torch
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from fastreg import _alloc, _backend
-from fastreg._seed import check_seed, check_stream, dropout_scale, keep_threshold, seed_tensor
+from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scale_bits,
+                           keep_threshold, seed_tensor)
 from fastreg._validate import check_float_tensor, check_probability, check_same, compute_dtype
 from fastreg.ops.rng import words_reference
 
@@ -156,17 +156,8 @@ def _(grad, bits, p):
 
 
 # ---------------------------------------------------------------- public ops
-def _scale_bits(p: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", dropout_scale(p)))[0]
-
-
 def _is_f64(t: Tensor) -> bool:
     return t.dtype == torch.float64
-
-
-def _launcher(kernel, direct: bool):
-    """The kernel itself in the eager fast path; wrap_triton(kernel) inside triton_ops."""
-    return kernel if direct else wrap_triton(kernel)
 
 
 def _fwd_impl(x, seed, stream, p, with_bits, direct):
@@ -182,8 +173,8 @@ def _fwd_impl(x, seed, stream, p, with_bits, direct):
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         bits = torch.empty((n + 7) // 8 if with_bits else 0, dtype=torch.uint8, device=x.device)
         if n > 0 and _backend.launch_kernel(x):
-            _launcher(tk.dropout_fwd_kernel, direct)[tk.grid(n)](
-                x.contiguous(), out, bits, seed, stream, keep_threshold(p), _scale_bits(p), 0, n,
+            _backend.launcher(tk.dropout_fwd_kernel, direct)[tk.grid(n)](
+                x.contiguous(), out, bits, seed, stream, keep_threshold(p), dropout_scale_bits(p), 0, n,
                 WITH_BITS=with_bits, COMPUTE_F64=_is_f64(x), BLOCK=tk.BLOCK)
         return out, bits
     out, keep = dropout_reference(x, seed, stream, p)
@@ -203,9 +194,9 @@ def _add_impl(x, residual, seed, stream, p, direct):
 
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if n > 0 and _backend.launch_kernel(x):
-            _launcher(tk.dropout_add_fwd_kernel, direct)[tk.grid(n)](
+            _backend.launcher(tk.dropout_add_fwd_kernel, direct)[tk.grid(n)](
                 x.contiguous(), residual.contiguous(), out, seed, stream, keep_threshold(p),
-                _scale_bits(p), 0, n, COMPUTE_F64=_is_f64(x), BLOCK=tk.BLOCK)
+                dropout_scale_bits(p), 0, n, COMPUTE_F64=_is_f64(x), BLOCK=tk.BLOCK)
         return out
     m, _ = dropout_multipliers_reference(n, seed, stream, p, x.dtype, x.device)
     cd = m.dtype
@@ -225,8 +216,8 @@ def _bits_apply_impl(grad, bits, p, direct):
 
         out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
         if n > 0 and _backend.launch_kernel(grad):
-            _launcher(tk.dropout_bits_apply_kernel, direct)[tk.grid(n)](
-                grad.contiguous(), bits, out, _scale_bits(p), n, COMPUTE_F64=_is_f64(grad),
+            _backend.launcher(tk.dropout_bits_apply_kernel, direct)[tk.grid(n)](
+                grad.contiguous(), bits, out, dropout_scale_bits(p), n, COMPUTE_F64=_is_f64(grad),
                 BLOCK=tk.BLOCK)
         return out
     keep = unpack_bits_reference(bits, n)

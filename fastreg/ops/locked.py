@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import struct
 from typing import Optional
 
 import torch
@@ -31,7 +30,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from fastreg import _alloc, _backend
-from fastreg._seed import check_seed, check_stream, dropout_scale, keep_threshold, seed_tensor
+from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scale_bits,
+                           keep_threshold, seed_tensor)
 from fastreg._validate import check_float_tensor, check_probability, compute_dtype
 from fastreg.ops.dropout import dropout_multipliers_reference
 from fastreg.ops.noise import _eager_fast_path
@@ -82,10 +82,6 @@ def _(x, seed, stream, p, dim):
 
 
 # ---------------------------------------------------------------- public op
-def _scale_bits(p: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", dropout_scale(p)))[0]
-
-
 def _locked_impl(x, seed, stream, p, dim, direct):
     backend = _backend.select(x.device, BACKENDS, "locked_dropout")
     n = x.numel()
@@ -100,7 +96,7 @@ def _locked_impl(x, seed, stream, p, dim, direct):
         if n > 0 and _backend.launch_kernel(x):
             _, D, I = _odi(x.shape, dim)
             (tk.locked_fwd_kernel if direct else wrap_triton(tk.locked_fwd_kernel))[tk.grid(n)](
-                x.contiguous(), out, seed, stream, keep_threshold(p), _scale_bits(p), 0, D * I, I,
+                x.contiguous(), out, seed, stream, keep_threshold(p), dropout_scale_bits(p), 0, D * I, I,
                 n, COMPUTE_F64=x.dtype == torch.float64, BLOCK=tk.BLOCK)
         return out
     return locked_dropout_reference(x, seed, stream, p, dim)

@@ -31,7 +31,7 @@ import numbers
 
 import torch
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from fastreg import _alloc, _backend
 from fastreg._seed import check_seed, check_stream, seed_tensor
@@ -134,8 +134,6 @@ def _np_layout(x: Tensor, sigma: Tensor):
 
 def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
                additive: bool) -> Tensor:
-    import numpy as np
-
     from fastreg.kernels.numba import noise as nb
 
     cd = compute_dtype(x.dtype)
@@ -216,11 +214,6 @@ def _layout_tensors(x: Tensor, sigma: Tensor):
     return both[:len(sizes)], both[len(sizes):], len(sizes)
 
 
-def _launcher(kernel, direct: bool):
-    """The kernel itself in the eager fast path; wrap_triton(kernel) inside triton_ops."""
-    return kernel if direct else wrap_triton(kernel)
-
-
 def _fwd_impl(x, sigma, seed, stream, dist, additive, direct):
     backend = _backend.select(x.device, BACKENDS, "noise")
     n = x.numel()
@@ -234,7 +227,7 @@ def _fwd_impl(x, sigma, seed, stream, dist, additive, direct):
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if n > 0 and _backend.launch_kernel(x):
             sizes, sstr, ndim = _layout_tensors(x, sigma)
-            _launcher(tk.noise_fwd_kernel, direct)[tk.grid(n)](
+            _backend.launcher(tk.noise_fwd_kernel, direct)[tk.grid(n)](
                 x.contiguous(), sigma.contiguous(), out, sizes, sstr, seed, stream, 0, n,
                 NDIM=ndim, SCALAR=sigma.numel() == 1, DIST=dist, ADDITIVE=additive,
                 COMPUTE_F64=x.dtype == torch.float64, BLOCK=tk.BLOCK)
@@ -269,7 +262,7 @@ def _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, di
         if n > 0 and (need_gx or need_gs) and _backend.launch_kernel(grad):
             sizes, sstr, ndim = _layout_tensors(grad, sigma)
             xx = x.contiguous() if (need_gs and not additive) else grad
-            _launcher(tk.noise_bwd_kernel, direct)[tk.grid(n)](
+            _backend.launcher(tk.noise_bwd_kernel, direct)[tk.grid(n)](
                 grad.contiguous(), xx, sigma.contiguous(), gx, gsb, sizes, sstr, seed, stream,
                 0, n, NDIM=ndim, SCALAR=sigma.numel() == 1, DIST=dist, ADDITIVE=additive,
                 NEED_GX=need_gx, GS_MODE=mode, COMPUTE_F64=cd == torch.float64,

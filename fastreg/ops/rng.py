@@ -75,7 +75,6 @@ def _check(n, seed, stream, start):
 def _generate(kind: str, n: int, seed: int, stream: int, start: int, device, backend):
     _check(n, seed, stream, start)
     device = torch.device(device)
-    dtype = torch.int64 if kind == "words" else torch.float32
     if backend is None:
         backend = _backend.select(device, ("numba", "triton", "cuda"), "rng")
     if backend == "torch":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import struct
 
 import numpy as np
 import torch
@@ -122,10 +121,6 @@ def _plain(*ts) -> bool:
 
 
 # ---------------------------------------------------------------- Triton
-def _f64_bits(v: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", v))[0]
-
-
 def _interpreted_trace(t: Tensor) -> bool:
     """True while tracing CPU tensors for the Triton interpreter, which cannot be traced
     (wrap_triton hands back the plain Python kernel): the reference is recorded instead."""
@@ -144,7 +139,7 @@ def _launch(kernel, a: Tensor, var: Tensor, seed: Tensor, stream: int, eps: floa
     if n:
         grid = ((n + tk.BLOCK - 1) // tk.BLOCK,)
         wrap_triton(kernel)[grid](a.contiguous(), var.contiguous(), out, seed, stream,
-                                  _f64_bits(eps), n, F64=a.dtype == torch.float64,
+                                  _backend.f64_bits(eps), n, F64=a.dtype == torch.float64,
                                   BLOCK=tk.BLOCK)
     return out
 
