@@ -126,9 +126,15 @@ def test_opcheck(backend, dtype, gen):
     mu = torch.randn(6, 5, dtype=dtype, generator=gen, requires_grad=True)
     var = (torch.rand(6, 5, dtype=dtype, generator=gen) + 0.1).requires_grad_()
     seed = torch.tensor(99)
+    # Under the interpreter, tracing records the reference in place of the Triton launch
+    # (ops/variational.py, _interpreted_trace), so the aot_dispatch check compares Triton's
+    # float32 normals with torch's: the spec lets them differ by a few ulp (libm), which
+    # float64's default 1e-7 tolerance can catch. Allow 16 float32 ulp of the noise term.
+    tol = {"rtol": 1e-6, "atol": 1e-6} if backend == "triton" else {}
     with fastreg.use_backend(backend):
-        opcheck(torch.ops.fastreg.vd_sample, (mu, var, seed, 3, 1e-8))
-        opcheck(torch.ops.fastreg.vd_sample_grad_var, (mu.detach(), var.detach(), seed, 3, 1e-8))
+        opcheck(torch.ops.fastreg.vd_sample, (mu, var, seed, 3, 1e-8), **tol)
+        opcheck(torch.ops.fastreg.vd_sample_grad_var, (mu.detach(), var.detach(), seed, 3, 1e-8),
+                **tol)
     if backend == "numba":
         opcheck(torch.ops.fastreg.vd_sample_cpu, (mu.detach(), var.detach(), seed, 3, 1e-8))
         opcheck(torch.ops.fastreg.vd_sample_grad_var_cpu,
