@@ -15,6 +15,8 @@ The arithmetic is the same, operation for operation, as csrc/include/fastreg/rev
 and the PyTorch reference in fastreg/ops/reversible.py.
 """
 
+import types
+
 import numba
 import numpy as np
 
@@ -266,12 +268,23 @@ def _rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, o
     return _code(n_nf, n_v, n_w, n_c), dg, dl
 
 
+def _copy_named(fn, suffix):
+    """`fn` under another name: Numba's on-disk cache is keyed by the function's name and
+    line, not by its compile flags, so a serial and a parallel njit of one function would
+    load each other's machine code (the parallel kernels ran on one thread)."""
+    f = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__,
+                           fn.__closure__)
+    f.__qualname__ = fn.__qualname__ + suffix
+    f.__doc__ = fn.__doc__
+    return f
+
+
 # One compiled copy for large tensors (threads) and one for small ones, where waking the
 # thread pool costs more than the work (below SERIAL_BELOW elements).
 SERIAL_BELOW = 1 << 15
-fwd_step = numba.njit(parallel=True, cache=True)(_fwd_step)
-rev_restore = numba.njit(parallel=True, cache=True)(_rev_restore)
-rev_step = numba.njit(parallel=True, cache=True)(_rev_step)
-fwd_step_serial = numba.njit(cache=True)(_fwd_step)
-rev_restore_serial = numba.njit(cache=True)(_rev_restore)
-rev_step_serial = numba.njit(cache=True)(_rev_step)
+fwd_step = numba.njit(parallel=True, cache=True)(_copy_named(_fwd_step, "_parallel"))
+rev_restore = numba.njit(parallel=True, cache=True)(_copy_named(_rev_restore, "_parallel"))
+rev_step = numba.njit(parallel=True, cache=True)(_copy_named(_rev_step, "_parallel"))
+fwd_step_serial = numba.njit(cache=True)(_copy_named(_fwd_step, "_serial"))
+rev_restore_serial = numba.njit(cache=True)(_copy_named(_rev_restore, "_serial"))
+rev_step_serial = numba.njit(cache=True)(_copy_named(_rev_step, "_serial"))

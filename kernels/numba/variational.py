@@ -2,10 +2,11 @@
 sample out = mu + sqrt(var + eps) * z and its gradient w.r.t. var, with z ~ N(0, 1)
 from the fastreg RNG (docs/rng.md: Box-Muller on the lane pairs of each counter).
 
-Loop structure as in the dropout kernels: each parallel chunk of BLOCK counters
-first fills a small array of normals (4 per counter, one Philox call each; it stays
-in L1), then streams the data through it. Measured on one core at 2^22 float32
-elements: Philox ~2 ms, Box-Muller (scalar libm log/cos/sin) ~28 ms, the stream ~4 ms.
+Loop structure as in the noise kernels, whose chunk filler they share: each parallel
+chunk of BLOCK counters first fills a small array of normals (noise.fill_eps: unrolled
+Philox, then the vectorised Box-Muller, a few ulp from the spec's libm normals; it
+stays in L1), then streams the data through it. The libm Box-Muller this replaced cost
+~28 ms of ~34 ms on one core at 2^22 float32 elements.
 No full-size temporary exists, and backward regenerates z from (seed, stream)
 instead of reading a saved copy.
 Arrays are 1-D and contiguous, float32 or float64 (z is float32, as the spec says,
@@ -15,33 +16,22 @@ and widened in float64); element k has logical index k.
 import numba
 import numpy as np
 
-from fastreg.kernels.numba.rng import box_muller, philox_block, uniform_from_word
-
-BLOCK = 512  # counters per chunk = 2048 elements
-
-
-@numba.njit(inline="always", cache=True)
-def _fill_normals(z, seed, stream, c_first, count):
-    for j in range(count):
-        r0, r1, r2, r3 = philox_block(seed, stream, c_first + np.uint64(j))
-        za, zb = box_muller(uniform_from_word(r0), uniform_from_word(r1))
-        zc, zd = box_muller(uniform_from_word(r2), uniform_from_word(r3))
-        z[4 * j] = za
-        z[4 * j + 1] = zb
-        z[4 * j + 2] = zc
-        z[4 * j + 3] = zd
+from fastreg.kernels.numba.noise import BLOCK, DIST_GAUSSIAN, _keys, fill_eps
 
 
 @numba.njit(parallel=True, cache=True)
 def vd_sample_fwd(mu, var, out, seed, stream, eps):
     """out = mu + sqrt(var + eps) * z."""
     n = mu.size
-    seed, stream = np.uint64(seed), np.uint64(stream)
+    k0, k1, s0, s1 = _keys(seed, stream)
     for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
         base = ch * 4 * BLOCK
         length = min(4 * BLOCK, n - base)
-        z = np.empty(4 * BLOCK, dtype=mu.dtype)  # float32 normals, widened exactly in float64
-        _fill_normals(z, seed, stream, np.uint64(ch * BLOCK), (length + 3) // 4)
+        z = np.empty(4 * BLOCK, np.float32)  # widened exactly where the data are float64
+        ua = np.empty(2 * BLOCK, np.float32)
+        ub = np.empty(2 * BLOCK, np.float32)
+        fill_eps(z, ua, ub, k0, k1, s0, s1, np.uint64(ch * BLOCK), (length + 3) // 4,
+                 DIST_GAUSSIAN)
         m, v, o = mu[base:base + length], var[base:base + length], out[base:base + length]
         for e in range(length):  # slices, not base + e: this loop then vectorises
             o[e] = m[e] + np.sqrt(v[e] + eps) * z[e]
@@ -52,12 +42,15 @@ def vd_sample_grad_var(g, var, out, seed, stream, eps, half):
     """out = g * z * half / sqrt(var + eps), half = 0.5 in the arrays' dtype
     (d out / d var of the forward, times g)."""
     n = g.size
-    seed, stream = np.uint64(seed), np.uint64(stream)
+    k0, k1, s0, s1 = _keys(seed, stream)
     for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
         base = ch * 4 * BLOCK
         length = min(4 * BLOCK, n - base)
-        z = np.empty(4 * BLOCK, dtype=g.dtype)
-        _fill_normals(z, seed, stream, np.uint64(ch * BLOCK), (length + 3) // 4)
+        z = np.empty(4 * BLOCK, np.float32)
+        ua = np.empty(2 * BLOCK, np.float32)
+        ub = np.empty(2 * BLOCK, np.float32)
+        fill_eps(z, ua, ub, k0, k1, s0, s1, np.uint64(ch * BLOCK), (length + 3) // 4,
+                 DIST_GAUSSIAN)
         gs, v, o = g[base:base + length], var[base:base + length], out[base:base + length]
         for e in range(length):
             o[e] = gs[e] * z[e] * half / np.sqrt(v[e] + eps)
