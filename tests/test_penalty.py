@@ -110,7 +110,13 @@ def test_prox_matches_reference(gen, backend, dtype, grouping, monkeypatch):
         mode, idx = P._group_spec(_spec_of(gs, i), p, "t", "groups")
         ref = ops.prox_reference_one(before[i], lr, l1, l2, gl, mode, idx)
         _close(p, ref, dtype, f"prox {i} {tuple(p.shape)}")
-        assert torch.equal(p == 0, ref == 0) or dtype in (torch.float16, torch.bfloat16)
+        # the same exact zeros, except where the threshold test is a tie within rounding: a
+        # group norm (or |w|) equal to its threshold to float32 precision leaves the float64
+        # reference a remnant of a few ulp of the weight, which float32 may round to zero
+        # (half precision: zeros are not compared)
+        if dtype in (torch.float32, torch.float64):
+            tie = ref.double().abs() <= 64 * torch.finfo(dtype).eps * before[i].double().abs()
+            assert torch.equal((p == 0) | tie, (ref == 0) | tie)
 
 
 def test_prox_makes_exact_zeros_and_group_shrinkage(gen):
