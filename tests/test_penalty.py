@@ -52,8 +52,8 @@ def _run(backend, fn):
 
 def _host_patch(monkeypatch):
     """backend "host": every dtype through the C++ build of penalty.h."""
-    monkeypatch.setattr(ops, "_accumulate_numba", lambda *a: ops._accumulate_host(*a))
-    monkeypatch.setattr(ops, "_prox_numba", lambda *a: ops._prox_host(*a))
+    monkeypatch.setattr(ops, "_accumulate_numba", lambda *a, **k: ops._accumulate_host(*a, **k))
+    monkeypatch.setattr(ops, "_prox_numba", lambda *a, **k: ops._prox_host(*a, **k))
 
 
 @pytest.fixture(autouse=True)

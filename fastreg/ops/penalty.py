@@ -251,11 +251,11 @@ class _Batch:
         return args + (self.kind_code,)
 
 
-def _accumulate_numba(params, grads, coefs, modes, gidx, init):
+def _accumulate_numba(params, grads, coefs, modes, gidx, init, by=None):
     from fastreg.kernels.numba import penalty as nb
 
     total = 0.0
-    for rows in _by_dtype(params).values():
+    for rows in (by or _by_dtype(params)).values():
         b = _Batch(params, grads, coefs, modes, gidx, rows, "accumulate", init=init)
         proto = np.empty(0, b.storage)
         scales = np.zeros(max(b.nscale, 1), b.cf.dtype)
@@ -271,12 +271,12 @@ def _accumulate_numba(params, grads, coefs, modes, gidx, init):
     return _scalar(total, params[0].device if params else "cpu")
 
 
-def _accumulate_host(params, grads, coefs, modes, gidx, init, cuda=False):
+def _accumulate_host(params, grads, coefs, modes, gidx, init, cuda=False, by=None):
     """The C++ build of csrc/include/fastreg/penalty.h (host), or its CUDA kernels."""
     C = _native.native_cuda() if cuda else _native.native()
     device = params[0].device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for rows in _by_dtype(params).values():
+    for rows in (by or _by_dtype(params)).values():
         b = _Batch(params, grads, coefs, modes, gidx, rows, "accumulate", init=init)
         args = b.native_args(device, with_vals=True)
         if cuda:
@@ -301,12 +301,13 @@ def _has_avx512() -> bool:
 HOST_HOT_PATH = _has_avx512()
 
 
-def _host_ok(params, modes):
+def _host_ok(by, modes):
     """The C++ host kernels take the CPU hot path (AVX-512 CPU, float32/float64, native build
-    present, no explicit groups): measured faster than the Numba kernels on the 2-core EPYC."""
+    present, no explicit groups): measured faster than the Numba kernels on the 2-core EPYC.
+    by: the parameters' row lists by dtype (_by_dtype)."""
     return (HOST_HOT_PATH and _native.native() is not None
             and MODE_EXPLICIT not in modes
-            and all(p.dtype in (torch.float32, torch.float64) for p in params))
+            and all(dt in (torch.float32, torch.float64) for dt in by))
 
 
 def _run_accumulate(params, grads, coefs, modes, group_index, init):
@@ -316,9 +317,10 @@ def _run_accumulate(params, grads, coefs, modes, group_index, init):
     device = params[0].device
     backend = _backend.select(device, ("numba", "cuda"), "penalty.accumulate_")
     if backend == "numba":
-        if _host_ok(params, modes):
-            return _accumulate_host(params, grads, coefs, modes, gidx, init)
-        return _accumulate_numba(params, grads, coefs, modes, gidx, init)
+        by = _by_dtype(params)
+        if _host_ok(by, modes):
+            return _accumulate_host(params, grads, coefs, modes, gidx, init, by=by)
+        return _accumulate_numba(params, grads, coefs, modes, gidx, init, by=by)
     if backend == "cuda":
         return _accumulate_host(params, grads, coefs, modes, gidx, init, cuda=True)
     return _accumulate_torch(params, grads, coefs, modes, gidx, init)
@@ -343,10 +345,10 @@ def _prox_torch(params, lr, coefs, modes, gidx):
         w.copy_(prox_reference_one(w, lr, *coefs[3 * i:3 * i + 3], modes[i], gidx[i]))
 
 
-def _prox_numba(params, lr, coefs, modes, gidx):
+def _prox_numba(params, lr, coefs, modes, gidx, by=None):
     from fastreg.kernels.numba import penalty as nb
 
-    for rows in _by_dtype(params).values():
+    for rows in (by or _by_dtype(params)).values():
         b = _Batch(params, None, coefs, modes, gidx, rows, "prox", lr)
         proto = np.empty(0, b.storage)
         scales = np.zeros(max(b.nscale, 1), b.cf.dtype)
@@ -359,10 +361,10 @@ def _prox_numba(params, lr, coefs, modes, gidx):
         b.copy_back()
 
 
-def _prox_host(params, lr, coefs, modes, gidx, cuda=False):
+def _prox_host(params, lr, coefs, modes, gidx, cuda=False, by=None):
     C = _native.native_cuda() if cuda else _native.native()
     device = params[0].device
-    for rows in _by_dtype(params).values():
+    for rows in (by or _by_dtype(params)).values():
         b = _Batch(params, None, coefs, modes, gidx, rows, "prox", lr)
         args = b.native_args(device, with_vals=False)
         if cuda:
@@ -384,10 +386,11 @@ def _run_prox(params, lr, coefs, modes, group_index):
         return
     backend = _backend.select(params[0].device, ("numba", "cuda"), "penalty.prox_")
     if backend == "numba":
-        if _host_ok(params, modes):
-            _prox_host(params, lr, coefs, modes, gidx)
+        by = _by_dtype(params)
+        if _host_ok(by, modes):
+            _prox_host(params, lr, coefs, modes, gidx, by=by)
         else:
-            _prox_numba(params, lr, coefs, modes, gidx)
+            _prox_numba(params, lr, coefs, modes, gidx, by=by)
     elif backend == "cuda":
         _prox_host(params, lr, coefs, modes, gidx, cuda=True)
     else:
