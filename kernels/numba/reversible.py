@@ -104,6 +104,40 @@ def _freq_of_sym(s, q, rr, thr):
     return q, thr + (s - rr) * q
 
 
+@numba.njit(inline="always", cache=True)
+def _code_params(n):
+    """The quasi-uniform code over n symbols with total L: (q, rr, thr)."""
+    q = L // n
+    rr = L - q * n
+    return q, rr, rr * (q + 1)
+
+
+@numba.njit(inline="always", cache=True)
+def _push_word(x, c, spill, i):
+    """Moves the low 32 bits of x onto element i's spill stack (a zero word onto an empty
+    stack is dropped: the stack sits on infinitely many zero words). Returns
+    (x >> 32, new count, status bits)."""
+    bad = 0
+    word = x & MASK32
+    if c > 0 or word != 0:
+        if c < spill.shape[0]:
+            spill[c, i] = np.uint32(word)
+            c += 1
+        else:
+            bad = BAD_CAPACITY
+    return x >> np.int64(32), c, bad
+
+
+@numba.njit(inline="always", cache=True)
+def _pop_word(x, c, spill, i):
+    """Shifts the top word of element i's spill stack (0 if empty) into x."""
+    word = np.int64(0)
+    if c > 0:
+        c -= 1
+        word = np.int64(spill[c, i])
+    return (x << np.int64(32)) | word, c
+
+
 CH = 1024  # elements per chunk: the flags and partial products stay in L1
 
 
@@ -141,11 +175,8 @@ def _tally(bad, counts):
 def _fwd_one(i, w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_scale):
     """The whole forward step of element i, renormalisation and range checks included.
     Returns its status bits."""
-    cap = spill.shape[0]
     dmask = (np.int64(1) << k) - np.int64(1)
-    q = L // n
-    rr = L - q * n
-    thr = rr * (q + 1)
+    q, rr, thr = _code_params(n)
     bad = 0
     x = head[i]
     c = np.int64(count[i])
@@ -155,24 +186,13 @@ def _fwd_one(i, w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_s
     lo = vi & dmask
     vh = vi >> k
     if x >= (np.int64(1) << (np.int64(63) - k)):
-        word = x & MASK32
-        if c > 0 or word != 0:
-            if c < cap:
-                spill[c, i] = np.uint32(word)
-                c += 1
-            else:
-                bad |= BAD_CAPACITY
-        x = x >> np.int64(32)
+        x, c, bad = _push_word(x, c, spill, i)
     x = (x << k) | lo
     slot = x & MASK31
     s, f, cum = _sym_of_slot(slot, q, rr, thr, 1.0 / np.float64(q), 1.0 / np.float64(q + 1))
     x = f * (x >> np.int64(31)) + slot - cum
     if x < L:
-        word = np.int64(0)
-        if c > 0:
-            c -= 1
-            word = np.int64(spill[c, i])
-        x = (x << np.int64(32)) | word
+        x, c = _pop_word(x, c, spill, i)
     vi = vh * n + s
     # -- v -= (1 - gamma)(g + lam w), rounded to the grid
     wf = np.float64(wi) * inv_scale
@@ -209,10 +229,8 @@ def _fwd_step(w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_sca
     N = w.shape[0]
     dmask = (np.int64(1) << k) - np.int64(1)
     lim_push = np.int64(1) << (np.int64(63) - k)
-    q = L // n
+    q, rr, thr = _code_params(n)
     q1 = q + np.int64(1)
-    rr = L - q * n
-    thr = rr * q1
     invq = 1.0 / np.float64(q)
     invq1 = 1.0 / np.float64(q1)
     nch = (N + CH - 1) // CH
@@ -296,11 +314,8 @@ def _rev_one(i, e, w, v, head, count, spill, g, hvp, dw, dv, tg, tl, k, n, gamma
              inv_scale):
     """The whole reverse step of element i (chunk position e: its d gamma and d lambda
     terms go to tg[e], tl[e]). Returns its status bits."""
-    cap = spill.shape[0]
     dmask = (np.int64(1) << k) - np.int64(1)
-    q = L // n
-    rr = L - q * n
-    thr = rr * (q + 1)
+    q, rr, thr = _code_params(n)
     bad = 0
     x = head[i]
     c = np.int64(count[i])
@@ -322,24 +337,14 @@ def _rev_one(i, e, w, v, head, count, spill, g, hvp, dw, dv, tg, tl, k, n, gamma
     vh, s = _floordiv_small(vi, n, 1.0 / np.float64(n))
     f, cum = _freq_of_sym(s, q, rr, thr)
     if x >= (f << np.int64(32)):
-        word = x & MASK32
-        if c > 0 or word != 0:
-            if c < cap:
-                spill[c, i] = np.uint32(word)
-                c += 1
-            else:
-                bad |= BAD_CAPACITY
-        x = x >> np.int64(32)
+        x, c, pb = _push_word(x, c, spill, i)
+        bad |= pb
     xq, xr = _floordiv_small(x, f, 1.0 / np.float64(f))
     x = (xq << np.int64(31)) + cum + xr
     lo = x & dmask
     x = x >> k
     if x < L:
-        word = np.int64(0)
-        if c > 0:
-            c -= 1
-            word = np.int64(spill[c, i])
-        x = (x << np.int64(32)) | word
+        x, c = _pop_word(x, c, spill, i)
     vi = vh * (dmask + np.int64(1)) + lo
     head[i] = x
     count[i] = c
@@ -357,10 +362,8 @@ def _rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, o
     """Second half of a reverse step (after the HVP). Returns (status, d_gamma, sum dv.w)."""
     N = w.shape[0]
     dmask = (np.int64(1) << k) - np.int64(1)
-    q = L // n
+    q, rr, thr = _code_params(n)
     q1 = q + np.int64(1)
-    rr = L - q * n
-    thr = rr * q1
     invn = 1.0 / np.float64(n)
     invq = 1.0 / np.float64(q)
     invq1 = 1.0 / np.float64(q1)
