@@ -352,6 +352,53 @@ def test_hot_path_choice(gen, monkeypatch):
     assert used == ["host", "numba", "numba"]
 
 
+def test_one_pass_path_matches_general_path(gen, monkeypatch):
+    """The one-pass eager path of accumulate_ launches what the general path launches: the
+    same gradients and value, bit for bit. It is taken for plain lists (and generators) of
+    contiguous float32/float64 CPU tensors with grads, and declines everything else."""
+    if _native.native() is None:
+        pytest.skip("fastreg._C not built")
+    monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
+    real = P._accumulate_onepass
+    taken = []
+
+    def spy(*a):
+        out = real(*a)
+        taken.append(out is not None)
+        return out
+
+    shapes = [(7, 5), (33,), (3, 4, 3, 3), (1,), ()]
+    cases = [dict(l1=0.01, l2=0.02), dict(l2=0.1, group_lasso=0.05, groups="rows"),
+             dict(group_lasso=0.2, groups="channels"), dict(l1=0.03, group_lasso=0.1, groups="cols")]
+    for dtype in (torch.float32, torch.float64):
+        for kw in cases:
+            ws = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+            gs = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+            a = [torch.nn.Parameter(w.clone()) for w in ws]
+            b = [torch.nn.Parameter(w.clone()) for w in ws]
+            for pa, pb, g in zip(a, b, gs):
+                pa.grad, pb.grad = g.clone(), g.clone()
+            monkeypatch.setattr(P, "_accumulate_onepass", spy)
+            va = P.accumulate_(iter(a), **kw)
+            assert taken.pop() is True
+            monkeypatch.setattr(P, "_accumulate_onepass", lambda *x: None)
+            vb = P.accumulate_(b, **kw)
+            assert torch.equal(va, vb), kw
+            for pa, pb in zip(a, b):
+                assert torch.equal(pa.grad, pb.grad), (kw, dtype, pa.shape)
+    monkeypatch.setattr(P, "_accumulate_onepass", spy)
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=gen))
+    for grad in (None, torch.randn(4, 6, generator=gen).t()):  # no grad yet; a strided grad
+        w.grad = grad
+        P.accumulate_([w], l1=0.1)
+        assert taken.pop() is False
+    w.grad = torch.randn(6, 4, generator=gen)
+    P.accumulate_([w, torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], l1=0.1)
+    assert taken.pop() is False  # mixed dtypes
+    P.accumulate_([w], l1=0.1, groups=[None])
+    assert taken.pop() is False  # per-tensor group specs
+
+
 def test_version_counters_bumped(gen):
     w = torch.randn(5, 3, generator=gen, requires_grad=True)
     w.grad = torch.randn(5, 3, generator=gen)

@@ -233,22 +233,61 @@ class _Batch:
 
     def native_args(self, device, with_vals):
         """Device tensors for the C++/CUDA entry points (kept on self) and their argument tuple."""
-        tabs = [torch.from_numpy(self.tab), torch.from_numpy(self.cf.astype(np.float64)),
-                torch.from_numpy(self.items), torch.from_numpy(self.exp_rows)]
-        if device.type == "cuda":
-            tabs = [x.to(device, non_blocking=True) for x in tabs]
-        n = max(self.nscale, 1)
-        self.keep = tabs
-        self.scales = torch.zeros(n, dtype=torch.float64, device=device)
-        self.counts = torch.zeros(n, dtype=torch.float64, device=device)
-        args = (tabs[0].data_ptr(), self.tab.shape[0], tabs[1].data_ptr(), tabs[2].data_ptr(),
-                len(self.items), tabs[3].data_ptr(), len(self.exp_rows), self.scales.data_ptr(),
-                self.counts.data_ptr())
-        if with_vals:
-            self.vals = torch.zeros(len(self.items) + len(self.exp_rows), dtype=torch.float64,
-                                    device=device)
-            args += (self.vals.data_ptr(),)
-        return args + (self.kind_code,)
+        return _native_args(self, self.tab, device, with_vals)
+
+
+def _native_args(holder, tab, device, with_vals):
+    """The argument tuple of the C++/CUDA entry points for launch table `tab` and the plan
+    fields on `holder` (cf, items, exp_rows, nscale, kind_code). The tensors the pointers
+    refer to are kept on `holder` (keep, scales, counts and, with values, vals)."""
+    tabs = [torch.from_numpy(tab), torch.from_numpy(holder.cf.astype(np.float64)),
+            torch.from_numpy(holder.items), torch.from_numpy(holder.exp_rows)]
+    if device.type == "cuda":
+        tabs = [x.to(device, non_blocking=True) for x in tabs]
+    n = max(holder.nscale, 1)
+    holder.keep = tabs
+    holder.scales = torch.zeros(n, dtype=torch.float64, device=device)
+    holder.counts = torch.zeros(n, dtype=torch.float64, device=device)
+    args = (tabs[0].data_ptr(), tab.shape[0], tabs[1].data_ptr(), tabs[2].data_ptr(),
+            len(holder.items), tabs[3].data_ptr(), len(holder.exp_rows), holder.scales.data_ptr(),
+            holder.counts.data_ptr())
+    if with_vals:
+        holder.vals = torch.zeros(len(holder.items) + len(holder.exp_rows), dtype=torch.float64,
+                                  device=device)
+        args += (holder.vals.data_ptr(),)
+    return args + (holder.kind_code,)
+
+
+class _Plain:
+    """Plan fields for _native_args, for a launch prepared without a _Batch."""
+
+
+def accumulate_host_onepass(ws, gs, shapes, dtype, l1, l2, gl, mode):
+    """accumulate_ on the C++ host hot path for tensors the caller has checked in one pass:
+    CPU, all of `dtype` (float32 or float64), contiguous, non-empty, with contiguous grads
+    to add into; one strength triple and group mode for all. Returns the value (float32)."""
+    from fastreg.kernels.numba import penalty as nb
+
+    nt = len(ws)
+    h = _Plain()
+    h.storage = _STORAGE[dtype]
+    h.kind_code = 0 if dtype == torch.float32 else 1
+    tab, h.cf, h.items, h.nscale, h.exp_rows = _plan(
+        tuple(shapes), (mode if gl > 0.0 else MODE_NONE,) * nt, (l1, l2, gl) * nt, (), h.storage,
+        "accumulate")
+    tab = tab.copy()
+    tab[:, nb.T_W] = [w.data_ptr() for w in ws]
+    tab[:, nb.T_G] = [g.data_ptr() for g in gs]
+    tab[:, nb.T_INIT] = 0
+    _native.native().penalty_accumulate_host(*_native_args(h, tab, torch.device("cpu"), True))
+    return h.vals.sum().to(torch.float32)
+
+
+def host_onepass_ok(device) -> bool:
+    """True when accumulate_ on `device` would take the C++ host hot path for float32/float64
+    tensors without explicit groups (see _host_ok), so the one-pass eager path may be used."""
+    return (device.type == "cpu" and HOST_HOT_PATH and _native.native() is not None
+            and _backend.select(device, ("numba", "cuda"), "penalty.accumulate_") == "numba")
 
 
 def _accumulate_numba(params, grads, coefs, modes, gidx, init, by=None):
