@@ -82,6 +82,56 @@ def test_kernels_match_reference_and_invert(backend, k, gamma, fdtype, n_el, gen
         assert torch.equal(x, y)
 
 
+def test_numba_sums_do_not_depend_on_threads_or_driver(gen):
+    """The Numba kernels' reductions (d alpha, d gamma, d lambda) and states are the same,
+    bit for bit, with 1 or 2 threads and from the serial driver; the elements mostly take
+    the vectorised fast path (gamma = 0.9, a fresh coder), a few the scalar one."""
+    import numba
+    import numpy as np
+
+    from fastreg.kernels.numba import reversible as NK
+
+    n_el, k, F = 70_001, 16, 44
+    n = round(0.9 * 2**k)
+    omg, inv = 1.0 - n / 2**k, 2.0**-F
+    w0 = (torch.randn(n_el, generator=gen, dtype=torch.float64) * 2.0**F).to(torch.int64)
+    v0 = (torch.randn(n_el, generator=gen, dtype=torch.float64) * 2.0**40).to(torch.int64)
+    head0 = torch.full((n_el,), K.L, dtype=torch.int64)
+    head0[::97] = 0x7FFFFFF000003039  # these spill a word (and keep it): the scalar path
+    g = torch.randn(n_el, generator=gen, dtype=torch.float64).to(torch.float32).numpy()
+    hvp = torch.randn(n_el, generator=gen).numpy()
+    dw0 = torch.randn(n_el, generator=gen, dtype=torch.float64).numpy()
+    dv0 = torch.randn(n_el, generator=gen, dtype=torch.float64).numpy()
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads, serial in ((1, False), (2, False), (1, True)):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            w, v, head = w0.numpy().copy(), v0.numpy().copy(), head0.numpy().copy()
+            count = np.zeros(n_el, np.int32)
+            spill = np.zeros((4, n_el), np.uint32)
+            p = np.empty(n_el, np.float32)
+            u = np.empty(n_el, np.float32)
+            dw, dv = dw0.copy(), dv0.copy()
+            fwd, rst, rev = ((NK.fwd_step_serial, NK.rev_restore_serial, NK.rev_step_serial)
+                             if serial else (NK.fwd_step, NK.rev_restore, NK.rev_step))
+            assert fwd(w, v, head, count, spill, g, p, k, n, 0.05, omg * 2.0**F, 1e-3, inv) == 0
+            assert int(count.sum()) > 0  # some elements did spill
+            da = rst(w, v, dw, dv, u, p, 0.05, omg, inv)
+            code, dg, dl = rev(w, v, head, count, spill, g, hvp, dw, dv, k, n, n / 2**k,
+                               omg * 2.0**F, 1e-3, omg, inv)
+            assert code == 0
+            assert np.array_equal(w, w0.numpy()) and np.array_equal(v, v0.numpy())
+            assert np.array_equal(head, head0.numpy()) and not count.any()
+            results.append((da, dg, dl, dw, dv, u))
+    finally:
+        numba.set_num_threads(before)
+    for other in results[1:]:
+        assert other[:3] == results[0][:3]
+        for a, b in zip(other[3:], results[0][3:]):
+            assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kernel_flags_nonfinite_and_range(backend):
     n_el = 64
