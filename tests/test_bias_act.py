@@ -5,6 +5,7 @@ import torch
 import fastreg
 from fastreg.ops import bias_act as B
 from fastreg.ops.dropout import dropout_multipliers_reference
+from saved import saved_bytes
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (37,), (5, 33), (2, 3, 7), (70, 65), (3, 1)]
@@ -138,26 +139,13 @@ def test_gradcheck_float64(backend, gen):
                                                                     _code(act), 0.4), (x, b))
 
 
-def _saved(fn):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
-
-
 def test_saved_bytes():
     x = torch.randn(256, 64, requires_grad=True)
     b = torch.randn(64, requires_grad=True)
     n = x.numel()
-    none = _saved(lambda: fastreg.bias_act_dropout(x, b, activation=None, seed=1))
-    relu = _saved(lambda: fastreg.bias_act_dropout(x, b, activation="relu", seed=1))
-    gelu = _saved(lambda: fastreg.bias_act_dropout(x, b, activation="gelu", seed=1))
+    none = saved_bytes(lambda: fastreg.bias_act_dropout(x, b, activation=None, seed=1))
+    relu = saved_bytes(lambda: fastreg.bias_act_dropout(x, b, activation="relu", seed=1))
+    gelu = saved_bytes(lambda: fastreg.bias_act_dropout(x, b, activation="gelu", seed=1))
     assert none <= 64 * 4 + 8  # bias and seed
     assert relu == 4 * n + 64 * 4 + 8  # the output
     assert gelu == 4 * n + 64 * 4 + 8  # the input

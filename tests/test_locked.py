@@ -5,6 +5,7 @@ import torch
 import fastreg
 from fastreg.ops import locked as L
 from fastreg.ops.dropout import dropout_multipliers_reference
+from saved import saved_bytes
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES_DIMS = [((5, 3, 7), 1), ((5, 3, 7), 0), ((5, 3, 7), -1), ((9,), 0), ((2, 4, 3, 5), 2),
@@ -100,25 +101,12 @@ def test_gradcheck_and_backward_is_same_mask(backend, gen):
     assert torch.equal(gx, L.locked_dropout_reference(g, 8, 0, 0.4, 1))
 
 
-def _saved(fn):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
-
-
 def test_saved_bytes():
     x = torch.randn(64, 8, 32, requires_grad=True)
-    assert _saved(lambda: fastreg.locked_dropout(x, 0.3, dim=1, seed=1)) <= 8  # the seed only
+    assert saved_bytes(lambda: fastreg.locked_dropout(x, 0.3, dim=1, seed=1)) <= 8  # the seed only
     w = torch.randn(48, 32, requires_grad=True)
     b = torch.randn(48, requires_grad=True)
-    saved = _saved(lambda: fastreg.dropconnect_linear(x, w, b, 0.3, seed=1))
+    saved = saved_bytes(lambda: fastreg.dropconnect_linear(x, w, b, 0.3, seed=1))
     # x and W (the inputs, as nn.Linear saves them) and the seed: no mask, no masked W
     assert saved == x.numel() * 4 + w.numel() * 4 + 8
 

@@ -7,6 +7,7 @@ import torch
 import fastreg
 from fastreg.ops import noise as N
 from fastreg.ops import rng
+from saved import saved_bytes
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # per-dtype tolerances: eps is float32 on every backend and agrees to a few ulp
@@ -273,16 +274,7 @@ def test_learned_sigma_gradient_matches_composition(gen):
 
 
 def _saved_bytes(fn, numel):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values()) / numel
+    return saved_bytes(fn) / numel
 
 
 def test_saved_bytes_per_element():
