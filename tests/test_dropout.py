@@ -95,6 +95,31 @@ def test_high_indices_numba_and_triton_kernels(start, gen):
     assert torch.equal(tbits, D.pack_bits_reference(keep))
 
 
+def test_numba_threaded_drivers_match_reference(gen):
+    """Above SERIAL_BELOW the Numba kernels run their threaded drivers: bit for bit the
+    reference too (forward, dropout_add, packed bits and their backward)."""
+    from fastreg.kernels.numba import dropout as nb
+
+    n, seed, stream, p = 2 * nb.SERIAL_BELOW + 37, 4321, 1, 0.3
+    x = torch.randn(n, generator=gen)
+    r = torch.randn(n, generator=gen)
+    g = torch.randn(n, generator=gen)
+    ref, keep = D.dropout_reference(x, seed, stream, p)
+    scale = np.float32(D.dropout_scale(p))
+    args = (seed, stream, D.keep_threshold(p), scale, 0)
+    out = np.empty(n, np.float32)
+    bits = np.empty((n + 7) // 8, np.uint8)
+    nb.dropout_fwd(x.numpy(), out, *args)
+    assert torch.equal(torch.from_numpy(out), ref)
+    nb.dropout_fwd_bits(x.numpy(), out, bits, *args)
+    assert torch.equal(torch.from_numpy(out), ref)
+    assert torch.equal(torch.from_numpy(bits), D.pack_bits_reference(keep))
+    nb.dropout_add_fwd(x.numpy(), r.numpy(), out, *args)
+    assert torch.equal(torch.from_numpy(out), r + ref)
+    nb.dropout_bits_apply(g.numpy(), bits, out, scale)
+    assert torch.equal(torch.from_numpy(out), g * keep.float() * scale)
+
+
 @pytest.fixture(params=["fast path", "ops"])
 def via(request, monkeypatch):
     """Run fastreg.dropout through the eager fast path or through the torch.library ops."""

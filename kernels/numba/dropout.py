@@ -12,6 +12,7 @@ multiplier form keeps NaN/Inf behaviour identical to torch's x * mask * scale.
 import numba
 import numpy as np
 
+from fastreg.kernels.numba.drivers import serial_and_parallel
 from fastreg.kernels.numba.rng import MASK32, philox4x32_10
 
 BLOCK = 512  # counters per chunk = 2048 elements: m is 8 KiB in float32
@@ -130,52 +131,30 @@ def _apply_chunk(ch, g, bits, out, scale):
         out[e] = g[e] * (scale if (bits[e >> 3] >> (e & 7)) & 1 else zero)
 
 
-@numba.njit(parallel=True, cache=True)
-def _fwd_parallel(x, out, seed, stream, t, scale, start):
+def _fwd_driver(x, out, seed, stream, t, scale, start):
     for ch in numba.prange(_nchunks(x.size)):
         _fwd_chunk(ch, x, out, seed, stream, t, scale, start)
 
 
-@numba.njit(cache=True)
-def _fwd_serial(x, out, seed, stream, t, scale, start):
-    for ch in range(_nchunks(x.size)):
-        _fwd_chunk(ch, x, out, seed, stream, t, scale, start)
-
-
-@numba.njit(parallel=True, cache=True)
-def _add_parallel(x, residual, out, seed, stream, t, scale, start):
+def _add_driver(x, residual, out, seed, stream, t, scale, start):
     for ch in numba.prange(_nchunks(x.size)):
         _add_chunk(ch, x, residual, out, seed, stream, t, scale, start)
 
 
-@numba.njit(cache=True)
-def _add_serial(x, residual, out, seed, stream, t, scale, start):
-    for ch in range(_nchunks(x.size)):
-        _add_chunk(ch, x, residual, out, seed, stream, t, scale, start)
-
-
-@numba.njit(parallel=True, cache=True)
-def _bits_parallel(x, out, bits, seed, stream, t, scale, start):
+def _bits_driver(x, out, bits, seed, stream, t, scale, start):
     for ch in numba.prange(_nchunks(x.size)):
         _bits_chunk(ch, x, out, bits, seed, stream, t, scale, start)
 
 
-@numba.njit(cache=True)
-def _bits_serial(x, out, bits, seed, stream, t, scale, start):
-    for ch in range(_nchunks(x.size)):
-        _bits_chunk(ch, x, out, bits, seed, stream, t, scale, start)
-
-
-@numba.njit(parallel=True, cache=True)
-def _apply_parallel(g, bits, out, scale):
+def _apply_driver(g, bits, out, scale):
     for ch in numba.prange(_nchunks(g.size)):
         _apply_chunk(ch, g, bits, out, scale)
 
 
-@numba.njit(cache=True)
-def _apply_serial(g, bits, out, scale):
-    for ch in range(_nchunks(g.size)):
-        _apply_chunk(ch, g, bits, out, scale)
+_fwd_serial, _fwd_parallel = serial_and_parallel(_fwd_driver)
+_add_serial, _add_parallel = serial_and_parallel(_add_driver)
+_bits_serial, _bits_parallel = serial_and_parallel(_bits_driver)
+_apply_serial, _apply_parallel = serial_and_parallel(_apply_driver)
 
 
 def _u64(v):

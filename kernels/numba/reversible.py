@@ -25,10 +25,10 @@ core at 10^6 elements). Sums (d alpha, d gamma, d lambda) go through a per-eleme
 array and fixed-order partial sums, so they do not depend on the thread count.
 """
 
-import types
-
 import numba
 import numpy as np
+
+from fastreg.kernels.numba.drivers import serial_and_parallel
 
 L = np.int64(1) << np.int64(31)  # coder state lower bound; the empty state
 MASK31 = (np.int64(1) << np.int64(31)) - np.int64(1)
@@ -436,23 +436,9 @@ def _rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, o
     return _code(tot[0], tot[1], tot[2], tot[3]), _sum8(part_g, nch), _sum8(part_l, nch)
 
 
-def _copy_named(fn, suffix):
-    """`fn` under another name: Numba's on-disk cache is keyed by the function's name and
-    line, not by its compile flags, so a serial and a parallel njit of one function would
-    load each other's machine code (the parallel kernels ran on one thread)."""
-    f = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__,
-                           fn.__closure__)
-    f.__qualname__ = fn.__qualname__ + suffix
-    f.__doc__ = fn.__doc__
-    return f
-
-
 # One compiled copy for large tensors (threads) and one for small ones, where waking the
 # thread pool costs more than the work (below SERIAL_BELOW elements).
 SERIAL_BELOW = 1 << 15
-fwd_step = numba.njit(parallel=True, cache=True)(_copy_named(_fwd_step, "_parallel"))
-rev_restore = numba.njit(parallel=True, cache=True)(_copy_named(_rev_restore, "_parallel"))
-rev_step = numba.njit(parallel=True, cache=True)(_copy_named(_rev_step, "_parallel"))
-fwd_step_serial = numba.njit(cache=True)(_copy_named(_fwd_step, "_serial"))
-rev_restore_serial = numba.njit(cache=True)(_copy_named(_rev_restore, "_serial"))
-rev_step_serial = numba.njit(cache=True)(_copy_named(_rev_step, "_serial"))
+fwd_step_serial, fwd_step = serial_and_parallel(_fwd_step)
+rev_restore_serial, rev_restore = serial_and_parallel(_rev_restore)
+rev_step_serial, rev_step = serial_and_parallel(_rev_step)
