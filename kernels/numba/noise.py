@@ -174,6 +174,32 @@ def _keys(seed, stream):
     return seed & MASK32, seed >> _S32, stream & MASK32, stream >> _S32
 
 
+@numba.njit(inline="always", cache=True)
+def _walk(n, seed, stream, start, sizes, sstr):
+    """Set-up of a chunk walk: Philox keys, first counter, the innermost run length and
+    sigma stride, and the number of chunks."""
+    k0, k1, s0, s1 = _keys(seed, stream)
+    c0 = np.uint64(start) >> np.uint64(2)
+    nch = (n + 4 * BLOCK - 1) // (4 * BLOCK)
+    return k0, k1, s0, s1, c0, sizes[sizes.size - 1], sstr[sstr.size - 1], nch
+
+
+@numba.njit(inline="always", cache=True)
+def _scratch():
+    """One partition's eps buffer and Box-Muller scratch (allocated once per partition)."""
+    return (np.empty(4 * BLOCK, np.float32), np.empty(2 * BLOCK, np.float32),
+            np.empty(2 * BLOCK, np.float32))
+
+
+@numba.njit(inline="always", cache=True)
+def _chunk_eps(z, ua, ub, k0, k1, s0, s1, c0, ch, n, dist):
+    """Fills z with chunk ch's eps; returns the chunk's first element and length."""
+    base = ch * 4 * BLOCK
+    length = min(4 * BLOCK, n - base)
+    fill_eps(z, ua, ub, k0, k1, s0, s1, c0 + np.uint64(ch * BLOCK), (length + 3) // 4, dist)
+    return base, length
+
+
 @numba.njit(parallel=True, cache=True)
 def eps_fill(out, seed, stream, dist, start):
     """out[k] = eps(start + k) for k < out.size (float32; start % 4 == 0): the noise itself."""
@@ -181,12 +207,8 @@ def eps_fill(out, seed, stream, dist, start):
     k0, k1, s0, s1 = _keys(seed, stream)
     c0 = np.uint64(start) >> np.uint64(2)
     for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
-        base = ch * 4 * BLOCK
-        length = min(4 * BLOCK, n - base)
-        z = np.empty(4 * BLOCK, np.float32)
-        ua = np.empty(2 * BLOCK, np.float32)
-        ub = np.empty(2 * BLOCK, np.float32)
-        fill_eps(z, ua, ub, k0, k1, s0, s1, c0 + np.uint64(ch * BLOCK), (length + 3) // 4, dist)
+        z, ua, ub = _scratch()
+        base, length = _chunk_eps(z, ua, ub, k0, k1, s0, s1, c0, ch, n, dist)
         for e in range(length):
             out[base + e] = z[e]
 
@@ -290,21 +312,12 @@ def noise_fwd(x, sig, out, sizes, sstr, seed, stream, dist, additive, one, start
     nthreads: numba.get_num_threads() (passed in: a call inside would disable caching).
     """
     n = x.size
-    k0, k1, s0, s1 = _keys(seed, stream)
-    c0 = np.uint64(start) >> np.uint64(2)
-    inner = sizes[sizes.size - 1]
-    st = sstr[sstr.size - 1]
-    nch = (n + 4 * BLOCK - 1) // (4 * BLOCK)
+    k0, k1, s0, s1, c0, inner, st, nch = _walk(n, seed, stream, start, sizes, sstr)
     nparts = max(1, min(nthreads, nch))
     for t in numba.prange(nparts):
-        z = np.empty(4 * BLOCK, np.float32)
-        ua = np.empty(2 * BLOCK, np.float32)
-        ub = np.empty(2 * BLOCK, np.float32)
+        z, ua, ub = _scratch()
         for ch in range(nch * t // nparts, nch * (t + 1) // nparts):
-            base = ch * 4 * BLOCK
-            length = min(4 * BLOCK, n - base)
-            fill_eps(z, ua, ub, k0, k1, s0, s1, c0 + np.uint64(ch * BLOCK), (length + 3) // 4,
-                     dist)
+            base, length = _chunk_eps(z, ua, ub, k0, k1, s0, s1, c0, ch, n, dist)
             e = 0
             while e < length:
                 i = base + e
@@ -338,21 +351,12 @@ def noise_bwd(g, x, sig, gx, gs, part, sizes, sstr, seed, stream, dist, additive
     x is read only when gs_mode != 0 and not additive.
     """
     n = g.size
-    k0, k1, s0, s1 = _keys(seed, stream)
-    c0 = np.uint64(start) >> np.uint64(2)
-    inner = sizes[sizes.size - 1]
-    st = sstr[sstr.size - 1]
-    nch = (n + 4 * BLOCK - 1) // (4 * BLOCK)
+    k0, k1, s0, s1, c0, inner, st, nch = _walk(n, seed, stream, start, sizes, sstr)
     nparts = part.shape[0]
     for t in numba.prange(nparts):
-        z = np.empty(4 * BLOCK, np.float32)
-        ua = np.empty(2 * BLOCK, np.float32)
-        ub = np.empty(2 * BLOCK, np.float32)
+        z, ua, ub = _scratch()
         for ch in range(nch * t // nparts, nch * (t + 1) // nparts):
-            base = ch * 4 * BLOCK
-            length = min(4 * BLOCK, n - base)
-            fill_eps(z, ua, ub, k0, k1, s0, s1, c0 + np.uint64(ch * BLOCK), (length + 3) // 4,
-                     dist)
+            base, length = _chunk_eps(z, ua, ub, k0, k1, s0, s1, c0, ch, n, dist)
             e = 0
             while e < length:
                 i = base + e

@@ -16,7 +16,7 @@ and widened in float64); element k has logical index k.
 import numba
 import numpy as np
 
-from fastreg.kernels.numba.noise import BLOCK, DIST_GAUSSIAN, _keys, fill_eps
+from fastreg.kernels.numba.noise import BLOCK, DIST_GAUSSIAN, _chunk_eps, _keys, _scratch
 
 
 @numba.njit(parallel=True, cache=True)
@@ -25,13 +25,8 @@ def vd_sample_fwd(mu, var, out, seed, stream, eps):
     n = mu.size
     k0, k1, s0, s1 = _keys(seed, stream)
     for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
-        base = ch * 4 * BLOCK
-        length = min(4 * BLOCK, n - base)
-        z = np.empty(4 * BLOCK, np.float32)  # widened exactly where the data are float64
-        ua = np.empty(2 * BLOCK, np.float32)
-        ub = np.empty(2 * BLOCK, np.float32)
-        fill_eps(z, ua, ub, k0, k1, s0, s1, np.uint64(ch * BLOCK), (length + 3) // 4,
-                 DIST_GAUSSIAN)
+        z, ua, ub = _scratch()  # float32 z, widened exactly where the data are float64
+        base, length = _chunk_eps(z, ua, ub, k0, k1, s0, s1, np.uint64(0), ch, n, DIST_GAUSSIAN)
         m, v, o = mu[base:base + length], var[base:base + length], out[base:base + length]
         for e in range(length):  # slices, not base + e: this loop then vectorises
             o[e] = m[e] + np.sqrt(v[e] + eps) * z[e]
@@ -44,13 +39,8 @@ def vd_sample_grad_var(g, var, out, seed, stream, eps, half):
     n = g.size
     k0, k1, s0, s1 = _keys(seed, stream)
     for ch in numba.prange((n + 4 * BLOCK - 1) // (4 * BLOCK)):
-        base = ch * 4 * BLOCK
-        length = min(4 * BLOCK, n - base)
-        z = np.empty(4 * BLOCK, np.float32)
-        ua = np.empty(2 * BLOCK, np.float32)
-        ub = np.empty(2 * BLOCK, np.float32)
-        fill_eps(z, ua, ub, k0, k1, s0, s1, np.uint64(ch * BLOCK), (length + 3) // 4,
-                 DIST_GAUSSIAN)
+        z, ua, ub = _scratch()  # float32 z, widened exactly where the data are float64
+        base, length = _chunk_eps(z, ua, ub, k0, k1, s0, s1, np.uint64(0), ch, n, DIST_GAUSSIAN)
         gs, v, o = g[base:base + length], var[base:base + length], out[base:base + length]
         for e in range(length):
             o[e] = gs[e] * z[e] * half / np.sqrt(v[e] + eps)
