@@ -9,6 +9,7 @@ from torch.library import opcheck
 import fastreg
 from fastreg import adversarial as A
 from fastreg.kernels.numba.adversarial import PARALLEL_MIN
+from helpers import run_without_interpreter
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 BACKENDS = ["numba", "triton", "torch"]
@@ -206,13 +207,7 @@ def test_triton_kernel_compiles_for_cuda():
     """The compiled (not interpreted) Triton path: the kernel goes to PTX and a cubin for
     sm_90 with no GPU present. The interpreter accepts code the compiler rejects (e.g. a
     constexpr branch returning another type), so this runs without TRITON_INTERPRET."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = run_without_interpreter(_COMPILE_SCRIPT)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
 
 

@@ -5,7 +5,7 @@ import torch
 import fastreg
 from fastreg.ops import bias_act as B
 from fastreg.ops.dropout import dropout_multipliers_reference
-from saved import saved_bytes
+from helpers import saved_bytes, views
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (37,), (5, 33), (2, 3, 7), (70, 65), (3, 1)]
@@ -14,15 +14,6 @@ ACTS = [None, "relu", "gelu"]
 # up to ~4e-6 absolute for z < 0 (1 + erf(z) cancels), as torch's own float32 gelu is
 GELU_TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12),
             torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}
-
-
-def views(x):
-    yield "contiguous", x
-    if x.dim() >= 2:
-        yield "transposed", x.transpose(0, -1).contiguous().transpose(0, -1)
-    big = torch.empty(x.shape + (2,), dtype=x.dtype)
-    big[..., 0] = x
-    yield "strided", big[..., 0]
 
 
 def _code(act):

@@ -4,21 +4,10 @@ import torch
 
 import fastreg
 from fastreg.ops import dropout as D
+from helpers import views
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (3,), (7, 5), (2, 3, 13), (4, 1, 9, 3), (257,)]
-
-
-def views(x):
-    """x itself plus non-contiguous views holding the same logical values."""
-    yield "contiguous", x
-    if x.dim() >= 2:
-        t = x.transpose(0, -1).contiguous().transpose(0, -1)  # same values, permuted strides
-        assert not t.is_contiguous() or x.shape[0] == 1 or x.shape[-1] == 1
-        yield "transposed", t
-    big = torch.empty(x.shape + (2,), dtype=x.dtype)
-    big[..., 0] = x
-    yield "strided", big[..., 0]
 
 
 @pytest.mark.parametrize("backend", ["numba", "triton"])

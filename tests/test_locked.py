@@ -5,20 +5,11 @@ import torch
 import fastreg
 from fastreg.ops import locked as L
 from fastreg.ops.dropout import dropout_multipliers_reference
-from saved import saved_bytes
+from helpers import saved_bytes, views
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES_DIMS = [((5, 3, 7), 1), ((5, 3, 7), 0), ((5, 3, 7), -1), ((9,), 0), ((2, 4, 3, 5), 2),
                ((3, 700), 0), ((1, 3), 1), ((4, 1, 2), 1)]
-
-
-def views(x):
-    yield "contiguous", x
-    if x.dim() >= 2:
-        yield "transposed", x.transpose(0, -1).contiguous().transpose(0, -1)
-    big = torch.empty(x.shape + (2,), dtype=x.dtype)
-    big[..., 0] = x
-    yield "strided", big[..., 0]
 
 
 @pytest.mark.parametrize("backend", ["numba", "triton"])

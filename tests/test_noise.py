@@ -7,7 +7,7 @@ import torch
 import fastreg
 from fastreg.ops import noise as N
 from fastreg.ops import rng
-from saved import saved_bytes
+from helpers import saved_bytes, views
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # per-dtype tolerances: eps is float32 on every backend and agrees to a few ulp
@@ -17,15 +17,6 @@ TOL = {torch.float32: (2e-6, 2e-6), torch.float64: (2e-6, 2e-6), torch.float16: 
 # (input shape, sigma shape or None for a python float)
 CASES = [((257,), None), ((7, 5), ()), ((2, 3, 13), (3, 1)), ((4, 6, 3, 5), (6, 1, 1)),
          ((3, 11), (11,)), ((5, 2, 7), (5, 2, 7)), ((2, 9, 4), (1, 9, 1))]
-
-
-def views(x):
-    yield "contiguous", x
-    if x.dim() >= 2:
-        yield "transposed", x.transpose(0, -1).contiguous().transpose(0, -1)
-    big = torch.empty(x.shape + (2,), dtype=x.dtype)
-    big[..., 0] = x
-    yield "strided", big[..., 0]
 
 
 def _sigma(shape, gen, dtype=torch.float32):

@@ -14,7 +14,7 @@ from fastreg.nn.variational import K1, K2, K3, total_kl, total_sparsity
 from fastreg.ops import rng
 from fastreg.ops import variational as V
 from fastreg.kernels.numba.variational import BLOCK
-from saved import saved_bytes
+from helpers import run_without_interpreter, saved_bytes
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 BACKENDS = ["numba", "triton", "torch"]
@@ -322,13 +322,7 @@ print("compiled")
 def test_triton_kernels_compile_for_cuda():
     """The compiled (not interpreted) Triton path goes to PTX and a cubin for sm_90 with
     no GPU present (the interpreter accepts code the compiler rejects)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = run_without_interpreter(_COMPILE_SCRIPT)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
 
 

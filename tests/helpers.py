@@ -1,0 +1,41 @@
+"""Helpers shared by the test files (tests/ is on sys.path: conftest.py)."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def views(x):
+    """x itself plus non-contiguous views holding the same logical values: the kernels must
+    follow the logical row-major index, never memory order."""
+    yield "contiguous", x
+    if x.dim() >= 2:
+        yield "transposed", x.transpose(0, -1).contiguous().transpose(0, -1)
+    big = torch.empty(x.shape + (2,), dtype=x.dtype)
+    big[..., 0] = x
+    yield "strided", big[..., 0]
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages that autograd packs while `fn()` runs (the output is
+    dropped before returning)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def run_without_interpreter(script: str, timeout: int = 300):
+    """Runs `script` in a fresh Python without TRITON_INTERPRET, so that Triton compiles for
+    real (the interpreter accepts code the compiler rejects)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=timeout)
