@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from fastreg import _alloc, _backend
 from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scale_bits,
@@ -95,7 +95,7 @@ def _locked_impl(x, seed, stream, p, dim, direct):
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if n > 0 and _backend.launch_kernel(x):
             _, D, I = _odi(x.shape, dim)
-            (tk.locked_fwd_kernel if direct else wrap_triton(tk.locked_fwd_kernel))[tk.grid(n)](
+            _backend.launcher(tk.locked_fwd_kernel, direct)[tk.grid(n)](
                 x.contiguous(), out, seed, stream, keep_threshold(p), dropout_scale_bits(p), 0, D * I, I,
                 n, COMPUTE_F64=x.dtype == torch.float64, BLOCK=tk.BLOCK)
         return out
