@@ -319,9 +319,7 @@ class _DropoutFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (saved,) = ctx.saved_tensors
-        if ctx.with_bits:
-            return _BitsApplyFn.apply(grad_out, saved, ctx.p), None, None, None, None
-        return _DropoutFn.apply(grad_out, saved, ctx.stream, ctx.p, False), None, None, None, None
+        return _grad_input(grad_out, saved, ctx.stream, ctx.p, ctx.with_bits), None, None, None, None
 
 
 class _BitsApplyFn(torch.autograd.Function):
@@ -334,7 +332,7 @@ class _BitsApplyFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (bits,) = ctx.saved_tensors
-        return _BitsApplyFn.apply(grad_out, bits, ctx.p), None, None
+        return _grad_input(grad_out, bits, 0, ctx.p, True), None, None
 
 
 class _DropoutAddFn(torch.autograd.Function):
@@ -347,7 +345,20 @@ class _DropoutAddFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (seed,) = ctx.saved_tensors
-        return _DropoutFn.apply(grad_out, seed, ctx.stream, ctx.p, False), grad_out, None, None, None
+        return _grad_input(grad_out, seed, ctx.stream, ctx.p, False), grad_out, None, None, None
+
+
+def _grad_input(grad_out, saved, stream, p, with_bits):
+    """grad_out times the same mask and scale: the backward of every function above. Under
+    create_graph it is itself differentiable (an autograd.Function again); in a plain
+    backward the kernel runs directly, without a second Function's overhead."""
+    if torch.is_grad_enabled():
+        if with_bits:
+            return _BitsApplyFn.apply(grad_out, saved, p)
+        return _DropoutFn.apply(grad_out, saved, stream, p, False)
+    if with_bits:
+        return _bits_apply_impl(grad_out, saved, p, True)
+    return _fwd_impl(grad_out, saved, stream, p, False, True)[0]
 
 
 # ---------------------------------------------------------------- Python API
