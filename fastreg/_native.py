@@ -43,26 +43,24 @@ def native_cuda():
     return mod if mod is not None and getattr(mod, "with_cuda", False) else None
 
 
-def numba_available() -> bool:
-    if "numba" not in _CACHE:
+def _importable(name: str, consequence: str) -> bool:
+    """Whether module `name` imports (tried once; a failure warns once, saying `consequence`)."""
+    if name not in _CACHE:
         try:
-            importlib.import_module("numba")
-            _CACHE["numba"] = True
+            importlib.import_module(name)
+            _CACHE[name] = True
         except ImportError as err:
-            _CACHE["numba"] = False
-            _warn_missing("numba", err, "CPU ops fall back to the pure-PyTorch reference")
-    return bool(_CACHE["numba"])
+            _CACHE[name] = False
+            _warn_missing(name, err, consequence)
+    return bool(_CACHE[name])
+
+
+def numba_available() -> bool:
+    return _importable("numba", "CPU ops fall back to the pure-PyTorch reference")
 
 
 def triton_available() -> bool:
-    if "triton" not in _CACHE:
-        try:
-            importlib.import_module("triton")
-            _CACHE["triton"] = True
-        except ImportError as err:
-            _CACHE["triton"] = False
-            _warn_missing("triton", err, "GPU ops use CUDA C++ kernels or the PyTorch reference")
-    return bool(_CACHE["triton"])
+    return _importable("triton", "GPU ops use CUDA C++ kernels or the PyTorch reference")
 
 
 def triton_interpreted() -> bool:
