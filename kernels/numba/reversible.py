@@ -34,7 +34,6 @@ L = np.int64(1) << np.int64(31)  # coder state lower bound; the empty state
 MASK31 = (np.int64(1) << np.int64(31)) - np.int64(1)
 MASK32 = (np.int64(1) << np.int64(32)) - np.int64(1)
 LIMIT = np.int64(1) << np.int64(62)  # |w|, |v| must stay below this (fixed-point range)
-FLIMIT = float(2.0**62)
 DLIMIT = float(2.0**61)  # largest |increment| converted to int64
 
 # status bits: kernels return the OR over elements (0: all good)
@@ -59,13 +58,27 @@ def _code(n_nf, n_v, n_w, n_c):
 
 
 @numba.njit(inline="always", cache=True)
-def _floordiv_small(a, b, invb):
-    """(a // b, a % b), floor semantics, for int64 a and 1 <= b < 2^31; invb = 1.0/b."""
+def _divmod_est(a, b, invb):
+    """(q, r, ok): floor(a / b) and a - q b from one float64 estimate and one correction
+    each way, branch-free; ok tells whether r landed in [0, b), i.e. whether (q, r) is
+    exact (1 <= b < 2^31, invb = 1.0 / b)."""
     q = np.int64(np.floor(np.float64(a) * invb))
     r = a - q * b
-    q2 = np.int64(np.floor(np.float64(r) * invb))
+    q = q - np.int64(1) if r < 0 else q
+    r = r + b if r < 0 else r
+    q = q + np.int64(1) if r >= b else q
+    r = r - b if r >= b else r
+    return q, r, (r >= 0) & (r < b)
+
+
+@numba.njit(inline="always", cache=True)
+def _floordiv_small(a, b, invb):
+    """(a // b, a % b), floor semantics, for int64 a and 1 <= b < 2^31; invb = 1.0/b.
+    A first estimate brings the remainder near [0, b), a second one lands it there for
+    |a| < 2^62; the loops cover the rest."""
+    q = np.int64(np.floor(np.float64(a) * invb))
+    q2, r, _ = _divmod_est(a - q * b, b, invb)
     q += q2
-    r -= q2 * b
     while r < 0:
         r += b
         q -= 1
@@ -99,9 +112,9 @@ def _sym_of_slot(slot, q, rr, thr, invq, invq1):
 
 @numba.njit(inline="always", cache=True)
 def _freq_of_sym(s, q, rr, thr):
-    if s < rr:
-        return q + 1, s * (q + 1)
-    return q, thr + (s - rr) * q
+    """Encoding: (frequency, cumulative) of symbol s (selects only)."""
+    a = s < rr
+    return (q + np.int64(1) if a else q), (s * (q + np.int64(1)) if a else thr + (s - rr) * q)
 
 
 @numba.njit(inline="always", cache=True)
@@ -248,7 +261,9 @@ def _fwd_step(w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_sca
             sl_ = x >= lim_push  # would spill a word first
             x2 = (x << k) | (vi & dmask)
             slot = x2 & MASK31
-            a = slot < thr  # the quasi-uniform code's two runs of frequencies, as _sym_of_slot
+            # _sym_of_slot, written out branch-free: calling a select-only copy of it here
+            # measured 5-18% slower on this loop (10^6 elements, one thread)
+            a = slot < thr
             b0 = np.int64(0) if a else thr
             d = q1 if a else q
             off = np.int64(0) if a else rr
@@ -363,10 +378,9 @@ def _rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, o
     N = w.shape[0]
     dmask = (np.int64(1) << k) - np.int64(1)
     q, rr, thr = _code_params(n)
-    q1 = q + np.int64(1)
     invn = 1.0 / np.float64(n)
     invq = 1.0 / np.float64(q)
-    invq1 = 1.0 / np.float64(q1)
+    invq1 = 1.0 / np.float64(q + 1)
     nch = (N + CH - 1) // CH
     counts = np.zeros((nch, 4), np.int64)
     part_g = np.empty(nch)
@@ -392,27 +406,12 @@ def _rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, o
             # (vh, s) = floor-divmod(vi, n): two float estimates and one correction each
             # way give the exact result for |vi| < 2^62; anything else goes to the slow path
             vh = np.int64(np.floor(np.float64(vi) * invn))
-            s = vi - vh * n
-            q2 = np.int64(np.floor(np.float64(s) * invn))
+            q2, s, oks = _divmod_est(vi - vh * n, n, invn)
             vh += q2
-            s -= q2 * n
-            vh = vh - np.int64(1) if s < 0 else vh
-            s = s + n if s < 0 else s
-            vh = vh + np.int64(1) if s >= n else vh
-            s = s - n if s >= n else s
-            oks = (s >= 0) & (s < n)
-            a = s < rr  # _freq_of_sym
-            f = q1 if a else q
-            cum = s * q1 if a else thr + (s - rr) * q
+            f, cum = _freq_of_sym(s, q, rr, thr)
             sl_ = x >= (f << np.int64(32))  # would spill a word first
             # (xq, xr) = divmod(x, f), x < f 2^32 on the fast path
-            xq = np.int64(np.floor(np.float64(x) * (invq1 if a else invq)))
-            xr = x - xq * f
-            xq = xq - np.int64(1) if xr < 0 else xq
-            xr = xr + f if xr < 0 else xr
-            xq = xq + np.int64(1) if xr >= f else xq
-            xr = xr - f if xr >= f else xr
-            okx = (xr >= 0) & (xr < f)
+            xq, xr, okx = _divmod_est(x, f, invq1 if f != q else invq)
             x2 = (xq << np.int64(31)) + cum + xr
             lo = x2 & dmask
             x2 = x2 >> k
