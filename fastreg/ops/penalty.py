@@ -286,7 +286,7 @@ def accumulate_host_onepass(ws, gs, shapes, dtype, l1, l2, gl, mode):
 def host_onepass_ok(device) -> bool:
     """True when accumulate_ on `device` would take the C++ host hot path for float32/float64
     tensors without explicit groups (see _host_ok), so the one-pass eager path may be used."""
-    return (device.type == "cpu" and HOST_HOT_PATH and _native.native() is not None
+    return (device.type == "cpu" and _host_ok({}, ())
             and _backend.select(device, ("numba", "cuda"), "penalty.accumulate_") == "numba")
 
 
