@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import torch
 
@@ -209,33 +210,44 @@ def accumulate_(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torc
 
 
 _FLOAT_PAIR = (torch.float32, torch.float64)
+# C-level getters: the one-pass path checks 260 tensors in ~15 map() passes of ~15 us each,
+# where a Python loop with the same checks took ~0.35 ms
+_GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
+_SHAPE = operator.attrgetter("shape")
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
+_NUMEL = torch.Tensor.numel
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _accumulate_onepass(params, l1, l2, group_lasso, groups):
-    """The common eager call in one pass over the parameters: a list of non-empty, contiguous
-    float32 or float64 CPU tensors of one dtype, each with a contiguous .grad, shared
-    strengths, and a group name or no groups. The launch is the one the general path makes,
-    without its per-tensor passes (about 0.5 ms for 260 tensors). Returns None where this
-    does not apply; the general path then runs, with its checks and error messages."""
+    """The common eager call without the general path's per-tensor passes: a list of
+    non-empty, contiguous float32 or float64 CPU tensors of one dtype, each with a contiguous
+    .grad, shared strengths, and a group name or no groups. The launch is the one the general
+    path makes (tested bit for bit). Returns None where this does not apply; the general path
+    then runs, with its checks and error messages."""
     if not isinstance(params, (list, tuple)) or not params or not (
             groups is None or isinstance(groups, str)):
         return None
-    p0 = params[0]
-    if not isinstance(p0, torch.Tensor) or p0.dtype not in _FLOAT_PAIR or not p0.is_cpu:
+    try:
+        # Tensor.is_contiguous raises TypeError for anything that is not a tensor (None
+        # included); sparse grads report False
+        if not all(map(_IS_CONTIGUOUS, params)):
+            return None
+        gs = list(map(_GRAD, params))
+        if not all(map(_IS_CONTIGUOUS, gs)):
+            return None
+    except TypeError:
         return None
-    dtype = p0.dtype
-    ws, gs, shapes = [], [], []
-    for p in params:
-        if not isinstance(p, torch.Tensor) or p.dtype is not dtype or not p.is_cpu:
-            return None
-        g = p.grad
-        if (g is None or g.layout is not torch.strided or not p.is_contiguous()
-                or not g.is_contiguous() or p.numel() == 0):
-            return None
-        ws.append(p)
-        gs.append(g)
-        shapes.append(p.shape)
-    if not _ops.host_onepass_ok(p0.device):
+    dtypes = set(map(_DTYPE, params))
+    if len(dtypes) != 1:
+        return None
+    dtype = dtypes.pop()
+    numels = tuple(map(_NUMEL, params))
+    # torch keeps a leaf's .grad at its dtype, device and shape, so checking params suffices
+    if (dtype not in _FLOAT_PAIR or 0 in numels or not all(map(_IS_CPU, params))
+            or not _ops.host_onepass_ok(params[0].device)):
         return None
     cl1 = _real(l1, "params l1", "penalty.accumulate_")
     cl2 = _real(l2, "params l2", "penalty.accumulate_")
@@ -244,7 +256,10 @@ def _accumulate_onepass(params, l1, l2, group_lasso, groups):
     if cgl > 0.0 and mode == MODE_NONE:
         return None  # the general path raises the error
     with torch.no_grad():
-        out = _ops.accumulate_host_onepass(ws, gs, shapes, dtype, cl1, cl2, cgl, mode)
+        # ungrouped tensors are planned by their sizes alone: a cheaper cache key than shapes
+        shapes = tuple(map(_SHAPE, params)) if cgl > 0.0 else numels
+        out = _ops.accumulate_host_onepass(shapes, map(_DATA_PTR, params), map(_DATA_PTR, gs),
+                                           dtype, cl1, cl2, cgl, mode)
         torch._C._increment_version(gs)  # written through raw pointers, as in the general path
     return out
 

@@ -397,6 +397,18 @@ def test_one_pass_path_matches_general_path(gen, monkeypatch):
     assert taken.pop() is False  # mixed dtypes
     P.accumulate_([w], l1=0.1, groups=[None])
     assert taken.pop() is False  # per-tensor group specs
+    e = torch.nn.Parameter(torch.zeros(0))
+    e.grad = torch.zeros(0)
+    P.accumulate_([w, e], l1=0.1)
+    assert taken.pop() is False  # a 0-size tensor
+    with pytest.raises(TypeError):
+        P.accumulate_([w, "not a tensor"], l1=0.1)
+    assert taken.pop() is False  # declined; the general path names the bad element
+    s = torch.nn.Parameter(torch.randn(3, 3, generator=gen))
+    s.grad = torch.eye(3).to_sparse()
+    with pytest.raises(TypeError, match="dense"):
+        P.accumulate_([w, s], l1=0.1)
+    assert taken.pop() is False  # a sparse grad
 
 
 def test_version_counters_bumped(gen):

@@ -143,7 +143,7 @@ def _plan(shapes, modes, coefs_flat, explicit_ng, storage, kind, lr=None):
     explicit_ng = explicit_ng or (0,) * nt
     rows = zip(shapes, modes, coefs_rows, explicit_ng)
     for t, (shape, mode, (l1, l2, gl), ngx) in enumerate(rows):
-        n = math.prod(shape)
+        n = shape if isinstance(shape, int) else math.prod(shape)  # an int: a flat size
         grouped = gl != 0.0 and mode != MODE_NONE
         if grouped and mode != MODE_EXPLICIT:
             a, b, c = block_shape(shape, mode)
@@ -262,22 +262,24 @@ class _Plain:
     """Plan fields for _native_args, for a launch prepared without a _Batch."""
 
 
-def accumulate_host_onepass(ws, gs, shapes, dtype, l1, l2, gl, mode):
+def accumulate_host_onepass(shapes, w_ptrs, g_ptrs, dtype, l1, l2, gl, mode):
     """accumulate_ on the C++ host hot path for tensors the caller has checked in one pass:
     CPU, all of `dtype` (float32 or float64), contiguous, non-empty, with contiguous grads
-    to add into; one strength triple and group mode for all. Returns the value (float32)."""
+    to add into; one strength triple and group mode for all. shapes: a tuple of the tensors'
+    shapes (or of their sizes, when gl is 0); w_ptrs, g_ptrs: iterables of the tensors' and
+    their grads' data_ptr(). Returns the value (float32)."""
     from fastreg.kernels.numba import penalty as nb
 
-    nt = len(ws)
+    nt = len(shapes)
     h = _Plain()
     h.storage = _STORAGE[dtype]
     h.kind_code = 0 if dtype == torch.float32 else 1
     tab, h.cf, h.items, h.nscale, h.exp_rows = _plan(
-        tuple(shapes), (mode if gl > 0.0 else MODE_NONE,) * nt, (l1, l2, gl) * nt, (), h.storage,
+        shapes, (mode if gl > 0.0 else MODE_NONE,) * nt, (l1, l2, gl) * nt, (), h.storage,
         "accumulate")
     tab = tab.copy()
-    tab[:, nb.T_W] = [w.data_ptr() for w in ws]
-    tab[:, nb.T_G] = [g.data_ptr() for g in gs]
+    tab[:, nb.T_W] = np.fromiter(w_ptrs, np.int64, nt)
+    tab[:, nb.T_G] = np.fromiter(g_ptrs, np.int64, nt)
     tab[:, nb.T_INIT] = 0
     _native.native().penalty_accumulate_host(*_native_args(h, tab, torch.device("cpu"), True))
     return h.vals.sum().to(torch.float32)
