@@ -194,7 +194,7 @@ def backend_for(device: torch.device, prefer_cpp: bool = False) -> str:
 
 
 def _np(t: torch.Tensor):
-    return t.detach().numpy()
+    return (t.detach() if t.requires_grad else t).numpy()  # detach costs ~0.4 us per call
 
 
 def _u32(t: torch.Tensor):
