@@ -159,6 +159,19 @@ def _encode(recs):
     return coefs, modes, gidx
 
 
+def _as_list(params):
+    """A tensor or an iterable as a list or tuple (a generator such as model.parameters() is
+    walked once); anything else is returned as it is, for _flatten to name the error."""
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, (list, tuple)):
+        return params
+    try:
+        return list(params)
+    except TypeError:
+        return params
+
+
 def accumulate_(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torch.Tensor:
     """Adds the penalty's gradient into every parameter's .grad; returns the penalty's value
     (0-dim float32).
@@ -167,16 +180,10 @@ def accumulate_(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torc
     loss.backward() and before optimizer.step(). One kernel pass per (device, dtype) over
     all parameters; half-precision parameters accumulate in float32.
     """
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    elif not isinstance(params, (list, tuple)):
-        try:
-            params = list(params)  # a generator such as model.parameters(): walked once
-        except TypeError:
-            pass  # _flatten raises the error
+    params = _as_list(params)
     if not torch.compiler.is_compiling():
-        out = _accumulate_onepass(params, l1, l2, group_lasso, groups)
-        if out is not None:
+        done, out = _onepass(params, "accumulate_", l1, l2, group_lasso, groups)
+        if done:
             return out
     recs = _flatten(params, "accumulate_", l1, l2, group_lasso, groups)
     if not recs:
@@ -221,23 +228,24 @@ _NUMEL = torch.Tensor.numel
 _DATA_PTR = torch.Tensor.data_ptr
 
 
-def _accumulate_onepass(params, l1, l2, group_lasso, groups):
-    """The common eager call without the general path's per-tensor passes: a list of
-    non-empty, contiguous float32 or float64 CPU tensors of one dtype, each with a contiguous
-    .grad, shared strengths, and a group name or no groups. The launch is the one the general
-    path makes (tested bit for bit). Returns None where this does not apply; the general path
-    then runs, with its checks and error messages."""
+def _plain_cpu_list(params, groups, op, with_grads):
+    """The one-pass eager paths' check: (dtype, sizes, grads) when `params` is a list of
+    non-empty, contiguous float32 or float64 CPU tensors of one dtype (each with a contiguous
+    .grad when with_grads) whose op would take the C++ host hot path, with a group name or no
+    groups; None otherwise (the general path then runs, with its checks and error messages)."""
     if not isinstance(params, (list, tuple)) or not params or not (
             groups is None or isinstance(groups, str)):
         return None
+    gs = None
     try:
         # Tensor.is_contiguous raises TypeError for anything that is not a tensor (None
         # included); sparse grads report False
         if not all(map(_IS_CONTIGUOUS, params)):
             return None
-        gs = list(map(_GRAD, params))
-        if not all(map(_IS_CONTIGUOUS, gs)):
-            return None
+        if with_grads:
+            gs = list(map(_GRAD, params))
+            if not all(map(_IS_CONTIGUOUS, gs)):
+                return None
     except TypeError:
         return None
     dtypes = set(map(_DTYPE, params))
@@ -247,21 +255,37 @@ def _accumulate_onepass(params, l1, l2, group_lasso, groups):
     numels = tuple(map(_NUMEL, params))
     # torch keeps a leaf's .grad at its dtype, device and shape, so checking params suffices
     if (dtype not in _FLOAT_PAIR or 0 in numels or not all(map(_IS_CPU, params))
-            or not _ops.host_onepass_ok(params[0].device)):
+            or not _ops.host_onepass_ok(params[0].device, op)):
         return None
-    cl1 = _real(l1, "params l1", "penalty.accumulate_")
-    cl2 = _real(l2, "params l2", "penalty.accumulate_")
-    cgl = _real(group_lasso, "params group_lasso", "penalty.accumulate_")
-    mode, _ = _group_spec(groups, None, "accumulate_", "groups")
+    return dtype, numels, gs
+
+
+def _onepass(params, op, l1, l2, group_lasso, groups, lr=None):
+    """accumulate_ (lr None) or prox_ for the common eager call, without the general path's
+    per-tensor passes; the launch is the one the general path makes (tested bit for bit).
+    Returns (True, value) where it applies, (False, None) where not."""
+    plain = _plain_cpu_list(params, groups, op, lr is None)
+    if plain is None:
+        return False, None
+    dtype, numels, gs = plain
+    cl1 = _real(l1, "params l1", "penalty." + op)
+    cl2 = _real(l2, "params l2", "penalty." + op)
+    cgl = _real(group_lasso, "params group_lasso", "penalty." + op)
+    mode, _ = _group_spec(groups, None, op, "groups")
     if cgl > 0.0 and mode == MODE_NONE:
-        return None  # the general path raises the error
+        return False, None  # the general path raises the error
+    # ungrouped tensors are planned by their sizes alone: a cheaper cache key than shapes
+    shapes = tuple(map(_SHAPE, params)) if cgl > 0.0 else numels
     with torch.no_grad():
-        # ungrouped tensors are planned by their sizes alone: a cheaper cache key than shapes
-        shapes = tuple(map(_SHAPE, params)) if cgl > 0.0 else numels
-        out = _ops.accumulate_host_onepass(shapes, map(_DATA_PTR, params), map(_DATA_PTR, gs),
-                                           dtype, cl1, cl2, cgl, mode)
-        torch._C._increment_version(gs)  # written through raw pointers, as in the general path
-    return out
+        if lr is None:
+            out = _ops.host_onepass("accumulate", shapes, map(_DATA_PTR, params),
+                                    map(_DATA_PTR, gs), dtype, cl1, cl2, cgl, mode)
+            torch._C._increment_version(gs)  # written through raw pointers, as in the general path
+        else:
+            out = _ops.host_onepass("prox", shapes, map(_DATA_PTR, params), None, dtype,
+                                    cl1, cl2, cgl, mode, lr)
+            torch._C._increment_version(list(params))
+    return True, out
 
 
 def value(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torch.Tensor:
@@ -282,6 +306,11 @@ def prox_(params, lr, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> None:
     exact proximal operator of elastic net + sparse group lasso. Makes exact zeros.
     """
     lr = _real(lr, "lr", "penalty.prox_")
+    params = _as_list(params)
+    if not torch.compiler.is_compiling():
+        done, _ = _onepass(params, "prox_", l1, l2, group_lasso, groups, lr)
+        if done:
+            return
     recs = _flatten(params, "prox_", l1, l2, group_lasso, groups)
     if not recs:
         return

@@ -353,19 +353,23 @@ def test_hot_path_choice(gen, monkeypatch):
 
 
 def test_one_pass_path_matches_general_path(gen, monkeypatch):
-    """The one-pass eager path of accumulate_ launches what the general path launches: the
-    same gradients and value, bit for bit. It is taken for plain lists (and generators) of
-    contiguous float32/float64 CPU tensors with grads, and declines everything else."""
+    """The one-pass eager paths of accumulate_ and prox_ launch what the general path launches:
+    the same gradients, weights and value, bit for bit. They are taken for plain lists (and
+    generators) of contiguous float32/float64 CPU tensors (with grads, for accumulate_), and
+    decline everything else."""
     if _native.native() is None:
         pytest.skip("fastreg._C not built")
     monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
-    real = P._accumulate_onepass
+    real = P._onepass
     taken = []
 
     def spy(*a):
         out = real(*a)
-        taken.append(out is not None)
+        taken.append(out[0])
         return out
+
+    def general(*a):
+        return False, None
 
     shapes = [(7, 5), (33,), (3, 4, 3, 3), (1,), ()]
     cases = [dict(l1=0.01, l2=0.02), dict(l2=0.1, group_lasso=0.05, groups="rows"),
@@ -378,15 +382,25 @@ def test_one_pass_path_matches_general_path(gen, monkeypatch):
             b = [torch.nn.Parameter(w.clone()) for w in ws]
             for pa, pb, g in zip(a, b, gs):
                 pa.grad, pb.grad = g.clone(), g.clone()
-            monkeypatch.setattr(P, "_accumulate_onepass", spy)
+            monkeypatch.setattr(P, "_onepass", spy)
             va = P.accumulate_(iter(a), **kw)
             assert taken.pop() is True
-            monkeypatch.setattr(P, "_accumulate_onepass", lambda *x: None)
+            monkeypatch.setattr(P, "_onepass", general)
             vb = P.accumulate_(b, **kw)
             assert torch.equal(va, vb), kw
             for pa, pb in zip(a, b):
                 assert torch.equal(pa.grad, pb.grad), (kw, dtype, pa.shape)
-    monkeypatch.setattr(P, "_accumulate_onepass", spy)
+            for pa in a:
+                pa.grad = None  # prox_ needs none
+            monkeypatch.setattr(P, "_onepass", spy)
+            P.prox_(iter(a), 5.0, **kw)
+            assert taken.pop() is True
+            monkeypatch.setattr(P, "_onepass", general)
+            P.prox_(b, 5.0, **kw)
+            for pa, pb in zip(a, b):
+                assert torch.equal(pa, pb), (kw, dtype, pa.shape)
+            assert any(bool((pa == 0).any()) for pa in a), kw  # the prox made exact zeros
+    monkeypatch.setattr(P, "_onepass", spy)
     w = torch.nn.Parameter(torch.randn(6, 4, generator=gen))
     for grad in (None, torch.randn(4, 6, generator=gen).t()):  # no grad yet; a strided grad
         w.grad = grad
@@ -409,6 +423,11 @@ def test_one_pass_path_matches_general_path(gen, monkeypatch):
     with pytest.raises(TypeError, match="dense"):
         P.accumulate_([w, s], l1=0.1)
     assert taken.pop() is False  # a sparse grad
+    P.prox_([w, torch.randn(4, 6, generator=gen).t()], 0.1, l1=0.1)
+    assert taken.pop() is False  # a strided tensor
+    with pytest.raises(ValueError, match="groups"):
+        P.prox_([w], 0.1, group_lasso=0.1)
+    assert taken.pop() is False  # group lasso without groups: the general path's error
 
 
 def test_version_counters_bumped(gen):

@@ -262,12 +262,13 @@ class _Plain:
     """Plan fields for _native_args, for a launch prepared without a _Batch."""
 
 
-def accumulate_host_onepass(shapes, w_ptrs, g_ptrs, dtype, l1, l2, gl, mode):
-    """accumulate_ on the C++ host hot path for tensors the caller has checked in one pass:
-    CPU, all of `dtype` (float32 or float64), contiguous, non-empty, with contiguous grads
-    to add into; one strength triple and group mode for all. shapes: a tuple of the tensors'
-    shapes (or of their sizes, when gl is 0); w_ptrs, g_ptrs: iterables of the tensors' and
-    their grads' data_ptr(). Returns the value (float32)."""
+def host_onepass(kind, shapes, w_ptrs, g_ptrs, dtype, l1, l2, gl, mode, lr=None):
+    """accumulate_ (kind "accumulate") or prox_ ("prox", step size lr) on the C++ host hot
+    path, for tensors the caller has checked in one pass: CPU, all of `dtype` (float32 or
+    float64), contiguous, non-empty, with (for accumulate) contiguous grads to add into; one
+    strength triple and group mode for all. shapes: a tuple of the tensors' shapes (or of
+    their sizes, when gl is 0); w_ptrs, g_ptrs: iterables of the tensors' and their grads'
+    data_ptr() (g_ptrs None for prox). Returns the value (float32) for accumulate."""
     from fastreg.kernels.numba import penalty as nb
 
     nt = len(shapes)
@@ -275,21 +276,25 @@ def accumulate_host_onepass(shapes, w_ptrs, g_ptrs, dtype, l1, l2, gl, mode):
     h.storage = _STORAGE[dtype]
     h.kind_code = 0 if dtype == torch.float32 else 1
     tab, h.cf, h.items, h.nscale, h.exp_rows = _plan(
-        shapes, (mode if gl > 0.0 else MODE_NONE,) * nt, (l1, l2, gl) * nt, (), h.storage,
-        "accumulate")
+        shapes, (mode if gl > 0.0 else MODE_NONE,) * nt, (l1, l2, gl) * nt, (), h.storage, kind, lr)
     tab = tab.copy()
     tab[:, nb.T_W] = np.fromiter(w_ptrs, np.int64, nt)
+    C = _native.native()
+    if kind == "prox":
+        C.penalty_prox_host(*_native_args(h, tab, torch.device("cpu"), False))
+        return None
     tab[:, nb.T_G] = np.fromiter(g_ptrs, np.int64, nt)
     tab[:, nb.T_INIT] = 0
-    _native.native().penalty_accumulate_host(*_native_args(h, tab, torch.device("cpu"), True))
+    C.penalty_accumulate_host(*_native_args(h, tab, torch.device("cpu"), True))
     return h.vals.sum().to(torch.float32)
 
 
-def host_onepass_ok(device) -> bool:
-    """True when accumulate_ on `device` would take the C++ host hot path for float32/float64
-    tensors without explicit groups (see _host_ok), so the one-pass eager path may be used."""
+def host_onepass_ok(device, op) -> bool:
+    """True when `op` ("accumulate_" or "prox_") on `device` would take the C++ host hot path
+    for float32/float64 tensors without explicit groups (see _host_ok), so the one-pass eager
+    path may be used."""
     return (device.type == "cpu" and _host_ok({}, ())
-            and _backend.select(device, ("numba", "cuda"), "penalty.accumulate_") == "numba")
+            and _backend.select(device, ("numba", "cuda"), "penalty." + op) == "numba")
 
 
 def _accumulate_numba(params, grads, coefs, modes, gidx, init, by=None):
