@@ -26,34 +26,44 @@ constexpr int64_t kSub = 1024;
 #define FASTREG_CLONES
 #endif
 
-// |w| and w^2 are summed in a second loop over the same <= kSub elements (still in L1): with
-// the sums in the loop that stores G, GCC kept the vector accumulators on the stack, and the
-// store-to-load chain made the loop compute-bound (measured 1.7-2x slower, in and out of cache).
+// Sums of |w| and w^2 over [lo, hi), in compute-type partial sums of <= kSub elements. The
+// L1+L2 gradient is stored by a separate loop (store_grad): with the sums inside the loop that
+// stores G, GCC kept the vector accumulators on the stack, and the store-to-load chain made the
+// loop compute-bound (measured 1.7-2x slower, in and out of cache).
 template <typename T>
-FASTREG_CLONES void sum_abs_sq(const T* __restrict W, int64_t b0, int64_t b1, double& s1, double& s2) {
-  T p1 = 0, p2 = 0;
+FASTREG_CLONES void sum_abs_sq(const T* __restrict W, int64_t lo, int64_t hi, double& s1, double& s2) {
+  for (int64_t b0 = lo; b0 < hi; b0 += kSub) {
+    const int64_t b1 = b0 + kSub < hi ? b0 + kSub : hi;
+    T p1 = 0, p2 = 0;
 #pragma omp simd reduction(+ : p1, p2)
-  for (int64_t i = b0; i < b1; ++i) {
-    const T w = W[i];
-    p1 += w < T(0) ? -w : w;
-    p2 += w * w;
+    for (int64_t i = b0; i < b1; ++i) {
+      const T w = W[i];
+      p1 += w < T(0) ? -w : w;
+      p2 += w * w;
+    }
+    s1 += static_cast<double>(p1);
+    s2 += static_cast<double>(p2);
   }
-  s1 += static_cast<double>(p1);
-  s2 += static_cast<double>(p2);
 }
 
 template <typename T>
-FASTREG_CLONES void seg_grad(const T* __restrict W, T* __restrict G, int64_t lo, int64_t hi, bool init, T l1,
-                     T l2x2, T f, double& s1, double& s2) {
+FASTREG_CLONES void store_grad(const T* __restrict W, T* __restrict G, int64_t lo, int64_t hi, bool init, T l1,
+                               T l2x2, T f) {
+  if (init) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) G[i] = grad_term(W[i], l1, l2x2, f);
+  } else {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) G[i] = G[i] + grad_term(W[i], l1, l2x2, f);
+  }
+}
+
+// Ungrouped: block by block, so the sums' loop reads W from L1.
+template <typename T>
+void seg_grad(const T* W, T* G, int64_t lo, int64_t hi, bool init, T l1, T l2x2, double& s1, double& s2) {
   for (int64_t b0 = lo; b0 < hi; b0 += kSub) {
     const int64_t b1 = b0 + kSub < hi ? b0 + kSub : hi;
-    if (init) {
-#pragma omp simd
-      for (int64_t i = b0; i < b1; ++i) G[i] = grad_term(W[i], l1, l2x2, f);
-    } else {
-#pragma omp simd
-      for (int64_t i = b0; i < b1; ++i) G[i] = G[i] + grad_term(W[i], l1, l2x2, f);
-    }
+    store_grad(W, G, b0, b1, init, l1, l2x2, T(0));
     sum_abs_sq(W, b0, b1, s1, s2);
   }
 }
@@ -133,14 +143,17 @@ bool fast_accumulate_item(const int64_t* r, const double* cf, int64_t lo, int64_
     const T l1 = static_cast<T>(cf[0]), l2x2 = static_cast<T>(2.0 * cf[1]);
     double s1 = 0.0, s2 = 0.0, sg = 0.0;
     if (r[T_MODE] == M_FLAT) {
-      seg_grad(W, G, lo, hi, init, l1, l2x2, T(0), s1, s2);
+      seg_grad(W, G, lo, hi, init, l1, l2x2, s1, s2);
     } else if (r[T_MODE] == M_BLOCK && C >= 64) {
+      // one reading pass per group gives its norm and the L1/L2 sums; then one storing pass
       for (int64_t b = lo; b < hi; ++b) {
-        double sq = 0.0;
-        for (int64_t a = 0; a < A; ++a) sq += seg_sumsq(W, (a * B + b) * C, (a * B + b + 1) * C, T(0), false);
+        double ab = 0.0, sq = 0.0;
+        for (int64_t a = 0; a < A; ++a) sum_abs_sq(W, (a * B + b) * C, (a * B + b + 1) * C, ab, sq);
+        s1 += ab;
+        s2 += sq;
         sg += cf[2] * std::sqrt(sq);
         const T f = static_cast<T>(group_scale(sq, cf[2]));
-        for (int64_t a = 0; a < A; ++a) seg_grad(W, G, (a * B + b) * C, (a * B + b + 1) * C, init, l1, l2x2, f, s1, s2);
+        for (int64_t a = 0; a < A; ++a) store_grad(W, G, (a * B + b) * C, (a * B + b + 1) * C, init, l1, l2x2, f);
       }
     } else if (r[T_MODE] == M_BLOCK) {
       // short slices (C < 64: 2-D "cols", 3x3 "channels", vectors): for each a the item's
