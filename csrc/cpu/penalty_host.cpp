@@ -77,7 +77,7 @@ FASTREG_CLONES double seg_sumsq(const T* __restrict W, int64_t lo, int64_t hi, T
     if (prox) {
 #pragma omp simd reduction(+ : s)
       for (int64_t i = b0; i < b1; ++i) {
-        const T z = soft(W[i], tau);
+        const T z = soft_mag(W[i], tau);  // soft(w)^2 bit for bit, 2x cheaper here
         s += z * z;
       }
     } else {
@@ -101,7 +101,7 @@ FASTREG_CLONES void cols_sumsq(const T* __restrict W, double* __restrict sums, i
   if (prox) {
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
-      const T z = soft(W[j], tau);
+      const T z = soft_mag(W[j], tau);
       sums[j] += static_cast<double>(z * z);
     }
   } else {

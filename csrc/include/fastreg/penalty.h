@@ -112,6 +112,13 @@ template <typename T> FASTREG_HD T soft(T w, T tau) {
   return sgn(w) * (a > T(0) ? a : T(0));
 }
 
+// |soft(w, tau)| = max(|w| - tau, 0), NaN staying NaN: soft(w, tau)^2 without the sign, which
+// squaring drops anyway (the same bits). Cheaper in the norm loops than soft (one select).
+template <typename T> FASTREG_HD T soft_mag(T w, T tau) {
+  const T a = (w < T(0) ? -w : w) - tau;
+  return a < T(0) ? T(0) : a;
+}
+
 // Group-lasso gradient scale gw / ||w_g|| from the sum of squares; the subgradient 0 at a zero
 // norm; NaN propagates. gw = group_lasso * sqrt(|g|).
 FASTREG_HD double group_scale(double sumsq, double gw) {
