@@ -70,6 +70,9 @@ def table(data) -> str:
 
 
 def main(path: str) -> None:
+    if not os.path.exists(path):
+        # pytest-benchmark writes no JSON when every benchmark skipped (e.g. `-m gpu` without a GPU)
+        sys.exit(f"bench/summary.py: no benchmark results at {path}: did every benchmark skip?")
     with open(path) as f:
         data = json.load(f)
     data.setdefault("fastreg", {}).update(versions())
