@@ -19,7 +19,11 @@ import torch
 from fastreg import _native
 
 BACKENDS = ("numba", "triton", "cuda", "torch")
-_state = threading.local()
+class _State(threading.local):
+    forced: str | None = None  # per thread; a class default makes the read a plain attribute
+
+
+_state = _State()
 
 
 def _check_name(name: str | None, arg: str) -> None:
@@ -34,10 +38,13 @@ def set_backend(name: str | None) -> None:
 
 
 def forced_backend() -> str | None:
-    name = getattr(_state, "forced", None)
+    name = _state.forced
     if name is not None:
         return name
-    env = os.environ.get("FASTREG_BACKEND", "").strip() or None
+    env = os.environ.get("FASTREG_BACKEND")  # read per call: tests and users may set it at run time
+    if not env:
+        return None
+    env = env.strip() or None
     _check_name(env, "FASTREG_BACKEND")
     return env
 
@@ -46,7 +53,7 @@ def forced_backend() -> str | None:
 def use_backend(name: str | None):
     """Context manager form of set_backend."""
     _check_name(name, "backend")
-    prev = getattr(_state, "forced", None)
+    prev = _state.forced
     _state.forced = name
     try:
         yield
