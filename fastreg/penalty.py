@@ -190,18 +190,17 @@ def accumulate_(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torc
         return torch.zeros((), dtype=torch.float32)
     ws = [r[0] for r in recs]  # read through data_ptr under no_grad: no detach needed
     gs, init = [], []
-    for p in ws:
+    for i, p in enumerate(ws):
         g = p.grad
         if g is None:
             g = torch.empty_like(p, memory_format=torch.contiguous_format)
             p.grad = g
             init.append(1)
         else:
-            # torch itself keeps a leaf's .grad at its shape, dtype and device; sparse or other
-            # layouts are refused here
             if g.layout is not torch.strided:
                 raise TypeError("fastreg.penalty.accumulate_: only dense (strided) gradients are "
                                 f"supported, got {g.layout}")
+            _check_grad(p, g, i)
             init.append(0)
         gs.append(g)
     coefs, modes, gidx = _encode(recs)
@@ -214,6 +213,18 @@ def accumulate_(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torc
         out = _ops._run_accumulate(ws, gs, coefs, modes, gidx, init)
         torch._C._increment_version(gs)
         return out
+
+
+def _check_grad(p, g, i):
+    """torch keeps a .grad at its tensor's shape, dtype and device when it is assigned, but a
+    later `p.data = ...` can change the tensor and leave the old .grad: the kernels would then
+    write past the gradient's end. i: the tensor's position in the flattened params."""
+    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+        raise ValueError(
+            f"fastreg.penalty.accumulate_: tensor {i} of params has shape {tuple(p.shape)}, "
+            f"{p.dtype} on {p.device}, but its .grad has shape {tuple(g.shape)}, {g.dtype} on "
+            f"{g.device} (was .data replaced after the gradient was set?); zero or reset its "
+            ".grad first")
 
 
 _FLOAT_PAIR = (torch.float32, torch.float64)
@@ -253,9 +264,12 @@ def _plain_cpu_list(params, groups, op, with_grads):
         return None
     dtype = dtypes.pop()
     numels = tuple(map(_NUMEL, params))
-    # torch keeps a leaf's .grad at its dtype, device and shape, so checking params suffices
     if (dtype not in _FLOAT_PAIR or 0 in numels or not all(map(_IS_CPU, params))
             or not _ops.host_onepass_ok(params[0].device, op)):
+        return None
+    # a grad that no longer matches its tensor (see _check_grad): the general path says so
+    if with_grads and (set(map(_DTYPE, gs)) != {dtype} or not all(map(_IS_CPU, gs))
+                       or tuple(map(_SHAPE, gs)) != tuple(map(_SHAPE, params))):
         return None
     return dtype, numels, gs
 

@@ -226,6 +226,29 @@ def test_mixed_devices_rejected():
         P.prox_([a, b], 0.1, l1=1.0)
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_stale_grad_rejected(gen, monkeypatch, one_pass):
+    """`p.data = ...` can change a tensor's shape or dtype and leave its old .grad: refused
+    with an error naming the tensor, never written past the gradient's end."""
+    if not one_pass:
+        monkeypatch.setattr(P, "_onepass", lambda *a, **k: (False, None))
+    ok = torch.nn.Parameter(torch.randn(3, generator=gen))
+    ok.grad = torch.zeros(3)
+    for new in (torch.randn(40, 30, generator=gen), torch.randn(2, 3, generator=gen),
+                torch.randn(3, 4, generator=gen), torch.randn(4, 3, generator=gen, dtype=torch.float64)):
+        p = torch.nn.Parameter(torch.randn(4, 3, generator=gen))
+        p.grad = torch.zeros(4, 3)
+        p.data = new
+        with pytest.raises(ValueError, match=r"tensor 1 of params .*\.grad has shape \(4, 3\)"):
+            P.accumulate_([ok, p], l1=0.1)
+        assert torch.equal(p.grad, torch.zeros(4, 3)) and torch.equal(ok.grad, torch.zeros(3))
+    w = torch.randn(5, generator=gen)
+    with pytest.raises(ValueError, match=r"grads\[0\]"):
+        torch.ops.fastreg.penalty_accumulate([w], [torch.zeros(4)], [0.1, 0.0, 0.0], [0], [], [0])
+    with pytest.raises(ValueError, match="1 params but 2 grads"):
+        torch.ops.fastreg.penalty_accumulate([w], [torch.zeros(5)] * 2, [0.1, 0.0, 0.0], [0], [], [0])
+
+
 def test_half_accumulates_in_float32():
     # 1 + 3 * 2^-12 is not a half; the update must round once from the float32 sum
     w = torch.full((4,), 2.0**-10, dtype=torch.float16)

@@ -336,6 +336,35 @@ def test_validation_errors():
         opt.step()
 
 
+def test_resized_parameter_or_gradient_refused(gen):
+    """The kernels write the parameter and read its gradient through raw pointers sized by the
+    state: `.data` replaced by another size, or a gradient of another size, is an error naming
+    the parameter, raised before any kernel runs (the state stays usable)."""
+    p = torch.nn.Parameter(torch.randn(1000, generator=gen) * 0.1)
+    grads = [torch.randn(1000, generator=gen) * 1e-3 for _ in range(2)]
+    opt = ReversibleSGD([p], lr=0.1, momentum=0.9)
+    w0 = p.detach().clone()
+    p.grad = grads[0].clone()
+    opt.step()
+    w1 = p.detach().clone()
+    p.grad.data = torch.randn(10)
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\].*gradient of 10 elements for 1000"):
+        opt.step()
+    assert torch.equal(p.detach(), w1)
+    keep = p.data
+    p.data = torch.randn(10)
+    p.grad = torch.randn(10)
+    with pytest.raises(ValueError, match=r"has 10 elements, but its state was made for 1000"):
+        opt.step()
+    with pytest.raises(ValueError, match=r"has 10 elements, but its state was made for 1000"):
+        opt.reverse(torch.zeros(()), lambda t: (p * grads[t]).sum())
+    p.data = keep  # the original tensor back: training and the exact reversal carry on
+    p.grad = grads[1].clone()
+    opt.step()
+    opt.reverse(p.sum(), lambda t: (p * grads[t]).sum())
+    assert torch.equal(p.detach(), w0)
+
+
 # ---------------------------------------------------------------- checkpoints
 def test_state_dict_round_trip_then_reverse():
     T1, T2 = 30, 20

@@ -376,6 +376,16 @@ def _run_accumulate(params, grads, coefs, modes, group_index, init):
 def penalty_accumulate(params: list[torch.Tensor], grads: list[torch.Tensor], coefs: list[float],
                        modes: list[int], group_index: list[torch.Tensor],
                        init: list[int]) -> torch.Tensor:
+    # the kernels write grads[i] through raw pointers, sized by params[i]: called directly (or
+    # under torch.compile), the op checks what fastreg.penalty.accumulate_ checked in eager mode
+    if len(grads) != len(params) or len(init) != len(params):
+        raise ValueError(f"fastreg::penalty_accumulate: {len(params)} params but {len(grads)} grads "
+                         f"and {len(init)} init flags")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(f"fastreg::penalty_accumulate: grads[{i}] ({tuple(g.shape)}, {g.dtype}, "
+                             f"{g.device}) does not match params[{i}] ({tuple(p.shape)}, {p.dtype}, "
+                             f"{p.device})")
     return _run_accumulate(params, grads, coefs, modes, group_index, init)
 
 

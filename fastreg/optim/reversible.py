@@ -112,6 +112,18 @@ class ReversibleSGD(torch.optim.Optimizer):
         base = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
         return f"parameter {names[pi]!r} = {base}" if names else f"parameter {base}"
 
+    def _check_size(self, p: torch.Tensor, st: dict, gi: int, pi: int, grad: bool = True) -> None:
+        """The kernels write p and read its gradient through raw pointers, sized by the state:
+        a parameter whose `.data` was replaced by one of another size, or a gradient of another
+        size, is refused before they run."""
+        n = st["w"].numel()
+        if p.numel() != n:
+            raise ValueError(f"ReversibleSGD: {self._pname(gi, pi)} has {p.numel()} elements, but its "
+                             f"state was made for {n} (was .data replaced?); build a new optimizer")
+        if grad and p.grad is not None and p.grad.numel() != n:
+            raise ValueError(f"ReversibleSGD: {self._pname(gi, pi)} has a gradient of "
+                             f"{p.grad.numel()} elements for {n} weights")
+
     def _init_state(self, p: torch.Tensor, gi: int, pi: int) -> None:
         if self._t != 0:
             raise RuntimeError("ReversibleSGD: parameter groups can only be added before the first step")
@@ -250,6 +262,7 @@ class ReversibleSGD(torch.optim.Optimizer):
             alpha, n, _gamma, _omg, c1s, lam = consts[gi]
             for pi, p in enumerate(group["params"]):
                 st = self.state[p]
+                self._check_size(p, st, gi, pi)
                 self._ensure_capacity(st)
                 g = self._flat(p.grad, p)
                 out, copy = self._out_view(p)
@@ -288,6 +301,8 @@ class ReversibleSGD(torch.optim.Optimizer):
             raise TypeError("closure must be a callable closure(t) returning the training loss of step t")
         params = [p for g in self.param_groups for p in g["params"]]
         where = [(gi, pi) for gi, g in enumerate(self.param_groups) for pi in range(len(g["params"]))]
+        for p, (gi, pi) in zip(params, where):
+            self._check_size(p, self.state[p], gi, pi, grad=False)  # .grad is replaced at the end
         pids = {id(p) for p in params}
         T = self._t
         fixed_inputs = None if inputs is None else [x for x in inputs if id(x) not in pids]
