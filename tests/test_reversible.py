@@ -1,6 +1,7 @@
 """Exact reversible SGD: kernels against the reference, bit-exact reversal, errors, checkpoints,
 hypergradients against float64 unrolled autograd and finite differences."""
 
+import copy
 import io
 import math
 
@@ -409,6 +410,37 @@ def test_state_dict_round_trip_then_reverse():
     assert torch.equal(lr2.grad, ref_lr)
     for a, q in zip(ref_w, model2.parameters()):
         assert torch.equal(a, q.grad)
+
+
+def test_load_state_dict_refuses_malformed_state(gen):
+    """A state that does not fit its parameter, or breaks the coder's invariants (a count
+    beyond the spill's rows would make the kernels read past it), is refused by name."""
+    p = torch.nn.Parameter(torch.randn(50, generator=gen) * 0.1)
+    opt = ReversibleSGD([p], lr=0.1, momentum=0.5)
+    for _ in range(40):
+        p.grad = torch.randn(50, generator=gen) * 1e-2
+        opt.step()
+    live = opt.state[p]["spill"]
+    good = opt.state_dict()
+    assert int(good["state"][0]["count"].max()) > 0
+    assert opt.state[p]["spill"] is live  # saving does not touch the optimizer's own state
+
+    def damaged(key, fn):
+        sd = copy.deepcopy(good)
+        sd["state"][0][key] = fn(sd["state"][0][key])
+        return sd
+
+    cases = [(damaged("w", lambda t: t[:10]), r"'w' of parameter .*1-D torch.int64 tensor of 50"),
+             (damaged("head", lambda t: t.to(torch.int32)), r"'head' of parameter"),
+             (damaged("spill", lambda t: t[:, :10]), r"'spill' of parameter"),
+             (damaged("count", lambda t: t + 1000), "inconsistent"),
+             (damaged("head", lambda t: t * 0), "inconsistent")]
+    for sd, msg in cases:
+        fresh = ReversibleSGD([p], lr=0.1, momentum=0.5)
+        with pytest.raises(ValueError, match=msg):
+            fresh.load_state_dict(sd)
+    fresh = ReversibleSGD([p], lr=0.1, momentum=0.5)
+    fresh.load_state_dict(good)  # the undamaged one still loads
 
 
 # ---------------------------------------------------------------- hypergradients

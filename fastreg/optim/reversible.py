@@ -410,10 +410,12 @@ class ReversibleSGD(torch.optim.Optimizer):
     # ------------------------------------------------------------ checkpoints
     def state_dict(self):
         sd = super().state_dict()
-        for s in sd["state"].values():
+        # torch packs the live per-parameter dicts: copy each before trimming its spill, so that
+        # saving leaves the optimizer as it was
+        for k, s in list(sd["state"].items()):
             if "spill" in s:
                 used = int(s["count"].max()) if s["count"].numel() else 0
-                s["spill"] = s["spill"][:used].clone()
+                sd["state"][k] = {**s, "spill": s["spill"][:used].clone()}
         sd["reversible"] = dict(t=self._t, checksums=[self._checksums.get(id(p)) for g in self.param_groups
                                                       for p in g["params"]],
                                 frac_bits=self.frac_bits, momentum_bits=self.momentum_bits)
@@ -431,8 +433,10 @@ class ReversibleSGD(torch.optim.Optimizer):
         super().load_state_dict({"state": {}, "param_groups": sd["param_groups"]})
         params = [p for g in self.param_groups for p in g["params"]]
         ids = [i for g in sd["param_groups"] for i in g["params"]]
-        for p, i in zip(params, ids):
+        for (gi, pi), p, i in zip(((gi, pi) for gi, g in enumerate(self.param_groups)
+                                   for pi in range(len(g["params"]))), params, ids):
             s = saved_state[i]
+            self._check_loaded(s, p, gi, pi)
             st = self.state[p]
             for key in ("w", "v", "head", "count"):
                 st[key] = s[key].to(p.device).clone()
@@ -445,6 +449,27 @@ class ReversibleSGD(torch.optim.Optimizer):
         self._t = extra["t"]
         self._checksums = {id(p): c for p, c in zip(params, extra["checksums"])}
         self._broken = None
+
+    def _check_loaded(self, s: dict, p: torch.Tensor, gi: int, pi: int) -> None:
+        """A loaded state must fit its parameter and keep the coder's invariants: the kernels
+        index the spill by count and write through raw pointers sized by w."""
+        n, where = p.numel(), self._pname(gi, pi)
+        for key, dt in (("w", torch.int64), ("v", torch.int64), ("head", torch.int64),
+                        ("count", torch.int32)):
+            t = s.get(key)
+            if not isinstance(t, torch.Tensor) or t.dtype != dt or t.dim() != 1 or t.numel() != n:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"state_dict: '{key}' of {where} must be a 1-D {dt} tensor of {n} "
+                                 f"elements, got {got}")
+        sp = s.get("spill")
+        if not isinstance(sp, torch.Tensor) or sp.dtype != torch.int32 or sp.dim() != 2 or sp.shape[1] != n:
+            raise ValueError(f"state_dict: 'spill' of {where} must be an int32 tensor of shape "
+                             f"(words, {n})")
+        c, h = s["count"], s["head"]
+        if n and (int(c.min()) < 0 or int(c.max()) > sp.shape[0] or int(h.min()) < K.L):
+            raise ValueError(f"state_dict: the information buffer of {where} is inconsistent (counts "
+                             f"outside [0, {sp.shape[0]}] or heads below 2^31): not a checkpoint of "
+                             "this optimizer, or a damaged one")
 
     # ------------------------------------------------------------ accounting
     def buffer_bits(self) -> dict:
