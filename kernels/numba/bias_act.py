@@ -20,7 +20,8 @@ import numba
 import numpy as np
 
 from fastreg.kernels.numba.locked import fill_keep
-from fastreg.kernels.numba.noise import _keys
+from fastreg.kernels.numba.drivers import by_size
+from fastreg.kernels.numba.noise import SERIAL_BELOW, _keys
 
 BLOCK = 512  # counters per chunk = 2048 elements
 ACT_NONE = 0
@@ -79,7 +80,7 @@ def _bwd_run(gx, prow, gs, ss, bs, ms, act, scale, zero, half, one):
             prow[k] += gz
 
 
-@numba.njit(parallel=True, cache=True)
+@by_size(SERIAL_BELOW)
 def bias_act_fwd(x, b, out, C, seed, stream, threshold, scale, act, start):
     """out[i] = act(x[i] + b[i % C]) * keep(start + i) * scale (flat, contiguous arrays)."""
     n = x.size
@@ -103,7 +104,7 @@ def bias_act_fwd(x, b, out, C, seed, stream, threshold, scale, act, start):
             e += run
 
 
-@numba.njit(parallel=True, cache=True)
+@by_size(SERIAL_BELOW)
 def bias_act_bwd(g, saved, b, gx, part, C, seed, stream, threshold, scale, act, start):
     """gx = grad_z; part[t, c] += grad_z over thread partition t (float64).
 

@@ -6,6 +6,7 @@ inputs, where waking the thread pool costs more than the work (and a busy core w
 the whole parallel region).
 """
 
+import functools
 import types
 
 import numba
@@ -26,3 +27,21 @@ def serial_and_parallel(fn, **flags):
     """(serial, threaded) cached njit copies of the prange driver `fn`."""
     return (numba.njit(cache=True, **flags)(_renamed(fn, "_serial")),
             numba.njit(parallel=True, cache=True, **flags)(_renamed(fn, "_parallel")))
+
+
+def by_size(serial_below, **flags):
+    """Decorator: the prange driver as one callable that runs its serial copy when its first
+    argument (an array) has fewer than `serial_below` elements, and its threaded copy
+    otherwise. Callers keep one name; `.serial` and `.parallel` are the two copies. Measured
+    on the 2-core EPYC: a 4096-element noise pass took 17 us through the threaded copy with
+    numba.set_num_threads(1) around it, 8 us through the serial one."""
+    def wrap(fn):
+        serial, parallel = serial_and_parallel(fn, **flags)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return (serial if args[0].size < serial_below else parallel)(*args)
+
+        call.serial, call.parallel = serial, parallel
+        return call
+    return wrap

@@ -16,7 +16,8 @@ on the gradient (the op is linear), so nothing is saved per element.
 import numba
 import numpy as np
 
-from fastreg.kernels.numba.noise import _keys, philox_unrolled
+from fastreg.kernels.numba.drivers import by_size
+from fastreg.kernels.numba.noise import SERIAL_BELOW, _keys, philox_unrolled
 
 TARGET = 2048  # mask entries per task
 _S2 = np.uint64(2)
@@ -46,7 +47,7 @@ def _apply(dst, src, m):
         dst[k] = src[k] * m[k]
 
 
-@numba.njit(parallel=True, cache=True)
+@by_size(SERIAL_BELOW)
 def locked_fwd(x, out, O, D, I, seed, stream, threshold, scale, start):
     """out[o, d, k] = x[o, d, k] * keep(start + o * I + k) * scale (x, out flat, contiguous).
 

@@ -33,6 +33,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from fastreg.kernels.numba.drivers import by_size
 from fastreg.kernels.numba.rng import MASK32, philox4x32_10
 
 BLOCK = 512  # counters per chunk = 2048 elements: the eps buffer is 8 KiB
@@ -50,16 +51,10 @@ SERIAL_BELOW = 1 << 16  # elements: below this a call runs on the calling thread
 @contextlib.contextmanager
 def threads_for(n):
     """Yields the thread count to use for n elements: small calls run on one thread
-    (waking the worker threads costs more than the work, and far more on a busy machine)."""
-    if n >= SERIAL_BELOW:
-        yield numba.get_num_threads()
-        return
-    prev = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield 1
-    finally:
-        numba.set_num_threads(prev)
+    (waking the worker threads costs more than the work, and far more on a busy machine).
+    The drivers called inside are `by_size(SERIAL_BELOW)`: below it they run their serial
+    copy, on the calling thread, so nothing needs setting here."""
+    yield numba.get_num_threads() if n >= SERIAL_BELOW else 1
 
 
 # ---------------------------------------------------------------- bit casts
@@ -200,7 +195,7 @@ def _chunk_eps(z, ua, ub, k0, k1, s0, s1, c0, ch, n, dist):
     return base, length
 
 
-@numba.njit(parallel=True, cache=True)
+@by_size(SERIAL_BELOW)
 def eps_fill(out, seed, stream, dist, start):
     """out[k] = eps(start + k) for k < out.size (float32; start % 4 == 0): the noise itself."""
     n = out.size
@@ -299,7 +294,7 @@ def _sum3(a, b, z):
     return acc
 
 
-@numba.njit(parallel=True, cache=True)
+@by_size(SERIAL_BELOW)
 def noise_fwd(x, sig, out, sizes, sstr, seed, stream, dist, additive, one, start, nthreads):
     """out = x * (1 + sigma * eps) (additive=False) or x + sigma * eps (additive=True).
 
@@ -339,7 +334,7 @@ def noise_fwd(x, sig, out, sizes, sstr, seed, stream, dist, additive, one, start
                 e += run
 
 
-@numba.njit(parallel=True, cache=True)
+@by_size(SERIAL_BELOW)
 def noise_bwd(g, x, sig, gx, gs, part, sizes, sstr, seed, stream, dist, additive, need_gx,
               gs_mode, one, start):
     """The backward of noise_fwd in one pass.

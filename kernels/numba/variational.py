@@ -16,10 +16,11 @@ and widened in float64); element k has logical index k.
 import numba
 import numpy as np
 
-from fastreg.kernels.numba.noise import BLOCK, DIST_GAUSSIAN, _chunk_eps, _keys, _scratch
+from fastreg.kernels.numba.drivers import by_size
+from fastreg.kernels.numba.noise import BLOCK, DIST_GAUSSIAN, SERIAL_BELOW, _chunk_eps, _keys, _scratch
 
 
-@numba.njit(parallel=True, cache=True)
+@by_size(SERIAL_BELOW)
 def vd_sample_fwd(mu, var, out, seed, stream, eps):
     """out = mu + sqrt(var + eps) * z."""
     n = mu.size
@@ -32,7 +33,7 @@ def vd_sample_fwd(mu, var, out, seed, stream, eps):
             o[e] = m[e] + np.sqrt(v[e] + eps) * z[e]
 
 
-@numba.njit(parallel=True, cache=True)
+@by_size(SERIAL_BELOW)
 def vd_sample_grad_var(g, var, out, seed, stream, eps, half):
     """out = g * z * half / sqrt(var + eps), half = 0.5 in the arrays' dtype
     (d out / d var of the forward, times g)."""
