@@ -95,24 +95,55 @@ FASTREG_CLONES void seg_prox(T* __restrict W, int64_t lo, int64_t hi, T tau, T f
   for (int64_t i = lo; i < hi; ++i) W[i] = soft(W[i], tau) * f;
 }
 
+// Short slices: the squares of the A runs W + a * stride (a < A, m elements each) summed per
+// element into the float64 sums; with `abs` (accumulate), the sum of |w| over all of them goes
+// into s1 as well, so that the storing pass (cols_store_grad) needs no reduction. Blocks of
+// kRows runs are summed in the storage type first (a float32 partial of <= 16 terms is good to
+// ~1e-6) and widened once per block, instead of widening every square.
+constexpr int64_t kRows = 16;
 template <typename T>
-FASTREG_CLONES void cols_sumsq(const T* __restrict W, double* __restrict sums, int64_t m, T tau,
-                                bool prox) {
-  if (prox) {
+FASTREG_CLONES void cols_sumsq(const T* __restrict W, int64_t stride, int64_t A, double* __restrict sums,
+                               T* __restrict part, T* __restrict abs, double& s1, int64_t m, T tau,
+                               bool prox) {
+  for (int64_t a0 = 0; a0 < A; a0 += kRows) {
+    const int64_t a1 = a0 + kRows < A ? a0 + kRows : A;
+    for (int64_t j = 0; j < m; ++j) part[j] = T(0);
+    if (abs)
+      for (int64_t j = 0; j < m; ++j) abs[j] = T(0);
+    for (int64_t a = a0; a < a1; ++a) {
+      const T* R = W + a * stride;
+      if (prox) {
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) {
-      const T z = soft_mag(W[j], tau);
-      sums[j] += static_cast<double>(z * z);
+        for (int64_t j = 0; j < m; ++j) {
+          const T z = soft_mag(R[j], tau);
+          part[j] += z * z;
+        }
+      } else if (abs) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) {
+          const T w = R[j];
+          part[j] += w * w;
+          abs[j] += w < T(0) ? -w : w;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) part[j] += R[j] * R[j];
+      }
     }
-  } else {
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) sums[j] += static_cast<double>(W[j] * W[j]);
+    for (int64_t j = 0; j < m; ++j) sums[j] += static_cast<double>(part[j]);
+    if (abs) {
+      double t = 0.0;
+#pragma omp simd reduction(+ : t)
+      for (int64_t j = 0; j < m; ++j) t += static_cast<double>(abs[j]);
+      s1 += t;
+    }
   }
 }
 
 template <typename T>
-FASTREG_CLONES void cols_grad(const T* __restrict W, T* __restrict G, const T* __restrict f, int64_t m, bool init,
-                              T l1, T l2x2, double& s1, double& s2) {
+FASTREG_CLONES void cols_store_grad(const T* __restrict W, T* __restrict G, const T* __restrict f, int64_t m,
+                                    bool init, T l1, T l2x2) {
   if (init) {
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) G[j] = grad_term(W[j], l1, l2x2, f[j]);
@@ -120,7 +151,6 @@ FASTREG_CLONES void cols_grad(const T* __restrict W, T* __restrict G, const T* _
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) G[j] = G[j] + grad_term(W[j], l1, l2x2, f[j]);
   }
-  sum_abs_sq(W, 0, m, s1, s2);  // m is a row of a short-slice block: in L1 (see seg_grad)
 }
 
 template <typename T>
@@ -161,17 +191,18 @@ bool fast_accumulate_item(const int64_t* r, const double* cf, int64_t lo, int64_
       // over a, reduce over c, expand the group scale per element, update run by run.
       const int64_t m = (hi - lo) * C;
       std::vector<double> acc(m, 0.0);  // float64 sums over a (A may be large)
-      std::vector<T> fs(m);
-      for (int64_t a = 0; a < A; ++a) cols_sumsq(W + (a * B + lo) * C, acc.data(), m, T(0), false);
+      std::vector<T> fs(m), pabs(m);  // fs: cols_sumsq's partial sums, then the group scales
+      cols_sumsq(W + lo * C, B * C, A, acc.data(), fs.data(), pabs.data(), s1, m, T(0), false);
       for (int64_t j = 0; j < hi - lo; ++j) {
         double sq = 0.0;
         for (int64_t c = 0; c < C; ++c) sq += acc[j * C + c];
+        s2 += sq;
         sg += cf[2] * std::sqrt(sq);
         const T f = static_cast<T>(group_scale(sq, cf[2]));
         for (int64_t c = 0; c < C; ++c) fs[j * C + c] = f;
       }
       for (int64_t a = 0; a < A; ++a)
-        cols_grad(W + (a * B + lo) * C, G + (a * B + lo) * C, fs.data(), m, init, l1, l2x2, s1, s2);
+        cols_store_grad(W + (a * B + lo) * C, G + (a * B + lo) * C, fs.data(), m, init, l1, l2x2);
     } else {
       return false;
     }
@@ -201,8 +232,9 @@ bool fast_prox_item(const int64_t* r, const double* cf, int64_t lo, int64_t hi) 
     } else if (r[T_MODE] == M_BLOCK) {  // short slices, as in fast_accumulate_item
       const int64_t m = (hi - lo) * C;
       std::vector<double> acc(m, 0.0);  // float64 sums over a (A may be large)
-      std::vector<T> fs(m);
-      for (int64_t a = 0; a < A; ++a) cols_sumsq(W + (a * B + lo) * C, acc.data(), m, tau, true);
+      std::vector<T> fs(m);  // the partial sums of cols_sumsq, then the shrink factors
+      double unused = 0.0;
+      cols_sumsq(W + lo * C, B * C, A, acc.data(), fs.data(), static_cast<T*>(nullptr), unused, m, tau, true);
       for (int64_t j = 0; j < hi - lo; ++j) {
         double sq = 0.0;
         for (int64_t c = 0; c < C; ++c) sq += acc[j * C + c];
