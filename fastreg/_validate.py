@@ -42,3 +42,11 @@ def check_same(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str], op: str
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Arithmetic dtype: float64 stays float64, everything else computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_op_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, op: str) -> None:
+    """For a torch.ops.fastreg op called directly (the public wrappers check first): t must
+    have ref's shape and device, since the kernels index t by ref's elements. O(1)."""
+    if t.shape != ref.shape or t.device != ref.device:
+        raise ValueError(f"fastreg::{op}: {name} has shape {tuple(t.shape)} on {t.device}, needs "
+                         f"{ref_name}'s shape {tuple(ref.shape)} on {ref.device}")

@@ -246,3 +246,26 @@ def test_bad_arguments():
         fastreg.bias_act_dropout(x, b, training="yes")
     with pytest.raises(ValueError, match="seed"):
         fastreg.bias_act_dropout(x, b, seed=2**63)
+
+
+def test_direct_ops_check_sizes():
+    """torch.ops.fastreg.* called directly: a bias that is not (x.shape[-1],) (the kernels take
+    bias.numel() as the row length) and, in backward, a saved tensor shorter than grad (read at
+    grad's indices) are refused before the kernels run."""
+    x, seed = torch.randn(4, 5), torch.tensor(3)
+    for op in (torch.ops.fastreg.bias_act_dropout_fwd_cpu, torch.ops.fastreg.bias_act_dropout_fwd):
+        with pytest.raises(ValueError, match=r"bias_act_dropout_fwd_cpu: bias has shape \(3,\) "
+                                             r"on cpu, needs \(5,\)"):
+            op(x, torch.randn(3), seed, 0, 1, 0.5)
+        with pytest.raises(ValueError, match=r"bias has shape \(0,\)"):
+            op(x, torch.randn(0), seed, 0, 1, 0.5)
+    for op in (torch.ops.fastreg.bias_act_dropout_bwd_cpu, torch.ops.fastreg.bias_act_dropout_bwd):
+        with pytest.raises(ValueError, match=r"bias_act_dropout_bwd_cpu: saved has shape \(3,\) "
+                                             r"on cpu, needs grad's shape \(4, 5\)"):
+            op(x, torch.randn(3), torch.randn(5), seed, 0, 2, 0.5)
+        with pytest.raises(ValueError, match=r"bias has shape \(7,\)"):
+            op(x, x, torch.randn(7), seed, 0, 1, 0.5)
+    # act 0 reads no saved tensor: any may be passed, as the op's docstring says
+    gx, gb = torch.ops.fastreg.bias_act_dropout_bwd_cpu(x, torch.empty(0), torch.randn(5), seed,
+                                                        0, 0, 0.5)
+    assert gx.shape == x.shape and gb.shape == (5,)

@@ -328,6 +328,32 @@ def test_bad_input_errors():
         fastreg.set_backend("cpu")
 
 
+
+def test_direct_ops_check_sizes():
+    """torch.ops.fastreg.* called directly (no wrapper checks): inconsistent sizes are refused
+    before the Numba kernels, which read residual and bits at x's indices, could read past them."""
+    x, seed = torch.randn(100), torch.tensor(7)
+    for op in (torch.ops.fastreg.dropout_add_fwd_cpu, torch.ops.fastreg.dropout_add_fwd):
+        with pytest.raises(ValueError, match=r"dropout_add_fwd_cpu: residual has shape \(10,\)"):
+            op(x, torch.randn(10), seed, 0, 0.5)
+        with pytest.raises(ValueError, match=r"residual has shape \(200,\).*x's shape \(100,\)"):
+            op(x, torch.randn(200), seed, 0, 0.5)
+    for op in (torch.ops.fastreg.dropout_bits_apply_cpu, torch.ops.fastreg.dropout_bits_apply):
+        with pytest.raises(ValueError, match="dropout_bits_apply_cpu: bits has 3 bytes, needs 13 "
+                                             "for 100 elements"):
+            op(x, torch.zeros(3, dtype=torch.uint8), 0.5)
+        with pytest.raises(ValueError, match="bits has 0 bytes, needs 1 for 5 elements"):
+            op(x[:5], torch.zeros(0, dtype=torch.uint8), 0.5)
+        with pytest.raises(TypeError, match="bits must be uint8, got torch.int64"):
+            op(x, torch.zeros(13, dtype=torch.int64), 0.5)
+        with pytest.raises(ValueError, match="bits must be 1-D"):
+            op(x, torch.zeros(13, 2, dtype=torch.uint8), 0.5)
+    # consistent sizes still run (longer bits are allowed: the first 13 bytes are read)
+    bits = D.pack_bits_reference(torch.rand(100) < 0.5)
+    out = torch.ops.fastreg.dropout_bits_apply_cpu(x, torch.cat([bits, bits]), 0.5)
+    assert torch.equal(out, torch.ops.fastreg.dropout_bits_apply_cpu(x, bits, 0.5))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_bit_identical_to_cpu(dtype):

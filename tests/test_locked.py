@@ -231,6 +231,19 @@ def test_bad_arguments():
         fastreg.nn.LockedDropout(0.5, dim="t")
 
 
+
+def test_direct_op_checks_dim():
+    """The op called directly: dim outside [0, ndim) is refused (a negative dim made the
+    kernel's (O, D, I) view cover more than x: a silently wrong mask)."""
+    x, seed = torch.randn(4, 5), torch.tensor(3)
+    for op in (torch.ops.fastreg.locked_dropout_cpu, torch.ops.fastreg.locked_dropout):
+        with pytest.raises(ValueError, match=r"locked_dropout_cpu: dim must be in \[0, 2\) for x "
+                                             r"of shape \(4, 5\), got -1"):
+            op(x, seed, 0, 0.5, -1)
+        with pytest.raises(ValueError, match="got 2"):
+            op(x, seed, 0, 0.5, 2)
+
+
 @pytest.mark.gpu
 def test_gpu_opcheck_compile_and_cpu_agreement():
     x = torch.randn(8, 5, 33, device="cuda", requires_grad=True)

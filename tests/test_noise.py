@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -383,6 +384,32 @@ def test_bad_arguments():
         fastreg.input_noise(x, 0.1, seed=-1)
     with pytest.raises(TypeError, match="stream"):
         fastreg.input_noise(x, 0.1, stream=0.5)
+
+
+def test_direct_ops_check_sizes():
+    """torch.ops.fastreg.* called directly: a sigma that does not broadcast over x (the kernels
+    read it at x's broadcast offsets) and, for the multiplicative sigma gradient, an x that is
+    not grad's shape are refused before the kernels run."""
+    x, seed = torch.randn(4, 5), torch.tensor(3)
+    for op in (torch.ops.fastreg.noise_fwd_cpu, torch.ops.fastreg.noise_fwd):
+        for bad in ((3,), (7,), (0,), (5, 4), (2, 4, 5)):
+            msg = f"noise_fwd_cpu: sigma has shape {bad} on cpu, needs a shape that broadcasts to"
+            with pytest.raises(ValueError, match=re.escape(msg) + r" \(4, 5\)"):
+                op(x, torch.rand(bad), seed, 0, 0, False)
+    for op in (torch.ops.fastreg.noise_bwd_cpu, torch.ops.fastreg.noise_bwd):
+        with pytest.raises(ValueError, match=r"noise_bwd_cpu: sigma has shape \(3,\)"):
+            op(x, x, torch.rand(3), seed, 0, 0, False, True, True)
+        with pytest.raises(ValueError, match=r"noise_bwd_cpu: x has shape \(3,\) on cpu, needs "
+                                             r"grad's shape \(4, 5\)"):
+            op(x, torch.randn(3), torch.rand(5), seed, 0, 0, False, True, True)
+    # x is not read without the multiplicative sigma gradient: any may be passed, as documented
+    gx, _ = torch.ops.fastreg.noise_bwd_cpu(x, torch.empty(0), torch.rand(5), seed, 0, 0, False,
+                                            True, False)
+    assert gx.shape == x.shape
+    # every broadcastable sigma still runs
+    for good in ((), (1,), (5,), (4, 1), (1, 5), (4, 5)):
+        out = torch.ops.fastreg.noise_fwd_cpu(x, torch.rand(good), seed, 0, 0, False)
+        assert out.shape == x.shape
 
 
 @pytest.mark.gpu

@@ -101,6 +101,17 @@ def test_no_grad_path_and_compile(gen):
     assert ops.compute_dtype(torch.float16) == torch.float32
 
 
+def test_direct_backward_op_checks_gy():
+    """fastreg::activity_penalty_backward called directly: gy, read through a raw pointer for
+    x.numel() elements, must have x's shape (a shorter one was read past its end)."""
+    x, gv = torch.randn(100), torch.tensor(1.0)
+    with pytest.raises(ValueError, match=r"activity_penalty_backward: gy has shape \(10,\) on "
+                                         r"cpu, needs x's shape \(100,\)"):
+        torch.ops.fastreg.activity_penalty_backward(torch.randn(10), x, gv, 0.1, 0.1)
+    with pytest.raises(ValueError, match=r"gy has shape \(1000,\)"):
+        torch.ops.fastreg.activity_penalty_backward(torch.randn(1000), x, gv, 0.1, 0.1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_host_build_matches_reference(gen, dtype):
     """The C++ build of the CUDA kernels' arithmetic (penalty.h activity_grad), forward and backward."""

@@ -30,7 +30,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from fastreg import _alloc, _backend, _native
-from fastreg._validate import check_float_tensor, check_same, compute_dtype
+from fastreg._validate import check_float_tensor, check_op_like, check_same, compute_dtype
 
 _SUPPORTED = ("numba", "triton")
 _BLOCK = 1024
@@ -61,6 +61,10 @@ def _adversarial_numba_impl(x: torch.Tensor, x0: torch.Tensor | None, grad: torc
                             step: float, eps: float, lo: float, hi: float) -> torch.Tensor:
     from fastreg.kernels.numba import adversarial as nb
 
+    # the kernels read grad and x0 at x's indices (grad may have another float dtype)
+    check_op_like(grad, "grad", x, "x", "adversarial_numba")
+    if x0 is not None:
+        check_op_like(x0, "x0", x, "x", "adversarial_numba")
     ct = compute_dtype(x.dtype)
     # float16/bfloat16: Numba has no such arrays; convert around the kernel
     # (same rounding as the reference: compute in float32, round once at the end).

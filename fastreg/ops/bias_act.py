@@ -28,7 +28,7 @@ from torch.library import triton_op
 from fastreg import _alloc, _backend
 from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scale_bits,
                            keep_threshold, seed_tensor)
-from fastreg._validate import check_float_tensor, check_probability, compute_dtype
+from fastreg._validate import check_float_tensor, check_op_like, check_probability, compute_dtype
 from fastreg.ops.dropout import dropout_multipliers_reference
 from fastreg.ops.noise import _eager_fast_path
 
@@ -77,9 +77,21 @@ def _np_scale(p, cd):
     return (np.float64 if cd == torch.float64 else np.float32)(dropout_scale(p))
 
 
+def _check_bias(x: Tensor, bias: Tensor, op: str) -> None:
+    """bias must be (C,) with C = x's last dim, on x's device: the kernels take C = bias.numel()
+    as the row length of x (the ops may be called directly)."""
+    if x.dim() == 0:
+        raise ValueError(f"fastreg::{op}: the input must have at least 1 dim, got a 0-dim tensor")
+    C = x.shape[-1]
+    if bias.dim() != 1 or bias.shape[0] != C or bias.device != x.device:
+        raise ValueError(f"fastreg::{op}: bias has shape {tuple(bias.shape)} on {bias.device}, "
+                         f"needs ({C},) (the last dim of {tuple(x.shape)}) on {x.device}")
+
+
 def _numba_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: float) -> Tensor:
     from fastreg.kernels.numba import bias_act as nb
 
+    _check_bias(x, bias, "bias_act_dropout_fwd_cpu")
     cd = compute_dtype(x.dtype)
     xa = x.to(cd).contiguous().view(-1).numpy()
     out = _alloc.empty_like_numpy(xa)
@@ -107,6 +119,9 @@ def _numba_bwd(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: 
 
     from fastreg.kernels.numba import bias_act as nb
 
+    _check_bias(grad, bias, "bias_act_dropout_bwd_cpu")
+    if act != 0:  # saved (y or x) is read at grad's indices
+        check_op_like(saved, "saved", grad, "grad", "bias_act_dropout_bwd_cpu")
     cd = compute_dtype(grad.dtype)
     ga = grad.to(cd).contiguous().view(-1).numpy()
     sa = saved.to(cd).contiguous().view(-1).numpy() if act != 0 else ga

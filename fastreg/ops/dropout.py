@@ -27,7 +27,8 @@ from torch.library import triton_op
 from fastreg import _alloc, _backend
 from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scale_bits,
                            keep_threshold, seed_tensor)
-from fastreg._validate import check_float_tensor, check_probability, check_same, compute_dtype
+from fastreg._validate import (check_float_tensor, check_op_like, check_probability, check_same,
+                               compute_dtype)
 from fastreg.ops.rng import words_reference
 
 BACKENDS = ("numba", "triton")
@@ -120,6 +121,7 @@ def _(x, seed, stream, p, with_bits):
 def _numba_add(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
     from fastreg.kernels.numba import dropout as nb
 
+    check_op_like(residual, "residual", x, "x", "dropout_add_fwd_cpu")  # read at x's indices
     xa, ra = _numba_in(x), _numba_in(residual)
     out = _numba_empty(x)
     nb.dropout_add_fwd(xa, ra, out, int(seed), stream, keep_threshold(p), _np_scale(p, x.dtype), 0)
@@ -136,9 +138,25 @@ def _(x, residual, seed, stream, p):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def _check_bits(grad: Tensor, bits: Tensor) -> None:
+    """The kernel reads byte k >> 3 for element k of grad: bits must be a 1-D uint8 tensor of
+    at least (numel + 7) // 8 bytes on grad's device (the op may be called directly)."""
+    n = grad.numel()
+    need = (n + 7) // 8
+    if bits.dtype != torch.uint8:
+        raise TypeError(f"fastreg::dropout_bits_apply_cpu: bits must be uint8, got {bits.dtype}")
+    if bits.dim() != 1 or bits.device != grad.device:
+        raise ValueError(f"fastreg::dropout_bits_apply_cpu: bits must be 1-D on grad's device "
+                         f"({grad.device}), got {bits.dim()}-D on {bits.device}")
+    if bits.numel() < need:
+        raise ValueError(f"fastreg::dropout_bits_apply_cpu: bits has {bits.numel()} bytes, needs "
+                         f"{need} for {n} elements")
+
+
 def _numba_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
     from fastreg.kernels.numba import dropout as nb
 
+    _check_bits(grad, bits)
     ga = _numba_in(grad)
     out = _numba_empty(grad)
     nb.dropout_bits_apply(ga, bits.contiguous().numpy(), out, _np_scale(p, grad.dtype))

@@ -59,6 +59,9 @@ def _numba_locked(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> T
 
     from fastreg.kernels.numba import locked as nb
 
+    if not 0 <= dim < x.dim():  # a negative dim made (O, D, I) cover more than x: a wrong mask
+        raise ValueError(f"fastreg::locked_dropout_cpu: dim must be in [0, {x.dim()}) for x of "
+                         f"shape {tuple(x.shape)}, got {dim}")
     cd = compute_dtype(x.dtype)
     xa = x.to(cd).contiguous().view(-1).numpy()
     out = _alloc.empty_like_numpy(xa)

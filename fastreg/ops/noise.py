@@ -35,7 +35,7 @@ from torch.library import triton_op
 
 from fastreg import _alloc, _backend
 from fastreg._seed import check_seed, check_stream, seed_tensor
-from fastreg._validate import check_float_tensor, check_probability, compute_dtype
+from fastreg._validate import check_float_tensor, check_op_like, check_probability, compute_dtype
 from fastreg.ops.rng import normals_reference, uniform_from_words_reference, words_reference
 
 BACKENDS = ("numba", "triton")
@@ -132,10 +132,22 @@ def _np_layout(x: Tensor, sigma: Tensor):
     return np.asarray(sizes, dtype=np.int64), np.asarray(sstr, dtype=np.int64)
 
 
+def _check_sigma(x: Tensor, sigma: Tensor, op: str) -> None:
+    """sigma must broadcast over x without growing it, on x's device: the kernels read sigma at
+    the offsets of x's broadcast layout (the ops may be called directly). O(ndim)."""
+    xs, ss = x.shape, sigma.shape
+    if (len(ss) > len(xs) or sigma.device != x.device
+            or any(s != 1 and s != d for s, d in zip(reversed(ss), reversed(xs)))):
+        raise ValueError(f"fastreg::{op}: sigma has shape {tuple(ss)} on {sigma.device}, needs a "
+                         f"shape that broadcasts to {tuple(xs)} (each dim 1 or equal) on "
+                         f"{x.device}")
+
+
 def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
                additive: bool) -> Tensor:
     from fastreg.kernels.numba import noise as nb
 
+    _check_sigma(x, sigma, "noise_fwd_cpu")
     cd = compute_dtype(x.dtype)
     xa = _np_in(x, cd)
     out = _alloc.empty_like_numpy(xa)
@@ -164,6 +176,9 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
 
     from fastreg.kernels.numba import noise as nb
 
+    _check_sigma(grad, sigma, "noise_bwd_cpu")
+    if need_gs and not additive:  # x is read only here, at grad's indices
+        check_op_like(x, "x", grad, "grad", "noise_bwd_cpu")
     cd = compute_dtype(grad.dtype)
     n = grad.numel()
     ga = _np_in(grad, cd)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fastreg import _backend, _native
+from fastreg._validate import check_op_like
 
 MODE_NONE, MODE_DIM0, MODE_DIM1, MODE_EXPLICIT = 0, 1, 2, 3
 GROUP_NAMES = {"rows": MODE_DIM0, "filters": MODE_DIM0, "cols": MODE_DIM1, "channels": MODE_DIM1}
@@ -550,6 +551,8 @@ def _(x, l1, l2):
 @torch.library.custom_op("fastreg::activity_penalty_backward", mutates_args=())
 def activity_penalty_backward(gy: torch.Tensor, x: torch.Tensor, gv: torch.Tensor, l1: float,
                               l2: float) -> torch.Tensor:
+    # the kernels read gy through a raw pointer for x.numel() elements
+    check_op_like(gy, "gy", x, "x", "activity_penalty_backward")
     return _activity_backward_impl(gy, x, gv, l1, l2)
 
 

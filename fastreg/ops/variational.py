@@ -29,7 +29,7 @@ from torch.library import triton_op, wrap_triton
 
 from fastreg import _alloc, _backend, _native
 from fastreg._seed import check_stream, seed_tensor
-from fastreg._validate import check_float_tensor, check_same, compute_dtype
+from fastreg._validate import check_float_tensor, check_op_like, check_same, compute_dtype
 from fastreg.ops.rng import normals_reference
 
 BACKENDS = ("numba", "triton")
@@ -74,6 +74,7 @@ def _np_scalar(v: float, dtype: torch.dtype):
 def _vd_sample_cpu_impl(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
     from fastreg.kernels.numba import variational as nb
 
+    check_op_like(var, "var", mu, "mu", "vd_sample_cpu")  # read at mu's indices
     ma, va = _np(mu), _np(var)
     out = _alloc.empty_like_numpy(ma)
     if out.size:
@@ -94,6 +95,7 @@ def _vd_sample_grad_var_cpu_impl(grad: Tensor, var: Tensor, seed: Tensor, stream
                                  eps: float) -> Tensor:
     from fastreg.kernels.numba import variational as nb
 
+    check_op_like(var, "var", grad, "grad", "vd_sample_grad_var_cpu")  # read at grad's indices
     ga, va = _np(grad), _np(var)
     out = _alloc.empty_like_numpy(ga)
     if out.size:
