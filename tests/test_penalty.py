@@ -249,6 +249,31 @@ def test_stale_grad_rejected(gen, monkeypatch, one_pass):
         torch.ops.fastreg.penalty_accumulate([w], [torch.zeros(5)] * 2, [0.1, 0.0, 0.0], [0], [], [0])
 
 
+def test_direct_ops_check_lists_and_group_index(gen):
+    """torch.ops.fastreg.penalty_accumulate / penalty_prox called directly check what the
+    wrappers check: an explicit group index the kernels use as offsets must have one entry
+    per element, be >= 0 and sit on the tensor's device; list lengths must agree."""
+    w = torch.randn(100, generator=gen)
+    g = torch.zeros(100)
+    cf = [0.0, 0.0, 0.1]
+    ok = torch.arange(100) % 7
+    acc = torch.ops.fastreg.penalty_accumulate
+    prox = torch.ops.fastreg.penalty_prox
+    for bad, msg in ((ok[:10], "100 elements"), (ok - 3, ">= 0"), (ok.float(), "integer tensor")):
+        with pytest.raises(ValueError, match=msg):
+            acc([w], [g], cf, [3], [bad], [0])
+        with pytest.raises(ValueError, match=msg):
+            prox([w], 0.1, cf, [3], [bad])
+    with pytest.raises(ValueError, match="group_index has 0"):
+        prox([w], 0.1, cf, [3], [])
+    with pytest.raises(ValueError, match="1 modes and 3 coefs, got 0"):
+        prox([w], 0.1, cf, [], [])
+    with pytest.raises(ValueError, match="modes must be 0-3"):
+        acc([w], [g], cf, [7], [], [0])
+    acc([w], [g], cf, [3], [ok], [0])  # the well-formed call runs
+    assert g.abs().sum() > 0
+
+
 def test_half_accumulates_in_float32():
     # 1 + 3 * 2^-12 is not a half; the update must round once from the float32 sum
     w = torch.full((4,), 2.0**-10, dtype=torch.float16)

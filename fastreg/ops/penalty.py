@@ -373,12 +373,37 @@ def _run_accumulate(params, grads, coefs, modes, group_index, init):
     return _accumulate_torch(params, grads, coefs, modes, gidx, init)
 
 
+def _check_op_lists(op, params, coefs, modes, group_index):
+    """What fastreg.penalty's wrappers check before the eager paths run, for the ops called
+    directly (or under torch.compile): list lengths, modes, and explicit group indices the
+    kernels use as offsets (one int per element, >= 0, on the tensor's device)."""
+    if len(modes) != len(params) or len(coefs) != 3 * len(params):
+        raise ValueError(f"fastreg::{op}: {len(params)} params need {len(params)} modes and "
+                         f"{3 * len(params)} coefs, got {len(modes)} and {len(coefs)}")
+    if any(m not in (MODE_NONE, MODE_DIM0, MODE_DIM1, MODE_EXPLICIT) for m in modes):
+        raise ValueError(f"fastreg::{op}: modes must be 0-3, got {list(modes)}")
+    explicit = [i for i, m in enumerate(modes) if m == MODE_EXPLICIT]
+    if len(explicit) != len(group_index):
+        raise ValueError(f"fastreg::{op}: {len(explicit)} params have mode {MODE_EXPLICIT} (explicit "
+                         f"groups) but group_index has {len(group_index)} tensors")
+    for i, idx in zip(explicit, group_index):
+        p = params[i]
+        if (idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool
+                or idx.numel() != p.numel() or idx.device != p.device):
+            raise ValueError(f"fastreg::{op}: the group index of params[{i}] must be an integer tensor "
+                             f"of {p.numel()} elements on {p.device}, got {idx.dtype} with "
+                             f"{idx.numel()} on {idx.device}")
+        if idx.numel() and int(idx.min()) < 0:
+            raise ValueError(f"fastreg::{op}: the group index of params[{i}] must be >= 0")
+
+
 @torch.library.custom_op("fastreg::penalty_accumulate", mutates_args=("grads",))
 def penalty_accumulate(params: list[torch.Tensor], grads: list[torch.Tensor], coefs: list[float],
                        modes: list[int], group_index: list[torch.Tensor],
                        init: list[int]) -> torch.Tensor:
     # the kernels write grads[i] through raw pointers, sized by params[i]: called directly (or
     # under torch.compile), the op checks what fastreg.penalty.accumulate_ checked in eager mode
+    _check_op_lists("penalty_accumulate", params, coefs, modes, group_index)
     if len(grads) != len(params) or len(init) != len(params):
         raise ValueError(f"fastreg::penalty_accumulate: {len(params)} params but {len(grads)} grads "
                          f"and {len(init)} init flags")
@@ -434,6 +459,7 @@ def _prox_host(params, lr, coefs, modes, gidx, cuda=False, by=None):
 @torch.library.custom_op("fastreg::penalty_prox", mutates_args=("params",))
 def penalty_prox(params: list[torch.Tensor], lr: float, coefs: list[float], modes: list[int],
                  group_index: list[torch.Tensor]) -> None:
+    _check_op_lists("penalty_prox", params, coefs, modes, group_index)
     _run_prox(params, lr, coefs, modes, group_index)
 
 
