@@ -436,9 +436,10 @@ def test_load_state_dict_refuses_malformed_state(gen):
              (damaged("count", lambda t: t + 1000), "inconsistent"),
              (damaged("head", lambda t: t * 0), "inconsistent")]
     for sd, msg in cases:
-        fresh = ReversibleSGD([p], lr=0.1, momentum=0.5)
+        fresh = ReversibleSGD([p], lr=0.2, momentum=0.5)
         with pytest.raises(ValueError, match=msg):
             fresh.load_state_dict(sd)
+        assert fresh.param_groups[0]["lr"] == 0.2 and fresh.steps == 0  # nothing half-loaded
     fresh = ReversibleSGD([p], lr=0.1, momentum=0.5)
     fresh.load_state_dict(good)  # the undamaged one still loads
 

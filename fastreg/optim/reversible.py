@@ -430,13 +430,18 @@ class ReversibleSGD(torch.optim.Optimizer):
             raise ValueError(f"state_dict: saved with frac_bits={extra['frac_bits']}, momentum_bits="
                              f"{extra['momentum_bits']}; this optimizer has {self.frac_bits}, {self.momentum_bits}")
         saved_state = sd["state"]
-        super().load_state_dict({"state": {}, "param_groups": sd["param_groups"]})
         params = [p for g in self.param_groups for p in g["params"]]
         ids = [i for g in sd["param_groups"] for i in g["params"]]
-        for (gi, pi), p, i in zip(((gi, pi) for gi, g in enumerate(self.param_groups)
-                                   for pi in range(len(g["params"]))), params, ids):
+        if len(ids) != len(params):
+            raise ValueError(f"state_dict: it holds {len(ids)} parameters, this optimizer {len(params)}")
+        where = [(gi, pi) for gi, g in enumerate(self.param_groups) for pi in range(len(g["params"]))]
+        for (gi, pi), p, i in zip(where, params, ids):  # all checked before anything changes
+            if i not in saved_state:
+                raise ValueError(f"state_dict: no state for {self._pname(gi, pi)}")
+            self._check_loaded(saved_state[i], p, gi, pi)
+        super().load_state_dict({"state": {}, "param_groups": sd["param_groups"]})
+        for p, i in zip(params, ids):
             s = saved_state[i]
-            self._check_loaded(s, p, gi, pi)
             st = self.state[p]
             for key in ("w", "v", "head", "count"):
                 st[key] = s[key].to(p.device).clone()
