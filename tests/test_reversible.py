@@ -114,8 +114,9 @@ def test_numba_sums_do_not_depend_on_threads_or_driver(gen):
             p = np.empty(n_el, np.float32)
             u = np.empty(n_el, np.float32)
             dw, dv = dw0.copy(), dv0.copy()
-            fwd, rst, rev = ((NK.fwd_step_serial, NK.rev_restore_serial, NK.rev_step_serial)
-                             if serial else (NK.fwd_step, NK.rev_restore, NK.rev_step))
+            fwd, rst, rev = ((NK.fwd_step.serial, NK.rev_restore.serial, NK.rev_step.serial)
+                             if serial else (NK.fwd_step.parallel, NK.rev_restore.parallel,
+                                             NK.rev_step.parallel))
             assert fwd(w, v, head, count, spill, g, p, k, n, 0.05, omg * 2.0**F, 1e-3, inv) == 0
             assert int(count.sum()) > 0  # some elements did spill
             da = rst(w, v, dw, dv, u, p, 0.05, omg, inv)

@@ -215,7 +215,7 @@ def fwd_step(backend, w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam,
     if backend == "numba":
         from fastreg.kernels.numba import reversible as K
 
-        fn = K.fwd_step if w.numel() >= K.SERIAL_BELOW else K.fwd_step_serial
+        fn = K.fwd_step  # its serial copy below K.SERIAL_BELOW elements
         return int(fn(_np(w), _np(v), _np(head), _np(count), _u32(spill), _np(g),
                               _np(p_out), k, n, alpha, c1s, lam, inv_scale))
     if backend in ("cpp", "cuda"):
@@ -235,7 +235,7 @@ def rev_restore(backend, w, v, dw, dv, u, p_out, alpha, omg, inv_scale):
     if backend == "numba":
         from fastreg.kernels.numba import reversible as K
 
-        fn = K.rev_restore if w.numel() >= K.SERIAL_BELOW else K.rev_restore_serial
+        fn = K.rev_restore  # its serial copy below K.SERIAL_BELOW elements
         return float(fn(_np(w), _np(v), _np(dw), _np(dv), _np(u), _np(p_out), alpha,
                                    omg, inv_scale))
     if backend in ("cpp", "cuda"):
@@ -256,7 +256,7 @@ def rev_step(backend, w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s
     if backend == "numba":
         from fastreg.kernels.numba import reversible as K
 
-        fn = K.rev_step if w.numel() >= K.SERIAL_BELOW else K.rev_step_serial
+        fn = K.rev_step  # its serial copy below K.SERIAL_BELOW elements
         st, dg, dl = fn(_np(w), _np(v), _np(head), _np(count), _u32(spill), _np(g),
                                 _np(hvp), _np(dw), _np(dv), k, n, gamma, c1s, lam, omg, inv_scale)
         return int(st), float(dg), float(dl)

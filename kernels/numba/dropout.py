@@ -12,7 +12,7 @@ multiplier form keeps NaN/Inf behaviour identical to torch's x * mask * scale.
 import numba
 import numpy as np
 
-from fastreg.kernels.numba.drivers import serial_and_parallel
+from fastreg.kernels.numba.drivers import by_size
 from fastreg.kernels.numba.rng import MASK32, philox4x32_10
 
 BLOCK = 512  # counters per chunk = 2048 elements: m is 8 KiB in float32
@@ -151,10 +151,10 @@ def _apply_driver(g, bits, out, scale):
         _apply_chunk(ch, g, bits, out, scale)
 
 
-_fwd_serial, _fwd_parallel = serial_and_parallel(_fwd_driver)
-_add_serial, _add_parallel = serial_and_parallel(_add_driver)
-_bits_serial, _bits_parallel = serial_and_parallel(_bits_driver)
-_apply_serial, _apply_parallel = serial_and_parallel(_apply_driver)
+_fwd = by_size(SERIAL_BELOW)(_fwd_driver)
+_add = by_size(SERIAL_BELOW)(_add_driver)
+_bits = by_size(SERIAL_BELOW)(_bits_driver)
+_apply = by_size(SERIAL_BELOW)(_apply_driver)
 
 
 def _u64(v):
@@ -163,23 +163,19 @@ def _u64(v):
 
 def dropout_fwd(x, out, seed, stream, threshold, scale, start):
     """out = x * keep * scale. `start` (logical index of x[0]) a multiple of 8."""
-    f = _fwd_serial if x.size < SERIAL_BELOW else _fwd_parallel
-    f(x, out, _u64(seed), _u64(stream), _u64(threshold), scale, start)
+    _fwd(x, out, _u64(seed), _u64(stream), _u64(threshold), scale, start)
 
 
 def dropout_add_fwd(x, residual, out, seed, stream, threshold, scale, start):
     """out = residual + x * keep * scale."""
-    f = _add_serial if x.size < SERIAL_BELOW else _add_parallel
-    f(x, residual, out, _u64(seed), _u64(stream), _u64(threshold), scale, start)
+    _add(x, residual, out, _u64(seed), _u64(stream), _u64(threshold), scale, start)
 
 
 def dropout_fwd_bits(x, out, bits, seed, stream, threshold, scale, start):
     """dropout_fwd that also writes the packed keep mask."""
-    f = _bits_serial if x.size < SERIAL_BELOW else _bits_parallel
-    f(x, out, bits, _u64(seed), _u64(stream), _u64(threshold), scale, start)
+    _bits(x, out, bits, _u64(seed), _u64(stream), _u64(threshold), scale, start)
 
 
 def dropout_bits_apply(g, bits, out, scale):
     """out = g * bit * scale: the backward of the packed-mask mode."""
-    f = _apply_serial if g.size < SERIAL_BELOW else _apply_parallel
-    f(g, bits, out, scale)
+    _apply(g, bits, out, scale)

@@ -28,7 +28,7 @@ array and fixed-order partial sums, so they do not depend on the thread count.
 import numba
 import numpy as np
 
-from fastreg.kernels.numba.drivers import serial_and_parallel
+from fastreg.kernels.numba.drivers import by_size
 
 L = np.int64(1) << np.int64(31)  # coder state lower bound; the empty state
 MASK31 = (np.int64(1) << np.int64(31)) - np.int64(1)
@@ -438,6 +438,6 @@ def _rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, o
 # One compiled copy for large tensors (threads) and one for small ones, where waking the
 # thread pool costs more than the work (below SERIAL_BELOW elements).
 SERIAL_BELOW = 1 << 15
-fwd_step_serial, fwd_step = serial_and_parallel(_fwd_step)
-rev_restore_serial, rev_restore = serial_and_parallel(_rev_restore)
-rev_step_serial, rev_step = serial_and_parallel(_rev_step)
+fwd_step = by_size(SERIAL_BELOW)(_fwd_step)
+rev_restore = by_size(SERIAL_BELOW)(_rev_restore)
+rev_step = by_size(SERIAL_BELOW)(_rev_step)
