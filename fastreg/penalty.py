@@ -200,7 +200,8 @@ def accumulate_(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torc
             if g.layout is not torch.strided:
                 raise TypeError("fastreg.penalty.accumulate_: only dense (strided) gradients are "
                                 f"supported, got {g.layout}")
-            _check_grad(p, g, i)
+            _ops.check_grad(p, g, f"tensor {i} of params", "its .grad",
+                            "fastreg.penalty.accumulate_")
             init.append(0)
         gs.append(g)
     coefs, modes, gidx = _encode(recs)
@@ -213,18 +214,6 @@ def accumulate_(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torc
         out = _ops._run_accumulate(ws, gs, coefs, modes, gidx, init)
         torch._C._increment_version(gs)
         return out
-
-
-def _check_grad(p, g, i):
-    """torch keeps a .grad at its tensor's shape, dtype and device when it is assigned, but a
-    later `p.data = ...` can change the tensor and leave the old .grad: the kernels would then
-    write past the gradient's end. i: the tensor's position in the flattened params."""
-    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-        raise ValueError(
-            f"fastreg.penalty.accumulate_: tensor {i} of params has shape {tuple(p.shape)}, "
-            f"{p.dtype} on {p.device}, but its .grad has shape {tuple(g.shape)}, {g.dtype} on "
-            f"{g.device} (was .data replaced after the gradient was set?); zero or reset its "
-            ".grad first")
 
 
 _FLOAT_PAIR = (torch.float32, torch.float64)
@@ -240,10 +229,11 @@ _DATA_PTR = torch.Tensor.data_ptr
 
 
 def _plain_cpu_list(params, groups, op, with_grads):
-    """The one-pass eager paths' check: (dtype, sizes, grads) when `params` is a list of
-    non-empty, contiguous float32 or float64 CPU tensors of one dtype (each with a contiguous
-    .grad when with_grads) whose op would take the C++ host hot path, with a group name or no
-    groups; None otherwise (the general path then runs, with its checks and error messages)."""
+    """The one-pass eager paths' check: (dtype, sizes, shapes or None, grads) when `params` is
+    a list of non-empty, contiguous float32 or float64 CPU tensors of one dtype (each with a
+    contiguous .grad when with_grads; shapes are gathered then) whose op would take the C++
+    host hot path, with a group name or no groups; None otherwise (the general path then runs,
+    with its checks and error messages)."""
     if not isinstance(params, (list, tuple)) or not params or not (
             groups is None or isinstance(groups, str)):
         return None
@@ -267,11 +257,14 @@ def _plain_cpu_list(params, groups, op, with_grads):
     if (dtype not in _FLOAT_PAIR or 0 in numels or not all(map(_IS_CPU, params))
             or not _ops.host_onepass_ok(params[0].device, op)):
         return None
-    # a grad that no longer matches its tensor (see _check_grad): the general path says so
-    if with_grads and (set(map(_DTYPE, gs)) != {dtype} or not all(map(_IS_CPU, gs))
-                       or tuple(map(_SHAPE, gs)) != tuple(map(_SHAPE, params))):
-        return None
-    return dtype, numels, gs
+    shapes = None
+    if with_grads:
+        # a grad that no longer matches its tensor (see ops.check_grad): the general path says so
+        shapes = tuple(map(_SHAPE, params))
+        if (set(map(_DTYPE, gs)) != {dtype} or not all(map(_IS_CPU, gs))
+                or tuple(map(_SHAPE, gs)) != shapes):
+            return None
+    return dtype, numels, shapes, gs
 
 
 def _onepass(params, op, l1, l2, group_lasso, groups, lr=None):
@@ -281,7 +274,7 @@ def _onepass(params, op, l1, l2, group_lasso, groups, lr=None):
     plain = _plain_cpu_list(params, groups, op, lr is None)
     if plain is None:
         return False, None
-    dtype, numels, gs = plain
+    dtype, numels, shapes, gs = plain
     cl1 = _real(l1, "params l1", "penalty." + op)
     cl2 = _real(l2, "params l2", "penalty." + op)
     cgl = _real(group_lasso, "params group_lasso", "penalty." + op)
@@ -289,7 +282,10 @@ def _onepass(params, op, l1, l2, group_lasso, groups, lr=None):
     if cgl > 0.0 and mode == MODE_NONE:
         return False, None  # the general path raises the error
     # ungrouped tensors are planned by their sizes alone: a cheaper cache key than shapes
-    shapes = tuple(map(_SHAPE, params)) if cgl > 0.0 else numels
+    if cgl == 0.0:
+        shapes = numels
+    elif shapes is None:
+        shapes = tuple(map(_SHAPE, params))
     with torch.no_grad():
         if lr is None:
             out = _ops.host_onepass("accumulate", shapes, map(_DATA_PTR, params),

@@ -373,6 +373,17 @@ def _run_accumulate(params, grads, coefs, modes, group_index, init):
     return _accumulate_torch(params, grads, coefs, modes, gidx, init)
 
 
+def check_grad(p, g, p_name, g_name, op):
+    """torch keeps a .grad at its tensor's shape, dtype and device when it is assigned, but a
+    later `p.data = ...` can change the tensor and leave the old .grad: the kernels, which
+    write the gradient through a raw pointer sized by p, would then write past its end."""
+    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+        raise ValueError(
+            f"{op}: {p_name} has shape {tuple(p.shape)}, {p.dtype} on {p.device}, but {g_name} "
+            f"has shape {tuple(g.shape)}, {g.dtype} on {g.device} (was .data replaced after the "
+            "gradient was set?); zero or reset the gradient first")
+
+
 def _check_op_lists(op, params, coefs, modes, group_index):
     """What fastreg.penalty's wrappers check before the eager paths run, for the ops called
     directly (or under torch.compile): list lengths, modes, and explicit group indices the
@@ -408,10 +419,7 @@ def penalty_accumulate(params: list[torch.Tensor], grads: list[torch.Tensor], co
         raise ValueError(f"fastreg::penalty_accumulate: {len(params)} params but {len(grads)} grads "
                          f"and {len(init)} init flags")
     for i, (p, g) in enumerate(zip(params, grads)):
-        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-            raise ValueError(f"fastreg::penalty_accumulate: grads[{i}] ({tuple(g.shape)}, {g.dtype}, "
-                             f"{g.device}) does not match params[{i}] ({tuple(p.shape)}, {p.dtype}, "
-                             f"{p.device})")
+        check_grad(p, g, f"params[{i}]", f"grads[{i}]", "fastreg::penalty_accumulate")
     return _run_accumulate(params, grads, coefs, modes, group_index, init)
 
 

@@ -112,6 +112,13 @@ class ReversibleSGD(torch.optim.Optimizer):
         base = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
         return f"parameter {names[pi]!r} = {base}" if names else f"parameter {base}"
 
+    def _params_where(self):
+        """All parameters in group order, and each one's (group index, index in the group)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        where = [(gi, pi) for gi, g in enumerate(self.param_groups)
+                 for pi in range(len(g["params"]))]
+        return params, where
+
     def _check_size(self, p: torch.Tensor, st: dict, gi: int, pi: int, grad: bool = True) -> None:
         """The kernels write p and read its gradient through raw pointers, sized by the state:
         a parameter whose `.data` was replaced by one of another size, or a gradient of another
@@ -299,8 +306,7 @@ class ReversibleSGD(torch.optim.Optimizer):
         self._check_ok()
         if not callable(closure):
             raise TypeError("closure must be a callable closure(t) returning the training loss of step t")
-        params = [p for g in self.param_groups for p in g["params"]]
-        where = [(gi, pi) for gi, g in enumerate(self.param_groups) for pi in range(len(g["params"]))]
+        params, where = self._params_where()
         for p, (gi, pi) in zip(params, where):
             self._check_size(p, self.state[p], gi, pi, grad=False)  # .grad is replaced at the end
         pids = {id(p) for p in params}
@@ -430,11 +436,10 @@ class ReversibleSGD(torch.optim.Optimizer):
             raise ValueError(f"state_dict: saved with frac_bits={extra['frac_bits']}, momentum_bits="
                              f"{extra['momentum_bits']}; this optimizer has {self.frac_bits}, {self.momentum_bits}")
         saved_state = sd["state"]
-        params = [p for g in self.param_groups for p in g["params"]]
+        params, where = self._params_where()
         ids = [i for g in sd["param_groups"] for i in g["params"]]
         if len(ids) != len(params):
             raise ValueError(f"state_dict: it holds {len(ids)} parameters, this optimizer {len(params)}")
-        where = [(gi, pi) for gi, g in enumerate(self.param_groups) for pi in range(len(g["params"]))]
         for (gi, pi), p, i in zip(where, params, ids):  # all checked before anything changes
             if i not in saved_state:
                 raise ValueError(f"state_dict: no state for {self._pname(gi, pi)}")
