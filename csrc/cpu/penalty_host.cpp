@@ -68,21 +68,18 @@ void seg_grad(const T* W, T* G, int64_t lo, int64_t hi, bool init, T l1, T l2x2,
   }
 }
 
+// Sum of soft(w, tau)^2 over [lo, hi) (a row group's norm before the prox), in compute-type
+// partial sums of <= kSub elements.
 template <typename T>
-FASTREG_CLONES double seg_sumsq(const T* __restrict W, int64_t lo, int64_t hi, T tau, bool prox) {
+FASTREG_CLONES double seg_soft_sumsq(const T* __restrict W, int64_t lo, int64_t hi, T tau) {
   double total = 0.0;
-  for (int64_t b0 = lo; b0 < hi; b0 += kSub) {  // compute-type partial sums of <= kSub elements
+  for (int64_t b0 = lo; b0 < hi; b0 += kSub) {
     const int64_t b1 = b0 + kSub < hi ? b0 + kSub : hi;
     T s = 0;
-    if (prox) {
 #pragma omp simd reduction(+ : s)
-      for (int64_t i = b0; i < b1; ++i) {
-        const T z = soft_mag(W[i], tau);  // soft(w)^2 bit for bit, 2x cheaper here
-        s += z * z;
-      }
-    } else {
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = b0; i < b1; ++i) s += W[i] * W[i];
+    for (int64_t i = b0; i < b1; ++i) {
+      const T z = soft_mag(W[i], tau);  // soft(w)^2 bit for bit, 2x cheaper here
+      s += z * z;
     }
     total += static_cast<double>(s);
   }
@@ -95,16 +92,16 @@ FASTREG_CLONES void seg_prox(T* __restrict W, int64_t lo, int64_t hi, T tau, T f
   for (int64_t i = lo; i < hi; ++i) W[i] = soft(W[i], tau) * f;
 }
 
-// Short slices: the squares of the A runs W + a * stride (a < A, m elements each) summed per
-// element into the float64 sums; with `abs` (accumulate), the sum of |w| over all of them goes
-// into s1 as well, so that the storing pass (cols_store_grad) needs no reduction. Blocks of
-// kRows runs are summed in the storage type first (a float32 partial of <= 16 terms is good to
-// ~1e-6) and widened once per block, instead of widening every square.
+// Short slices: per element of the A runs W + a * stride (a < A, m elements each), the sum of
+// squares into the float64 sums. Accumulate (abs given): squares of w, and the sum of |w| over
+// all of them into s1, so that the storing pass (cols_store_grad) needs no reduction. Prox
+// (abs null): squares of soft(w, tau). Blocks of kRows runs are summed in the storage type
+// first (a float32 partial of <= 16 terms is good to ~1e-6) and widened once per block,
+// instead of widening every square.
 constexpr int64_t kRows = 16;
 template <typename T>
 FASTREG_CLONES void cols_sumsq(const T* __restrict W, int64_t stride, int64_t A, double* __restrict sums,
-                               T* __restrict part, T* __restrict abs, double& s1, int64_t m, T tau,
-                               bool prox) {
+                               T* __restrict part, T* __restrict abs, double& s1, int64_t m, T tau) {
   for (int64_t a0 = 0; a0 < A; a0 += kRows) {
     const int64_t a1 = a0 + kRows < A ? a0 + kRows : A;
     for (int64_t j = 0; j < m; ++j) part[j] = T(0);
@@ -112,13 +109,7 @@ FASTREG_CLONES void cols_sumsq(const T* __restrict W, int64_t stride, int64_t A,
       for (int64_t j = 0; j < m; ++j) abs[j] = T(0);
     for (int64_t a = a0; a < a1; ++a) {
       const T* R = W + a * stride;
-      if (prox) {
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-          const T z = soft_mag(R[j], tau);
-          part[j] += z * z;
-        }
-      } else if (abs) {
+      if (abs) {
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) {
           const T w = R[j];
@@ -127,7 +118,10 @@ FASTREG_CLONES void cols_sumsq(const T* __restrict W, int64_t stride, int64_t A,
         }
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < m; ++j) part[j] += R[j] * R[j];
+        for (int64_t j = 0; j < m; ++j) {
+          const T z = soft_mag(R[j], tau);
+          part[j] += z * z;
+        }
       }
     }
 #pragma omp simd
@@ -192,7 +186,7 @@ bool fast_accumulate_item(const int64_t* r, const double* cf, int64_t lo, int64_
       const int64_t m = (hi - lo) * C;
       std::vector<double> acc(m, 0.0);  // float64 sums over a (A may be large)
       std::vector<T> fs(m), pabs(m);  // fs: cols_sumsq's partial sums, then the group scales
-      cols_sumsq(W + lo * C, B * C, A, acc.data(), fs.data(), pabs.data(), s1, m, T(0), false);
+      cols_sumsq(W + lo * C, B * C, A, acc.data(), fs.data(), pabs.data(), s1, m, T(0));
       for (int64_t j = 0; j < hi - lo; ++j) {
         double sq = 0.0;
         for (int64_t c = 0; c < C; ++c) sq += acc[j * C + c];
@@ -225,7 +219,7 @@ bool fast_prox_item(const int64_t* r, const double* cf, int64_t lo, int64_t hi) 
     } else if (r[T_MODE] == M_BLOCK && C >= 64) {
       for (int64_t b = lo; b < hi; ++b) {
         double sq = 0.0;
-        for (int64_t a = 0; a < A; ++a) sq += seg_sumsq(W, (a * B + b) * C, (a * B + b + 1) * C, tau, true);
+        for (int64_t a = 0; a < A; ++a) sq += seg_soft_sumsq(W, (a * B + b) * C, (a * B + b + 1) * C, tau);
         const T f = static_cast<T>(shrink_factor(sq, cf[2], cf[1]));
         for (int64_t a = 0; a < A; ++a) seg_prox(W, (a * B + b) * C, (a * B + b + 1) * C, tau, f);
       }
@@ -234,7 +228,7 @@ bool fast_prox_item(const int64_t* r, const double* cf, int64_t lo, int64_t hi) 
       std::vector<double> acc(m, 0.0);  // float64 sums over a (A may be large)
       std::vector<T> fs(m);  // the partial sums of cols_sumsq, then the shrink factors
       double unused = 0.0;
-      cols_sumsq(W + lo * C, B * C, A, acc.data(), fs.data(), static_cast<T*>(nullptr), unused, m, tau, true);
+      cols_sumsq(W + lo * C, B * C, A, acc.data(), fs.data(), static_cast<T*>(nullptr), unused, m, tau);
       for (int64_t j = 0; j < hi - lo; ++j) {
         double sq = 0.0;
         for (int64_t c = 0; c < C; ++c) sq += acc[j * C + c];
