@@ -11,8 +11,9 @@ def sync(device) -> None:
 
 
 def run(benchmark, fn, device, *, provider: str, group: str, rounds: int = 20, warmup: int = 3,
-        **extra):
-    """Time fn() with pytest-benchmark's pedantic mode, synchronising CUDA inside the timed call."""
+        setup=None, **extra):
+    """Time fn() with pytest-benchmark's pedantic mode, synchronising CUDA inside the timed call.
+    setup(), when given, runs untimed before every call (e.g. to flush the caches)."""
     benchmark.group = group
     benchmark.extra_info["provider"] = provider
     benchmark.extra_info.update(extra)
@@ -22,8 +23,10 @@ def run(benchmark, fn, device, *, provider: str, group: str, rounds: int = 20, w
         sync(device)
 
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         timed()
-    benchmark.pedantic(timed, rounds=rounds, iterations=1)
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, setup=setup)
 
 
 def saved_bytes_per_elem(fn, numel: int) -> float:

@@ -4,6 +4,10 @@ Groups:
   "reversible fwd step d=1e6"     ReversibleSGD.step vs torch.optim.SGD(momentum) step, and the
                                   copy floor of the bytes the exact step moves (gradient excluded)
   "reversible rev step d=1e6"     the two fused reverse kernels (HVP excluded) vs the same SGD step
+Each at 1 and 2 threads, and with the caches warm (steps back to back: SGD's 12 MB stay in the
+32 MB L3) or flushed before every step (as the forward and backward passes between two steps
+of real training do). The exact steps are timed in the coder's steady state (after
+WARM_STEPS steps, when the heads have filled and words spill), not on a fresh buffer.
   "hypergrad digits MLP T=100"    exact reversal (T steps forward + reverse) vs unrolled autograd
   "hypergrad digits MLP T=1000"   the same at T = 1000 (one round: the unrolled graph is large)
 extra_info: memory_bytes (optimizer state + buffer for fastreg, the tensors autograd saves
@@ -27,6 +31,17 @@ from fastreg.optim import ReversibleSGD  # noqa: E402
 D = 1_000_000
 GAMMA = 0.9
 ROUNDS = 15
+WARM_STEPS = 250  # gamma = 0.9 adds 0.15 bits a step: the first words spill after ~210 steps
+_FLUSH = torch.zeros(8 << 20, dtype=torch.int64)  # 64 MB, twice the L3 cache
+
+
+def _flush_caches():
+    _FLUSH.add_(1)
+
+
+@pytest.fixture(params=["warm", "flushed"], ids=["cache warm", "cache flushed"])
+def cache(request):
+    return None if request.param == "warm" else _flush_caches
 
 
 def _param(device="cpu"):
@@ -51,10 +66,12 @@ def threads(request):
 
 
 @pytest.mark.parametrize("provider", ["fastreg", "torch SGD(momentum)", "copy (floor)"])
-def test_reversible_fwd_step(benchmark, provider, threads):
+def test_reversible_fwd_step(benchmark, provider, threads, cache):
     p = _param()
     if provider == "fastreg":
         opt = ReversibleSGD([p], lr=0.05, momentum=GAMMA)
+        for _ in range(WARM_STEPS):
+            opt.step()
         fn = opt.step
     elif provider == "torch SGD(momentum)":
         opt = torch.optim.SGD([p], lr=0.05, momentum=GAMMA)
@@ -63,20 +80,20 @@ def test_reversible_fwd_step(benchmark, provider, threads):
         src = torch.zeros(4 * D, dtype=torch.int64)
         dst = torch.empty_like(src)
         fn = lambda: dst.copy_(src)  # noqa: E731
-    run(benchmark, fn, "cpu", provider=provider, group=f"reversible fwd step d=1e6 {threads}T",
-        rounds=ROUNDS)
+    run(benchmark, fn, "cpu", provider=provider, rounds=ROUNDS, setup=cache,
+        group=f"reversible fwd step d=1e6 {threads}T, cache {'flushed' if cache else 'warm'}")
 
 
 @pytest.mark.parametrize("provider", ["fastreg", "torch SGD(momentum)"])
-def test_reversible_rev_step(benchmark, provider, threads):
+def test_reversible_rev_step(benchmark, provider, threads, cache):
     p = _param()
-    group = f"reversible rev step d=1e6 {threads}T"
+    group = f"reversible rev step d=1e6 {threads}T, cache {'flushed' if cache else 'warm'}"
     if provider == "torch SGD(momentum)":
         opt = torch.optim.SGD([p], lr=0.05, momentum=GAMMA)
-        run(benchmark, opt.step, "cpu", provider=provider, group=group, rounds=ROUNDS)
+        run(benchmark, opt.step, "cpu", provider=provider, group=group, rounds=ROUNDS, setup=cache)
         return
     opt = ReversibleSGD([p], lr=0.05, momentum=GAMMA)
-    steps = ROUNDS + 3 + 2
+    steps = WARM_STEPS + ROUNDS + 3 + 2
     for _ in range(steps):
         opt.step()
     st = opt.state[p]
@@ -94,7 +111,7 @@ def test_reversible_rev_step(benchmark, provider, threads):
                                 dw, dv, opt.momentum_bits, n, gamma, c1s, lam, omg, opt.inv_scale)
         assert code == 0
 
-    run(benchmark, reverse_step, "cpu", provider=provider, group=group, rounds=ROUNDS)
+    run(benchmark, reverse_step, "cpu", provider=provider, group=group, rounds=ROUNDS, setup=cache)
 
 
 def _digits_case(T):
@@ -203,11 +220,11 @@ def test_reversible_step_gpu(benchmark, provider):
         fn = torch.optim.SGD([p], lr=0.05, momentum=GAMMA).step
     else:
         opt = ReversibleSGD([p], lr=0.05, momentum=GAMMA)
+        for _ in range(WARM_STEPS):  # the coder's steady state
+            opt.step()
         if provider == "fastreg fwd":
             fn = opt.step
         else:
-            for _ in range(60):
-                opt.step()
             st = opt.state[p]
             hvp = torch.zeros(D_GPU, device="cuda")
             dw = torch.zeros(D_GPU, dtype=torch.float64, device="cuda")
@@ -233,7 +250,10 @@ def test_reversible_fwd_step_large(benchmark, provider):
     p = torch.nn.Parameter(torch.randn(d, generator=g) * 0.1)
     p.grad = torch.randn(d, generator=g) * 1e-2
     if provider == "fastreg":
-        fn = ReversibleSGD([p], lr=0.05, momentum=GAMMA).step
+        opt = ReversibleSGD([p], lr=0.05, momentum=GAMMA)
+        for _ in range(WARM_STEPS):  # the coder's steady state (all threads: ~10 s)
+            opt.step()
+        fn = opt.step
     elif provider == "torch SGD(momentum)":
         fn = torch.optim.SGD([p], lr=0.05, momentum=GAMMA).step
     else:

@@ -177,6 +177,48 @@ def test_bits_back_coder_cost(gen):
         assert abs(float(bits) - ideal) < 1.0 + 1e-3 * ideal, (gamma, float(bits), ideal)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_coder_renormalises_rarely(backend, gen):
+    """The forward step spills a word only when the head has filled its 32-bit window, about
+    once per 32 / log2(1/gamma) steps, and never reads one back; the reverse step only reads.
+    A spill-and-refill within one step (the churn an encode-then-decode order falls into once
+    the head passes 2^(63-k), sending every element down the scalar path) would overwrite the
+    sentinel above the live words."""
+    n_el, T, k, F = 3001, 400, 16, 44
+    n = round(0.9 * 2**k)
+    omg = 1 - n / 2**k
+    sentinel = 0x5A5A5A5A
+    state = [torch.zeros(n_el, dtype=torch.int64), torch.zeros(n_el, dtype=torch.int64),
+             torch.full((n_el,), K.L, dtype=torch.int64), torch.zeros(n_el, dtype=torch.int32),
+             torch.full((4, n_el), sentinel, dtype=torch.int32)]
+    rows = torch.arange(4).unsqueeze(1)
+    p = torch.empty(n_el, dtype=torch.float64)
+    gs = [torch.randn(n_el, generator=gen, dtype=torch.float64) for _ in range(T)]
+    prev = state[3].clone()
+    for t in range(T):
+        assert K.fwd_step(backend, *state, gs[t], p, k, n, 0.05, omg * 2.0**F, 0.0, 2.0**-F) == 0
+        c = state[3]
+        assert bool((c >= prev).all()) and bool((c - prev <= 1).all())  # no refill, <= 1 spill
+        assert bool((state[4][rows >= c.unsqueeze(0)] == sentinel).all())  # no word written and read back
+        prev = c.clone()
+    spills = int(state[3].sum())
+    per_elem = T * math.log2(2**k / n) / 32  # ~1.9 for gamma = 0.9
+    assert n_el * (per_elem - 1) <= spills <= n_el * (per_elem + 1)
+    hvp = torch.zeros(n_el, dtype=torch.float64)
+    dw = torch.zeros(n_el, dtype=torch.float64)
+    dv = torch.zeros(n_el, dtype=torch.float64)
+    for t in range(T - 1, -1, -1):
+        K.rev_restore(backend, state[0], state[1], dw, dv, p.clone(), p, 0.05, omg, 2.0**-F)
+        code, _, _ = K.rev_step(backend, *state, gs[t], hvp, dw, dv, k, n, n / 2**k, omg * 2.0**F, 0.0,
+                                omg, 2.0**-F)
+        assert code == 0
+        c = state[3]
+        assert bool((c <= prev).all()) and bool((prev - c <= 1).all())  # no spill, <= 1 refill
+        prev = c.clone()
+    assert bool((state[2] == K.L).all()) and not bool(state[3].any())
+    assert not bool(state[0].any()) and not bool(state[1].any())
+
+
 # ---------------------------------------------------------------- optimizer: exactness
 def _mlp(dtype, seed):
     torch.manual_seed(seed)
@@ -436,6 +478,9 @@ def test_load_state_dict_refuses_malformed_state(gen):
              (damaged("spill", lambda t: t[:, :10]), r"'spill' of parameter"),
              (damaged("count", lambda t: t + 1000), "inconsistent"),
              (damaged("head", lambda t: t * 0), "inconsistent")]
+    old = copy.deepcopy(good)
+    del old["reversible"]["coder"]  # a checkpoint of the version-1 coder (before 2026-11-28)
+    cases.append((old, "coder version 1"))
     for sd, msg in cases:
         fresh = ReversibleSGD([p], lr=0.2, momentum=0.5)
         with pytest.raises(ValueError, match=msg):

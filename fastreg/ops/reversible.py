@@ -66,9 +66,8 @@ def _emit(x, c, spill, idx, cond, status):
     return x, c
 
 
-def _refill(x, c, spill, idx):
-    """Renormalise after a pop: where x < 2^31, shift in the top word of the spill (0 if empty)."""
-    need = x < L
+def _refill(x, c, spill, idx, need):
+    """Renormalise before a pop: where need, shift in the top word of the spill (0 if empty)."""
     has = need & (c > 0)
     c = c - has.to(torch.int64)
     word = torch.zeros_like(x)
@@ -94,8 +93,7 @@ def fwd_step_reference(w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam
     x, c, vi, wi = head.clone(), count.to(torch.int64), v.clone(), w.clone()
     lo = vi & ((1 << k) - 1)
     vh = vi >> k
-    x, c = _emit(x, c, spill, idx, x >= (1 << (63 - k)), status)
-    x = (x << k) | lo
+    # pop s mod n, then push lo (k bits), spilling a word first where x << k would reach 2^63
     q, rr, thr = _code_params(n)
     slot = x & MASK31
     low = slot < thr
@@ -104,7 +102,8 @@ def fwd_step_reference(w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam
     f = torch.where(low, torch.full_like(s, q + 1), torch.full_like(s, q))
     cum = torch.where(low, s * (q + 1), thr + (s - rr) * q)
     x = f * (x >> 31) + slot - cum
-    x, c = _refill(x, c, spill, idx)
+    x, c = _emit(x, c, spill, idx, x >= (1 << (63 - k)), status)
+    x = (x << k) | lo
     vi = vh * n + s
     dv = _increment(g, wi, c1s, lam, inv_scale)
     bad = ~(dv.abs() < DLIMIT)
@@ -165,12 +164,12 @@ def rev_step_reference(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1
     low = s < rr
     f = torch.where(low, torch.full_like(s, q + 1), torch.full_like(s, q))
     cum = torch.where(low, s * (q + 1), thr + (s - rr) * q)
-    x, c = _emit(x, c, spill, idx, x >= (f << 32), status)
-    xq = torch.div(x, f, rounding_mode="floor")
-    x = (xq << 31) + cum + (x - xq * f)
+    # pop lo (k bits), refill the word the forward step spilled (where x < f), push s
     lo = x & ((1 << k) - 1)
     x = x >> k
-    x, c = _refill(x, c, spill, idx)
+    x, c = _refill(x, c, spill, idx, x < f)
+    xq = torch.div(x, f, rounding_mode="floor")
+    x = (xq << 31) + cum + (x - xq * f)
     vi = vh * (1 << k) + lo
     head.copy_(x)
     count.copy_(c.to(torch.int32))

@@ -24,6 +24,9 @@ import torch
 from fastreg.ops import reversible as K
 
 _HYPERS = ("lr", "momentum", "weight_decay")
+# The information-buffer code's layout, saved in state_dict: version 1 pushed v's low bits
+# before popping the symbol (until 2026-11-28); version 2 pops first (docs/reversible.md).
+CODER_VERSION = 2
 
 
 class ReversibleOverflowError(OverflowError):
@@ -424,7 +427,8 @@ class ReversibleSGD(torch.optim.Optimizer):
                 sd["state"][k] = {**s, "spill": s["spill"][:used].clone()}
         sd["reversible"] = dict(t=self._t, checksums=[self._checksums.get(id(p)) for g in self.param_groups
                                                       for p in g["params"]],
-                                frac_bits=self.frac_bits, momentum_bits=self.momentum_bits)
+                                frac_bits=self.frac_bits, momentum_bits=self.momentum_bits,
+                                coder=CODER_VERSION)
         return sd
 
     def load_state_dict(self, state_dict):
@@ -432,6 +436,10 @@ class ReversibleSGD(torch.optim.Optimizer):
         extra = sd.pop("reversible", None)
         if extra is None:
             raise ValueError("state_dict: not a ReversibleSGD state dict (no 'reversible' entry)")
+        if extra.get("coder", 1) != CODER_VERSION:
+            raise ValueError(f"state_dict: its information buffer was written by coder version "
+                             f"{extra.get('coder', 1)} (an earlier fastreg); this version reads version "
+                             f"{CODER_VERSION} only and could not reverse it")
         if extra["frac_bits"] != self.frac_bits or extra["momentum_bits"] != self.momentum_bits:
             raise ValueError(f"state_dict: saved with frac_bits={extra['frac_bits']}, momentum_bits="
                              f"{extra['momentum_bits']}; this optimizer has {self.frac_bits}, {self.momentum_bits}")

@@ -5,11 +5,11 @@ spill words are uint32 in a [capacity, numel] array, and no value is ever
 mixed with an unsigned integer (Numba would turn the mix into a float).
 
 Three kernels, one pass each:
-  fwd_step     v <- gamma*v exactly (push v mod 2^k, pop a symbol mod n),
+  fwd_step     v <- gamma*v exactly (pop a symbol mod n, push v mod 2^k),
                v -= rint((1-gamma)(g + lam*w) 2^F), w += rint(alpha*v), writes p
   rev_restore  d_alpha += dw.v, w -= rint(alpha*v), writes p, dv += alpha*dw,
                u = (1-gamma)*dv (the HVP direction, in the model dtype)
-  rev_step     v -= ..., v <- v/gamma exactly (push mod n, pop mod 2^k),
+  rev_step     v -= ..., v <- v/gamma exactly (pop mod 2^k, push mod n),
                d_gamma, d_lambda, dw -= hvp + (1-gamma)*lam*dv, dv *= gamma
 The arithmetic is the same, operation for operation, as csrc/include/fastreg/reversible.h
 and the PyTorch reference in fastreg/ops/reversible.py.
@@ -195,17 +195,16 @@ def _fwd_one(i, w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_s
     c = np.int64(count[i])
     vi = v[i]
     wi = w[i]
-    # -- v <- gamma v exactly: push v mod 2^k, then pop a symbol mod n (bits back)
+    # -- v <- gamma v exactly (bits back): pop a symbol mod n, then push v mod 2^k,
+    # spilling a word first when the shifted head would reach 2^63
     lo = vi & dmask
     vh = vi >> k
-    if x >= (np.int64(1) << (np.int64(63) - k)):
-        x, c, bad = _push_word(x, c, spill, i)
-    x = (x << k) | lo
     slot = x & MASK31
     s, f, cum = _sym_of_slot(slot, q, rr, thr, 1.0 / np.float64(q), 1.0 / np.float64(q + 1))
     x = f * (x >> np.int64(31)) + slot - cum
-    if x < L:
-        x, c = _pop_word(x, c, spill, i)
+    if x >= (np.int64(1) << (np.int64(63) - k)):
+        x, c, bad = _push_word(x, c, spill, i)
+    x = (x << k) | lo
     vi = vh * n + s
     # -- v -= (1 - gamma)(g + lam w), rounded to the grid
     wf = np.float64(wi) * inv_scale
@@ -258,9 +257,7 @@ def _fwd_step(w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_sca
             x = hs[e]
             vi = vs[e]
             wi = ws[e]
-            sl_ = x >= lim_push  # would spill a word first
-            x2 = (x << k) | (vi & dmask)
-            slot = x2 & MASK31
+            slot = x & MASK31
             # _sym_of_slot, written out branch-free: calling a select-only copy of it here
             # measured 5-18% slower on this loop (10^6 elements, one thread)
             a = slot < thr
@@ -272,8 +269,9 @@ def _fwd_step(w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_sca
             r = r0 - sq * d
             sq = sq - np.int64(1) if r < 0 else sq
             sq = sq + np.int64(1) if r >= d else sq
-            x3 = d * (x2 >> np.int64(31)) + r0 - sq * d
-            sl_ = sl_ | (x3 < L)  # would refill a word
+            x1 = d * (x >> np.int64(31)) + r0 - sq * d
+            sl_ = x1 >= lim_push  # would spill a word before the push
+            x3 = (x1 << k) | (vi & dmask)
             vn = (vi >> k) * n + sq + off
             t = c1s * (np.float64(gs[e]) + lam * (np.float64(wi) * inv_scale))
             dv = np.rint(t)
@@ -348,18 +346,17 @@ def _rev_one(i, e, w, v, head, count, spill, g, hvp, dw, dv, tg, tl, k, n, gamma
     if not (abs(vi) < LIMIT):
         bad |= BAD_V_RANGE
         vi = np.int64(0)
-    # -- v <- v / gamma exactly: push v mod n, then pop the low k bits
+    # -- v <- v / gamma exactly: s = v mod n goes back into the head, v's low k bits come out
     vh, s = _floordiv_small(vi, n, 1.0 / np.float64(n))
     f, cum = _freq_of_sym(s, q, rr, thr)
-    if x >= (f << np.int64(32)):
-        x, c, pb = _push_word(x, c, spill, i)
-        bad |= pb
-    xq, xr = _floordiv_small(x, f, 1.0 / np.float64(f))
-    x = (xq << np.int64(31)) + cum + xr
+    # pop the low k bits, refill the word the forward step spilled (it did exactly when
+    # what is left is below f), push s back
     lo = x & dmask
     x = x >> k
-    if x < L:
+    if x < f:
         x, c = _pop_word(x, c, spill, i)
+    xq, xr = _floordiv_small(x, f, 1.0 / np.float64(f))
+    x = (xq << np.int64(31)) + cum + xr
     vi = vh * (dmask + np.int64(1)) + lo
     head[i] = x
     count[i] = c
@@ -409,13 +406,13 @@ def _rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, o
             q2, s, oks = _divmod_est(vi - vh * n, n, invn)
             vh += q2
             f, cum = _freq_of_sym(s, q, rr, thr)
-            sl_ = x >= (f << np.int64(32))  # would spill a word first
-            # (xq, xr) = divmod(x, f), x < f 2^32 on the fast path
-            xq, xr, okx = _divmod_est(x, f, invq1 if f != q else invq)
+            lo = x & dmask
+            x1 = x >> k
+            sl_ = x1 < f  # would refill a word
+            # (xq, xr) = divmod(x1, f); exact on the fast path for k >= 10 (x1 < 2^53)
+            xq, xr, okx = _divmod_est(x1, f, invq1 if f != q else invq)
             x2 = (xq << np.int64(31)) + cum + xr
-            lo = x2 & dmask
-            x2 = x2 >> k
-            sl_ = sl_ | (x2 < L) | (not oki) | (not okv) | (not oks) | (not okx)
+            sl_ = sl_ | (not oki) | (not okv) | (not oks) | (not okx)
             vn = vh * (dmask + np.int64(1)) + lo
             dvt = dvs[e]
             tg[e] = dvt * (np.float64(vn) * inv_scale + (gi + lam * wf))

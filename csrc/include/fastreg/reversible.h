@@ -118,9 +118,9 @@ FASTREG_HD void emit(int64_t& x, int64_t& c, uint32_t* spill, int64_t stride, in
   }
 }
 
-// Renormalise after a pop: shift in the top spill word (0 when empty) while x < 2^31.
-FASTREG_HD void refill(int64_t& x, int64_t& c, const uint32_t* spill, int64_t stride) {
-  if (x < kL) {
+// Renormalise before a pop: shift in the top spill word (0 when empty) when x < below.
+FASTREG_HD void refill(int64_t& x, int64_t& c, const uint32_t* spill, int64_t stride, int64_t below) {
+  if (x < below) {
     int64_t word = 0;
     if (c > 0) {
       c -= 1;
@@ -147,11 +147,11 @@ FASTREG_HD int fwd_element(int64_t& w, int64_t& v, int64_t& x, int64_t& c, uint3
   const int64_t dmask = (int64_t(1) << k) - 1;
   int64_t vi = v;
   int64_t wi = w;
-  // v <- gamma v exactly: push v mod 2^k, pop a symbol mod n (bits back)
+  // v <- gamma v exactly (bits back): pop a symbol s mod n from the head, then push the
+  // low k bits of v. Popping first keeps the head in one 32-bit window, so the coder
+  // spills a word only every ~32 / log2(1/gamma) steps and never refills here.
   const int64_t lo = vi & dmask;
   const int64_t vh = vi >> k;
-  emit(x, c, spill, stride, cap, int64_t(1) << (63 - k), bad);
-  x = (x << k) | lo;
   const int64_t slot = x & kMask31;
   int64_t s, f, cum;
   if (slot < cd.thr) {
@@ -164,8 +164,9 @@ FASTREG_HD int fwd_element(int64_t& w, int64_t& v, int64_t& x, int64_t& c, uint3
     s += cd.rr;
     f = cd.q;
   }
-  x = f * (x >> 31) + slot - cum;
-  refill(x, c, spill, stride);
+  x = f * (x >> 31) + slot - cum;  // in [f, f 2^32)
+  emit(x, c, spill, stride, cap, int64_t(1) << (63 - k), bad);
+  x = (x << k) | lo;  // back in [2^31, 2^63)
   vi = vh * cd.n + s;
   // v -= (1 - gamma)(g + lam w); w += alpha v, both rounded to the grid
   double dv = increment(g, wi, c1s, lam, inv_scale);
@@ -225,7 +226,7 @@ FASTREG_HD int rev_element(int64_t w, int64_t& v, int64_t& x, int64_t& c, uint32
     bad |= kBadVRange;
     vi = 0;
   }
-  // v <- v / gamma exactly: push v mod n, pop the low k bits
+  // v <- v / gamma exactly: s = v mod n goes back into the head, the low k bits come out
   int64_t vh, s;
   floordiv_small(vi, cd.n, cd.invn, vh, s);
   int64_t f, cum;
@@ -236,13 +237,14 @@ FASTREG_HD int rev_element(int64_t w, int64_t& v, int64_t& x, int64_t& c, uint32
     f = cd.q;
     cum = cd.thr + (s - cd.rr) * cd.q;
   }
-  emit(x, c, spill, stride, cap, f << 32, bad);
+  // the forward step's inverse: pop the low k bits, refill the word the forward step
+  // spilled (it did exactly when what is left is below f), push s back
+  const int64_t lo = x & ((int64_t(1) << k) - 1);
+  x >>= k;
+  refill(x, c, spill, stride, f);
   int64_t xq, xr;
   floordiv_small(x, f, f == cd.q ? cd.invq : cd.invq1, xq, xr);
   x = (xq << 31) + cum + xr;
-  const int64_t lo = x & ((int64_t(1) << k) - 1);
-  x >>= k;
-  refill(x, c, spill, stride);
   vi = vh * (int64_t(1) << k) + lo;
   v = vi;
   const double dvt = dv;
