@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -50,3 +51,53 @@ def check_op_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, 
     if t.shape != ref.shape or t.device != ref.device:
         raise ValueError(f"fastreg::{op}: {name} has shape {tuple(t.shape)} on {t.device}, needs "
                          f"{ref_name}'s shape {tuple(ref.shape)} on {ref.device}")
+
+
+# ---------------------------------------------------------------- ops called directly
+# The public wrappers check their arguments, but torch.ops.fastreg.* can be called without
+# them. By the time an op body runs, the dispatcher has converted each scalar to its schema type
+# (int or float; a bool arrives as an int), so only the ranges the wrappers allow are checked
+# here. All O(1): tensor metadata only, never tensor data (no device sync). Only the op bodies
+# call these; the eager fast paths behind the wrappers do not (already checked there).
+def check_op_seed(seed: torch.Tensor, ref: torch.Tensor, ref_name: str, op: str) -> None:
+    """seed as fastreg._seed.seed_tensor builds it: 0-dim int64 on ref's device (the GPU kernels
+    dereference it there). Its value is not range-checked, as for the wrappers' seed tensors."""
+    if seed.dim() != 0 or seed.dtype != torch.int64:
+        raise TypeError(f"fastreg::{op}: seed must be a 0-dim int64 tensor, got shape "
+                        f"{tuple(seed.shape)} dtype {seed.dtype}")
+    if seed.device != ref.device:
+        raise ValueError(f"fastreg::{op}: seed must be on {ref_name}'s device ({ref.device}), "
+                         f"got {seed.device}")
+
+
+def check_op_stream(stream: int, op: str) -> None:
+    # the schema's int is an int64, so stream < 2^63 (fastreg._seed.SEED_LIMIT) already holds
+    if stream < 0:
+        raise ValueError(f"fastreg::{op}: stream must be in [0, 2^63), got {stream}")
+
+
+def check_op_rng(seed: torch.Tensor, stream: int, ref: torch.Tensor, ref_name: str,
+                 op: str) -> None:
+    check_op_seed(seed, ref, ref_name, op)
+    check_op_stream(stream, op)
+
+
+def check_op_probability(p: float, name: str, op: str) -> None:
+    """p in [0, 1], check_probability's rule."""
+    if not 0.0 <= p <= 1.0:  # also rejects NaN
+        raise ValueError(f"fastreg::{op}: {name} must be in [0, 1], got {p}")
+
+
+def check_op_code(v: int, name: str, meanings: tuple, op: str) -> None:
+    """An int that selects one of len(meanings) behaviours (0, 1, ...): a kernel given another
+    value silently takes some default branch."""
+    if not 0 <= v < len(meanings):
+        codes = [f"{i} ({m})" for i, m in enumerate(meanings)]
+        allowed = codes[0] if len(codes) == 1 else ", ".join(codes[:-1]) + " or " + codes[-1]
+        raise ValueError(f"fastreg::{op}: {name} must be {allowed}, got {v}")
+
+
+def check_op_nonneg(v: float, name: str, op: str) -> None:
+    """A finite number >= 0 (eps, step sizes)."""
+    if not 0.0 <= v < math.inf:  # also rejects NaN
+        raise ValueError(f"fastreg::{op}: {name} must be a finite number >= 0, got {v}")

@@ -30,7 +30,8 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from fastreg import _alloc, _backend, _native
-from fastreg._validate import check_float_tensor, check_op_like, check_same, compute_dtype
+from fastreg._validate import (check_float_tensor, check_op_like, check_op_nonneg, check_same,
+                               compute_dtype)
 
 _SUPPORTED = ("numba", "triton")
 _BLOCK = 1024
@@ -54,6 +55,18 @@ def pgd_step_reference(x, x0, grad, step, eps, lo=-math.inf, hi=math.inf):
 
 def fgsm_reference(x, grad, eps, lo=-math.inf, hi=math.inf):
     return pgd_step_reference(x, None, grad, eps, 0.0, lo, hi)
+
+
+# ---------------------------------------------------------------- checks of direct calls
+def _check_op_scalars(step: float, eps: float, lo: float, hi: float, op: str) -> None:
+    """The scalars of an op called directly, as fgsm/pgd_step accept them (fgsm passes its eps
+    as step and 0 as eps): step, eps finite >= 0; lo, hi not NaN (+-inf: unbounded), lo <= hi."""
+    check_op_nonneg(step, "step", op)
+    check_op_nonneg(eps, "eps", op)
+    if lo != lo or hi != hi:  # NaN: the clamp would make every output NaN
+        raise ValueError(f"fastreg::{op}: {'lo' if lo != lo else 'hi'} must not be NaN")
+    if lo > hi:
+        raise ValueError(f"fastreg::{op}: lo must be <= hi, got lo={lo}, hi={hi}")
 
 
 # ---------------------------------------------------------------- Numba (opaque inner op)
@@ -84,8 +97,15 @@ def _adversarial_numba_impl(x: torch.Tensor, x0: torch.Tensor | None, grad: torc
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+def _adversarial_numba_op(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor,
+                          step: float, eps: float, lo: float, hi: float) -> torch.Tensor:
+    # a direct call of the inner op (the public op checks before calling the impl itself)
+    _check_op_scalars(step, eps, lo, hi, "adversarial_numba")
+    return _adversarial_numba_impl(x, x0, grad, step, eps, lo, hi)
+
+
 _adversarial_numba = torch.library.custom_op(
-    "fastreg::adversarial_numba", _adversarial_numba_impl, mutates_args=(), device_types="cpu")
+    "fastreg::adversarial_numba", _adversarial_numba_op, mutates_args=(), device_types="cpu")
 
 
 @_adversarial_numba.register_fake
@@ -133,6 +153,7 @@ def _pgd_triton(x, x0, grad, step, eps, lo, hi):
 @triton_op("fastreg::pgd_step", mutates_args=())
 def _pgd_step_op(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor, step: float,
                  eps: float, lo: float, hi: float) -> torch.Tensor:
+    _check_op_scalars(step, eps, lo, hi, "pgd_step")
     backend = _backend.select(x.device, _SUPPORTED, "adversarial")
     if backend == "numba":
         if _plain(x, x0, grad):

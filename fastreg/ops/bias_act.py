@@ -28,7 +28,9 @@ from torch.library import triton_op
 from fastreg import _alloc, _backend
 from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scale_bits,
                            keep_threshold, seed_tensor)
-from fastreg._validate import check_float_tensor, check_op_like, check_probability, compute_dtype
+from fastreg._validate import (check_float_tensor, check_op_code, check_op_like,
+                               check_op_probability, check_op_rng, check_probability,
+                               compute_dtype)
 from fastreg.ops.dropout import dropout_multipliers_reference
 from fastreg.ops.noise import _eager_fast_path
 
@@ -88,6 +90,15 @@ def _check_bias(x: Tensor, bias: Tensor, op: str) -> None:
                          f"needs ({C},) (the last dim of {tuple(x.shape)}) on {x.device}")
 
 
+def _check_scalars(ref: Tensor, ref_name: str, seed: Tensor, stream: int, act: int, p: float,
+                   op: str) -> None:
+    """The scalars of an op called directly (the wrapper checks its own; the eager fast path
+    skips this). An act outside 0..2 would run as no activation in every kernel."""
+    check_op_rng(seed, stream, ref, ref_name, op)
+    check_op_code(act, "act", ("none", "relu", "gelu"), op)
+    check_op_probability(p, "p", op)
+
+
 def _numba_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: float) -> Tensor:
     from fastreg.kernels.numba import bias_act as nb
 
@@ -105,6 +116,7 @@ def _numba_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: 
 
 @torch.library.custom_op("fastreg::bias_act_dropout_fwd_cpu", mutates_args=(), device_types="cpu")
 def _fwd_cpu(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: float) -> Tensor:
+    _check_scalars(x, "x", seed, stream, act, p, "bias_act_dropout_fwd_cpu")
     return _numba_fwd(x, bias, seed, stream, act, p)
 
 
@@ -140,6 +152,7 @@ def _numba_bwd(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: 
 @torch.library.custom_op("fastreg::bias_act_dropout_bwd_cpu", mutates_args=(), device_types="cpu")
 def _bwd_cpu(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int,
              p: float) -> tuple[Tensor, Tensor]:
+    _check_scalars(grad, "grad", seed, stream, act, p, "bias_act_dropout_bwd_cpu")
     return _numba_bwd(grad, saved, bias, seed, stream, act, p)
 
 
@@ -200,6 +213,7 @@ def _bwd_impl(grad, saved, bias, seed, stream, act, p, direct):
 def bias_act_dropout_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int,
                          p: float) -> Tensor:
     """act(x + bias) * keep / (1 - p); act 0 none, 1 relu, 2 gelu."""
+    _check_scalars(x, "x", seed, stream, act, p, "bias_act_dropout_fwd")
     return _fwd_impl(x, bias, seed, stream, act, p, False)
 
 
@@ -207,6 +221,7 @@ def bias_act_dropout_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act
 def bias_act_dropout_bwd(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: int,
                          act: int, p: float) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_bias) in one pass. saved: the output (relu), x (gelu), any (none)."""
+    _check_scalars(grad, "grad", seed, stream, act, p, "bias_act_dropout_bwd")
     return _bwd_impl(grad, saved, bias, seed, stream, act, p, False)
 
 

@@ -27,8 +27,8 @@ from torch.library import triton_op
 from fastreg import _alloc, _backend
 from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scale_bits,
                            keep_threshold, seed_tensor)
-from fastreg._validate import (check_float_tensor, check_op_like, check_probability, check_same,
-                               compute_dtype)
+from fastreg._validate import (check_float_tensor, check_op_like, check_op_probability,
+                               check_op_rng, check_probability, check_same, compute_dtype)
 from fastreg.ops.rng import words_reference
 
 BACKENDS = ("numba", "triton")
@@ -88,6 +88,13 @@ def _np_scale(p: float, dtype: torch.dtype):
     return (np.float64 if compute_dtype(dtype) == torch.float64 else np.float32)(dropout_scale(p))
 
 
+def _check_scalars(x: Tensor, seed: Tensor, stream: int, p: float, op: str) -> None:
+    """The scalars of an op called directly (the wrappers check theirs; the eager fast path
+    skips this): seed, stream and p as fastreg.dropout accepts them."""
+    check_op_rng(seed, stream, x, "x", op)
+    check_op_probability(p, "p", op)
+
+
 def _numba_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
                with_bits: bool) -> tuple[Tensor, Tensor]:
     import numpy as np
@@ -109,6 +116,7 @@ def _numba_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
 @torch.library.custom_op("fastreg::dropout_fwd_cpu", mutates_args=(), device_types="cpu")
 def _dropout_fwd_cpu(x: Tensor, seed: Tensor, stream: int, p: float,
                      with_bits: bool) -> tuple[Tensor, Tensor]:
+    _check_scalars(x, seed, stream, p, "dropout_fwd_cpu")
     return _numba_fwd(x, seed, stream, p, with_bits)
 
 
@@ -130,6 +138,7 @@ def _numba_add(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float)
 
 @torch.library.custom_op("fastreg::dropout_add_fwd_cpu", mutates_args=(), device_types="cpu")
 def _dropout_add_fwd_cpu(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
+    _check_scalars(x, seed, stream, p, "dropout_add_fwd_cpu")
     return _numba_add(x, residual, seed, stream, p)
 
 
@@ -165,6 +174,7 @@ def _numba_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
 
 @torch.library.custom_op("fastreg::dropout_bits_apply_cpu", mutates_args=(), device_types="cpu")
 def _dropout_bits_apply_cpu(grad: Tensor, bits: Tensor, p: float) -> Tensor:
+    check_op_probability(p, "p", "dropout_bits_apply_cpu")
     return _numba_bits_apply(grad, bits, p)
 
 
@@ -249,18 +259,21 @@ def _bits_apply_impl(grad, bits, p, direct):
 def dropout_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
                 with_bits: bool) -> tuple[Tensor, Tensor]:
     """(x * keep / (1 - p), packed keep bits if with_bits else an empty uint8 tensor)."""
+    _check_scalars(x, seed, stream, p, "dropout_fwd")
     return _fwd_impl(x, seed, stream, p, with_bits, False)
 
 
 @triton_op("fastreg::dropout_add_fwd", mutates_args=())
 def dropout_add_fwd(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
     """residual + x * keep / (1 - p), in one pass."""
+    _check_scalars(x, seed, stream, p, "dropout_add_fwd")
     return _add_impl(x, residual, seed, stream, p, False)
 
 
 @triton_op("fastreg::dropout_bits_apply", mutates_args=())
 def dropout_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
     """grad * keep / (1 - p) with keep read from the packed mask."""
+    check_op_probability(p, "p", "dropout_bits_apply")
     return _bits_apply_impl(grad, bits, p, False)
 
 

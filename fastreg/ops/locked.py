@@ -32,7 +32,8 @@ from torch.library import triton_op
 from fastreg import _alloc, _backend
 from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scale_bits,
                            keep_threshold, seed_tensor)
-from fastreg._validate import check_float_tensor, check_probability, compute_dtype
+from fastreg._validate import (check_float_tensor, check_op_probability, check_op_rng,
+                               check_probability, compute_dtype)
 from fastreg.ops.dropout import dropout_multipliers_reference
 from fastreg.ops.noise import _eager_fast_path
 
@@ -53,15 +54,27 @@ def locked_dropout_reference(x: Tensor, seed, stream: int, p: float, dim: int,
     return out.to(x.dtype).reshape(x.shape)
 
 
+# ---------------------------------------------------------------- checks of direct calls
+def _check_scalars(x: Tensor, seed: Tensor, stream: int, p: float, op: str) -> None:
+    """seed, stream and p of an op called directly, as the wrappers accept them (the eager fast
+    path skips this; dim is checked where the kernel is chosen, _check_dim)."""
+    check_op_rng(seed, stream, x, "x", op)
+    check_op_probability(p, "p", op)
+
+
+def _check_dim(x: Tensor, dim: int, op: str) -> None:
+    if not 0 <= dim < x.dim():  # a negative dim made (O, D, I) cover more than x: a wrong mask
+        raise ValueError(f"fastreg::{op}: dim must be in [0, {x.dim()}) for x of "
+                         f"shape {tuple(x.shape)}, got {dim}")
+
+
 # ---------------------------------------------------------------- Numba (CPU)
 def _numba_locked(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> Tensor:
     import numpy as np
 
     from fastreg.kernels.numba import locked as nb
 
-    if not 0 <= dim < x.dim():  # a negative dim made (O, D, I) cover more than x: a wrong mask
-        raise ValueError(f"fastreg::locked_dropout_cpu: dim must be in [0, {x.dim()}) for x of "
-                         f"shape {tuple(x.shape)}, got {dim}")
+    _check_dim(x, dim, "locked_dropout_cpu")
     cd = compute_dtype(x.dtype)
     xa = x.to(cd).contiguous().view(-1).numpy()
     out = _alloc.empty_like_numpy(xa)
@@ -76,6 +89,7 @@ def _numba_locked(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> T
 
 @torch.library.custom_op("fastreg::locked_dropout_cpu", mutates_args=(), device_types="cpu")
 def _locked_dropout_cpu(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> Tensor:
+    _check_scalars(x, seed, stream, p, "locked_dropout_cpu")
     return _numba_locked(x, seed, stream, p, dim)
 
 
@@ -92,6 +106,7 @@ def _locked_impl(x, seed, stream, p, dim, direct):
         if direct:
             return _numba_locked(x, seed, stream, p, dim)
         return torch.ops.fastreg.locked_dropout_cpu(x, seed, stream, p, dim)
+    _check_dim(x, dim, "locked_dropout")  # the Numba path checks it as locked_dropout_cpu
     if backend == "triton":
         from fastreg.kernels.triton import locked as tk
 
@@ -108,6 +123,7 @@ def _locked_impl(x, seed, stream, p, dim, direct):
 @triton_op("fastreg::locked_dropout", mutates_args=())
 def locked_dropout_op(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> Tensor:
     """x * keep(j) / (1 - p), j = the row-major index of x with dim removed (dim >= 0)."""
+    _check_scalars(x, seed, stream, p, "locked_dropout")
     return _locked_impl(x, seed, stream, p, dim, False)
 
 
@@ -157,6 +173,7 @@ def _masked_weight(weight: Tensor, seed: Tensor, stream: int, p: float, direct: 
 def dropconnect_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], seed: Tensor,
                           stream: int, p: float) -> Tensor:
     """x (W * mask / (1 - p))^T + bias; the masked weight is a temporary."""
+    _check_scalars(x, seed, stream, p, "dropconnect_linear")
     return torch.nn.functional.linear(x, _masked_weight(weight, seed, stream, p, True), bias)
 
 

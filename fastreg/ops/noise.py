@@ -35,7 +35,8 @@ from torch.library import triton_op
 
 from fastreg import _alloc, _backend
 from fastreg._seed import check_seed, check_stream, seed_tensor
-from fastreg._validate import check_float_tensor, check_op_like, check_probability, compute_dtype
+from fastreg._validate import (check_float_tensor, check_op_code, check_op_like, check_op_rng,
+                               check_probability, compute_dtype)
 from fastreg.ops.rng import normals_reference, uniform_from_words_reference, words_reference
 
 BACKENDS = ("numba", "triton")
@@ -143,6 +144,15 @@ def _check_sigma(x: Tensor, sigma: Tensor, op: str) -> None:
                          f"{x.device}")
 
 
+def _check_scalars(ref: Tensor, ref_name: str, seed: Tensor, stream: int, dist: int,
+                   op: str) -> None:
+    """The scalars of an op called directly (the wrappers check theirs; the eager fast path
+    skips this). A dist outside 0..1 would silently draw uniform noise in the kernels. sigma is
+    a tensor whose values the wrappers do not check either (a learned sigma may go negative)."""
+    check_op_rng(seed, stream, ref, ref_name, op)
+    check_op_code(dist, "dist", DISTS, op)
+
+
 def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
                additive: bool) -> Tensor:
     from fastreg.kernels.numba import noise as nb
@@ -162,6 +172,7 @@ def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
 @torch.library.custom_op("fastreg::noise_fwd_cpu", mutates_args=(), device_types="cpu")
 def _noise_fwd_cpu(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
                    additive: bool) -> Tensor:
+    _check_scalars(x, "x", seed, stream, dist, "noise_fwd_cpu")
     return _numba_fwd(x, sigma, seed, stream, dist, additive)
 
 
@@ -208,6 +219,8 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
 @torch.library.custom_op("fastreg::noise_bwd_cpu", mutates_args=(), device_types="cpu")
 def _noise_bwd_cpu(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
                    additive: bool, need_gx: bool, need_gs: bool) -> tuple[Tensor, Tensor]:
+    _check_scalars(grad, "grad", seed, stream, dist, "noise_bwd_cpu")
+    _check_additive_gx(additive, need_gx, "noise_bwd_cpu")
     return _numba_bwd(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs)
 
 
@@ -250,10 +263,13 @@ def _fwd_impl(x, sigma, seed, stream, dist, additive, direct):
     return noise_reference(x, sigma, seed, stream, dist, additive)
 
 
-def _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, direct):
+def _check_additive_gx(additive: bool, need_gx: bool, op: str) -> None:
     if additive and need_gx:
-        raise ValueError("fastreg.noise_bwd: additive noise has grad_x = grad; "
-                         "need_gx must be False")
+        raise ValueError(f"fastreg::{op}: additive noise has grad_x = grad; need_gx must be False")
+
+
+def _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, direct):
+    _check_additive_gx(additive, need_gx, "noise_bwd")
     backend = _backend.select(grad.device, BACKENDS, "noise")
     n = grad.numel()
     if backend == "numba":
@@ -296,6 +312,7 @@ def _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, di
 def noise_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
               additive: bool) -> Tensor:
     """x * (1 + sigma * eps), or x + sigma * eps when additive (sigma broadcast over x)."""
+    _check_scalars(x, "x", seed, stream, dist, "noise_fwd")
     return _fwd_impl(x, sigma, seed, stream, dist, additive, False)
 
 
@@ -307,6 +324,7 @@ def noise_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int,
     grad_x = grad * (1 + sigma * eps) (multiplicative only: the additive one is grad);
     grad_sigma = sum over sigma's broadcast dims of grad * x * eps (additive: grad * eps).
     x is read only for the multiplicative grad_sigma (else pass any tensor)."""
+    _check_scalars(grad, "grad", seed, stream, dist, "noise_bwd")
     return _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, False)
 
 

@@ -29,7 +29,8 @@ from torch.library import triton_op, wrap_triton
 
 from fastreg import _alloc, _backend, _native
 from fastreg._seed import check_stream, seed_tensor
-from fastreg._validate import check_float_tensor, check_op_like, check_same, compute_dtype
+from fastreg._validate import (check_float_tensor, check_op_like, check_op_nonneg, check_op_rng,
+                               check_same, compute_dtype)
 from fastreg.ops.rng import normals_reference
 
 BACKENDS = ("numba", "triton")
@@ -71,6 +72,14 @@ def _np_scalar(v: float, dtype: torch.dtype):
     return (np.float64 if compute_dtype(dtype) == torch.float64 else np.float32)(v)
 
 
+def _check_scalars(ref: Tensor, ref_name: str, seed: Tensor, stream: int, eps: float,
+                   op: str) -> None:
+    """seed, stream and eps of an op called directly, as vd_sample accepts them (a negative
+    eps turns var = 0 into NaN)."""
+    check_op_rng(seed, stream, ref, ref_name, op)
+    check_op_nonneg(eps, "eps", op)
+
+
 def _vd_sample_cpu_impl(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
     from fastreg.kernels.numba import variational as nb
 
@@ -82,7 +91,13 @@ def _vd_sample_cpu_impl(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps:
     return torch.from_numpy(out).to(mu.dtype).view(mu.shape)
 
 
-_vd_sample_cpu = torch.library.custom_op("fastreg::vd_sample_cpu", _vd_sample_cpu_impl,
+def _vd_sample_cpu_op(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
+    # a direct call of the inner op (the public op checks before calling the impl itself)
+    _check_scalars(mu, "mu", seed, stream, eps, "vd_sample_cpu")
+    return _vd_sample_cpu_impl(mu, var, seed, stream, eps)
+
+
+_vd_sample_cpu = torch.library.custom_op("fastreg::vd_sample_cpu", _vd_sample_cpu_op,
                                          mutates_args=(), device_types="cpu")
 
 
@@ -104,8 +119,14 @@ def _vd_sample_grad_var_cpu_impl(grad: Tensor, var: Tensor, seed: Tensor, stream
     return torch.from_numpy(out).to(grad.dtype).view(grad.shape)
 
 
+def _vd_sample_grad_var_cpu_op(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
+                               eps: float) -> Tensor:
+    _check_scalars(grad, "grad", seed, stream, eps, "vd_sample_grad_var_cpu")
+    return _vd_sample_grad_var_cpu_impl(grad, var, seed, stream, eps)
+
+
 _vd_sample_grad_var_cpu = torch.library.custom_op(
-    "fastreg::vd_sample_grad_var_cpu", _vd_sample_grad_var_cpu_impl, mutates_args=(),
+    "fastreg::vd_sample_grad_var_cpu", _vd_sample_grad_var_cpu_op, mutates_args=(),
     device_types="cpu")
 
 
@@ -150,6 +171,7 @@ def _launch(kernel, a: Tensor, var: Tensor, seed: Tensor, stream: int, eps: floa
 @triton_op("fastreg::vd_sample", mutates_args=())
 def vd_sample_op(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
     """mu + sqrt(var + eps) * z, z the spec's normals at (seed, stream)."""
+    _check_scalars(mu, "mu", seed, stream, eps, "vd_sample")
     backend = _backend.select(mu.device, BACKENDS, "vd_sample")
     if backend == "numba":
         if _plain(mu, var, seed):
@@ -166,6 +188,7 @@ def vd_sample_op(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float)
 def vd_sample_grad_var_op(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
                           eps: float) -> Tensor:
     """grad * z / (2 sqrt(var + eps)), z regenerated from (seed, stream)."""
+    _check_scalars(grad, "grad", seed, stream, eps, "vd_sample_grad_var")
     backend = _backend.select(grad.device, BACKENDS, "vd_sample")
     if backend == "numba":
         if _plain(grad, var, seed):
