@@ -3,7 +3,8 @@
 Groups:
   "reversible fwd step d=1e6"     ReversibleSGD.step vs torch.optim.SGD(momentum) step, and the
                                   copy floor of the bytes the exact step moves (gradient excluded)
-  "reversible rev step d=1e6"     the two fused reverse kernels (HVP excluded) vs the same SGD step
+  "reversible rev step d=1e6"     one reverse step, HVP excluded (rev_step of step t and the restore
+                                  of step t-1 in one pass) vs the same SGD step
 Each at 1 and 2 threads, and with the caches warm (steps back to back: SGD's 12 MB stay in the
 32 MB L3) or flushed before every step (as the forward and backward passes between two steps
 of real training do). The exact steps are timed in the coder's steady state (after
@@ -105,10 +106,14 @@ def test_reversible_rev_step(benchmark, provider, threads, cache):
     alpha, n, gamma, omg, c1s, lam = opt._step_consts(opt.param_groups[0], 0)
     backend = K.backend_for(p.device)
 
-    def reverse_step():  # restore w_t, then v_t and the buffer (the HVP is the model's own cost)
-        K.rev_restore(backend, st["w"], st["v"], dw, dv, u, p.data.view(-1), alpha, omg, opt.inv_scale)
-        code, _, _ = K.rev_step(backend, st["w"], st["v"], st["head"], st["count"], st["spill"], g, hvp,
-                                dw, dv, opt.momentum_bits, n, gamma, c1s, lam, omg, opt.inv_scale)
+    # one reverse step as ReversibleSGD.reverse runs it (the HVP is the model's own cost): v_t and
+    # the buffer, then the restore of w_{t-1}, fused into one pass (after one restore alone)
+    K.rev_restore(backend, st["w"], st["v"], dw, dv, u, p.data.view(-1), alpha, omg, opt.inv_scale)
+
+    def reverse_step():
+        code, _, _, _ = K.rev_step_restore(backend, st["w"], st["v"], st["head"], st["count"], st["spill"],
+                                           g, hvp, dw, dv, u, p.data.view(-1), opt.momentum_bits, n, gamma,
+                                           c1s, lam, omg, alpha, omg, opt.inv_scale)
         assert code == 0
 
     run(benchmark, reverse_step, "cpu", provider=provider, group=group, rounds=ROUNDS, setup=cache)

@@ -83,6 +83,48 @@ def test_kernels_match_reference_and_invert(backend, k, gamma, fdtype, n_el, gen
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("k,gamma", [(16, 0.9), (16, 0.5), (20, 0.3), (16, 2.0**-15)])
+@pytest.mark.parametrize("fdtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_el", [1037, 40_001])
+def test_fused_reverse_matches_the_two_kernels(k, gamma, fdtype, n_el, gen):
+    """rev_step_restore (step t's rev_step, then step t-1's restore, in one Numba pass) gives
+    the states, outputs and sums of rev_step followed by rev_restore, bit for bit, and the
+    reference's to rounding; elements on the vectorised and the scalar path both."""
+    cap, F = 6, 44
+    n = max(2, int(round(gamma * 2**k)))
+    inv, omg = 2.0**-F, 1.0 - n / 2**k
+    lam, alpha2, omg2 = 0.013, 0.21, 0.37
+    state = _random_state(n_el, cap, gen, k)
+    state[2][::3] = K.L + torch.arange(0, n_el, 3) * 977  # fresh heads: the vectorised path
+    state[2][1::3] = K.L + 12345  # heads a reverse step must refill: the scalar path
+    state[3][1::3] = 2
+    g = (torch.randn(n_el, generator=gen, dtype=torch.float64) * 3).to(fdtype)
+    hvp = torch.randn(n_el, generator=gen, dtype=torch.float64).to(fdtype)
+    dw0 = torch.randn(n_el, generator=gen, dtype=torch.float64)
+    dv0 = torch.randn(n_el, generator=gen, dtype=torch.float64)
+    runs = {}
+    for name in ("fused", "two", "torch"):
+        st, dw, dv = _clone(state), dw0.clone(), dv0.clone()
+        u, p = torch.empty(n_el, dtype=fdtype), torch.empty(n_el, dtype=fdtype)
+        if name == "fused":
+            code, dg, dl, da = K.rev_step_restore("numba", *st, g, hvp, dw, dv, u, p, k, n, n / 2**k,
+                                                  omg * 2.0**F, lam, omg, alpha2, omg2, inv)
+        else:
+            b = "numba" if name == "two" else "torch"
+            code, dg, dl = K.rev_step(b, *st, g, hvp, dw, dv, k, n, n / 2**k, omg * 2.0**F, lam, omg, inv)
+            da = K.rev_restore(b, st[0], st[1], dw, dv, u, p, alpha2, omg2, inv)
+        assert code == 0
+        runs[name] = (st, (dw, dv, u, p), (dg, dl, da))
+    fused, two, ref = runs["fused"], runs["two"], runs["torch"]
+    for a, b, c in zip(fused[0] + list(fused[1]), two[0] + list(two[1]), ref[0] + list(ref[1])):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert fused[2] == two[2]  # the same chunked sums, in the same order
+    for a, c in zip(fused[2], ref[2]):
+        assert math.isclose(a, c, rel_tol=1e-12, abs_tol=1e-9)
+    assert not torch.equal(fused[0][2], state[2]) and not torch.equal(fused[0][0], state[0])
+    assert bool((fused[0][3][1::3] == 1).all())  # those did refill a word
+
+
 def test_numba_sums_do_not_depend_on_threads_or_driver(gen):
     """The Numba kernels' reductions (d alpha, d gamma, d lambda) and states are the same,
     bit for bit, with 1 or 2 threads and from the serial driver; the elements mostly take

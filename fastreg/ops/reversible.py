@@ -277,6 +277,26 @@ def rev_step(backend, w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s
                               inv_scale)
 
 
+def rev_step_restore(backend, w, v, head, count, spill, g, hvp, dw, dv, u, p_out, k, n, gamma,
+                     c1s, lam, omg, alpha2, omg2, inv_scale):
+    """rev_step of step t, then rev_restore of step t - 1 (its alpha2, omg2). Numba fuses the
+    two into one pass; the other backends run them one after the other. The states are
+    bit-identical either way. Returns (status, d_gamma_t, sum dv.w, d_alpha_{t-1}); after a
+    nonzero status the state is not to be used (the optimizer raises and refuses to go on)."""
+    if backend == "numba":
+        from fastreg.kernels.numba import reversible as K
+
+        st, dg, dl, da = K.rev_step_restore(_np(w), _np(v), _np(head), _np(count), _u32(spill),
+                                            _np(g), _np(hvp), _np(dw), _np(dv), _np(u), _np(p_out),
+                                            k, n, gamma, c1s, lam, omg, alpha2, omg2, inv_scale)
+        return int(st), float(dg), float(dl), float(da)
+    st, dg, dl = rev_step(backend, w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam,
+                          omg, inv_scale)
+    if st:
+        return st, dg, dl, 0.0
+    return st, dg, dl, rev_restore(backend, w, v, dw, dv, u, p_out, alpha2, omg2, inv_scale)
+
+
 def _partials(numel: int) -> int:
     """Blocks of the CUDA reductions (one partial sum each, summed by torch: deterministic)."""
     threads = 256

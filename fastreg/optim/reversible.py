@@ -334,21 +334,31 @@ class ReversibleSGD(torch.optim.Optimizer):
                for name in _HYPERS}
 
         backend = self._backends()
+
+        def restore(p, gi, t, step_t1=None):
+            """Step t's restore of p (w_{t+1} -> w_t, d alpha_t, dv += alpha dw), alone or in one
+            pass after step t+1's rev_step (step_t1: its arguments and constants). Returns the
+            HVP direction u of step t, and the rev_step's (status, d gamma, dv.w) if any."""
+            alpha, n, gamma, omg, c1s, lam = self._step_consts(self.param_groups[gi], t)
+            st = self.state[p]
+            out, copy = self._out_view(p)
+            u = torch.empty(p.numel(), dtype=self._fbuf(p), device=p.device)
+            rev = None
+            if step_t1 is None:
+                da = K.rev_restore(backend(p), st["w"], st["v"], dw[id(p)], dv[id(p)], u, out,
+                                   alpha, omg, self.inv_scale)
+            else:
+                args, consts_t1 = step_t1
+                *rev, da = K.rev_step_restore(*args, u, out, *consts_t1, alpha, omg, self.inv_scale)
+            if copy:
+                p.data.copy_(out.view_as(p))
+            hyp[(gi, "lr")][t] += da
+            return u, rev
+
+        with torch.no_grad():
+            us = [restore(p, gi, T - 1)[0] for p, (gi, pi) in zip(params, where)] if T else []
         for t in range(T - 1, -1, -1):
             consts = [self._step_consts(g, t) for g in self.param_groups]
-            us = []
-            with torch.no_grad():
-                for p, (gi, pi) in zip(params, where):
-                    alpha, n, gamma, omg, c1s, lam = consts[gi]
-                    st = self.state[p]
-                    out, copy = self._out_view(p)
-                    u = torch.empty(p.numel(), dtype=self._fbuf(p), device=p.device)
-                    da = K.rev_restore(backend(p), st["w"], st["v"], dw[id(p)], dv[id(p)], u, out,
-                                       alpha, omg, self.inv_scale)
-                    if copy:
-                        p.data.copy_(out.view_as(p))
-                    hyp[(gi, "lr")][t] += da
-                    us.append(u)
             with torch.enable_grad():
                 loss = closure(t)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -365,18 +375,25 @@ class ReversibleSGD(torch.optim.Optimizer):
             with torch.no_grad():
                 for m, hm in zip(metas_t, hv[len(params):]):
                     _acc(meta_acc, m, hm, -1.0)
+                next_us = []
                 for i, (p, (gi, pi)) in enumerate(zip(params, where)):
                     alpha, n, gamma, omg, c1s, lam = consts[gi]
                     st = self.state[p]
                     g = self._flat(gs[i], p)
                     h = self._flat(hv[i], p)
-                    code, dg, dl = K.rev_step(backend(p), st["w"], st["v"], st["head"], st["count"],
-                                              st["spill"], g, h, dw[id(p)], dv[id(p)], self.momentum_bits, n,
-                                              gamma, c1s, lam, omg, self.inv_scale)
+                    args = (backend(p), st["w"], st["v"], st["head"], st["count"], st["spill"], g, h,
+                            dw[id(p)], dv[id(p)])
+                    consts_t = (self.momentum_bits, n, gamma, c1s, lam, omg)
+                    if t > 0:  # this step's rev_step and step t-1's restore, in one pass
+                        u, (code, dg, dl) = restore(p, gi, t - 1, step_t1=(args, consts_t))
+                        next_us.append(u)
+                    else:
+                        code, dg, dl = K.rev_step(*args, *consts_t, self.inv_scale)
                     if code:
                         self._raise(code, gi, pi, t, "reverse")
                     hyp[(gi, "momentum")][t] += dg
                     hyp[(gi, "weight_decay")][t] += -omg * dl
+                us = next_us
             del gs, hv, outs, gouts, loss
             self._t = t
 
