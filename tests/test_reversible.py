@@ -83,6 +83,24 @@ def test_kernels_match_reference_and_invert(backend, k, gamma, fdtype, n_el, gen
         assert torch.equal(x, y)
 
 
+def test_division_by_multiply_is_exact(gen):
+    """The forward kernel divides slot offsets (< 2^31) by q or q + 1 with _magic_31's multiply
+    and shift: exact, and the product stays below 2^63, for the divisors of every n."""
+    from fastreg.kernels.numba.reversible import _magic_31
+
+    divisors = {1, 2, 3, 7, (1 << 31) - 1, (1 << 30) + 1, 1 << 30}
+    for n in [2, 3, 5, 1000, 46341, 58982, 65535, 65536, (1 << 20) - 3, 1 << 24]:
+        q = (1 << 31) // n
+        divisors.update((q, q + 1))
+    a = torch.randint(0, 1 << 31, (2000,), generator=gen).tolist() + [0, 1, (1 << 31) - 1, (1 << 31) - 2]
+    for d in sorted(divisors):
+        m, sh = _magic_31(d)
+        assert m * ((1 << 31) - 1) < 1 << 63
+        edges = [d - 1, d, d + 1, (((1 << 31) - 1) // d) * d, (((1 << 31) - 1) // d) * d - 1]
+        for x in a + [e for e in edges if 0 <= e < 1 << 31]:
+            assert (x * m) >> sh == x // d, (d, x)
+
+
 @pytest.mark.parametrize("k,gamma", [(16, 0.9), (16, 0.5), (20, 0.3), (16, 2.0**-15)])
 @pytest.mark.parametrize("fdtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n_el", [1037, 40_001])

@@ -101,6 +101,18 @@ def _div_31(a, b, invb):
 
 
 @numba.njit(inline="always", cache=True)
+def _magic_31(d):
+    """(m, sh) with (a * m) >> sh == a // d for every 0 <= a < 2^31, for 1 <= d < 2^31:
+    m = ceil(2^(31+l) / d), l = ceil(log2 d) (Granlund and Montgomery, 1994: m d lies in
+    [2^(31+l), 2^(31+l) + 2^l]). m < 2^32, so a * m < 2^63 stays in int64."""
+    l = np.int64(0)
+    while (np.int64(1) << l) < d:
+        l += np.int64(1)
+    sh = np.int64(31) + l
+    return ((np.int64(1) << sh) + d - np.int64(1)) // d, sh
+
+
+@numba.njit(inline="always", cache=True)
 def _sym_of_slot(slot, q, rr, thr, invq, invq1):
     """Quasi-uniform code over n symbols with total 2^31: symbol, frequency, cumulative."""
     if slot < thr:
@@ -243,8 +255,8 @@ def _fwd_step(w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_sca
     lim_push = np.int64(1) << (np.int64(63) - k)
     q, rr, thr = _code_params(n)
     q1 = q + np.int64(1)
-    invq = 1.0 / np.float64(q)
-    invq1 = 1.0 / np.float64(q1)
+    mq, shq = _magic_31(q)
+    mq1, shq1 = _magic_31(q1)
     nch = (N + CH - 1) // CH
     counts = np.zeros((nch, 4), np.int64)
     for ch in numba.prange(nch):
@@ -258,17 +270,15 @@ def _fwd_step(w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_sca
             vi = vs[e]
             wi = ws[e]
             slot = x & MASK31
-            # _sym_of_slot, written out branch-free: calling a select-only copy of it here
-            # measured 5-18% slower on this loop (10^6 elements, one thread)
+            # _sym_of_slot, written out branch-free, its division by q or q + 1 as a multiply
+            # and shift (exact for r0 < 2^31): 25% faster on this loop than the double
+            # estimate with its two corrections (2^13 elements in L1, one thread)
             a = slot < thr
             b0 = np.int64(0) if a else thr
             d = q1 if a else q
             off = np.int64(0) if a else rr
             r0 = slot - b0
-            sq = np.int64(np.float64(r0) * (invq1 if a else invq))
-            r = r0 - sq * d
-            sq = sq - np.int64(1) if r < 0 else sq
-            sq = sq + np.int64(1) if r >= d else sq
+            sq = (r0 * (mq1 if a else mq)) >> (shq1 if a else shq)
             x1 = d * (x >> np.int64(31)) + r0 - sq * d
             sl_ = x1 >= lim_push  # would spill a word before the push
             x3 = (x1 << k) | (vi & dmask)
