@@ -188,11 +188,12 @@ def test_direct_ops_check_sizes():
     """torch.ops.fastreg.* called directly: grad and x0, read at x's indices by the kernels, must
     have x's shape (a shorter one was read past its end: a segfault at 2^24 elements)."""
     x = torch.randn(100)
-    for op in (torch.ops.fastreg.adversarial_numba, torch.ops.fastreg.pgd_step):
-        with pytest.raises(ValueError, match=r"adversarial_numba: grad has shape \(10,\) on cpu, "
+    for name in ("adversarial_numba", "pgd_step"):  # each op body checks
+        op = getattr(torch.ops.fastreg, name)
+        with pytest.raises(ValueError, match=rf"{name}: grad has shape \(10,\) on cpu, "
                                              r"needs x's shape \(100,\)"):
             op(x, None, torch.randn(10), 0.1, 0.0, -math.inf, math.inf)
-        with pytest.raises(ValueError, match=r"adversarial_numba: x0 has shape \(10,\)"):
+        with pytest.raises(ValueError, match=rf"{name}: x0 has shape \(10,\)"):
             op(x, torch.randn(10), x, 0.1, 0.1, -math.inf, math.inf)
         with pytest.raises(ValueError, match=r"grad has shape \(200,\)"):
             op(x, x, torch.randn(200), 0.1, 0.1, -math.inf, math.inf)

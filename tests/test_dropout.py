@@ -333,14 +333,16 @@ def test_direct_ops_check_sizes():
     """torch.ops.fastreg.* called directly (no wrapper checks): inconsistent sizes are refused
     before the Numba kernels, which read residual and bits at x's indices, could read past them."""
     x, seed = torch.randn(100), torch.tensor(7)
-    for op in (torch.ops.fastreg.dropout_add_fwd_cpu, torch.ops.fastreg.dropout_add_fwd):
-        with pytest.raises(ValueError, match=r"dropout_add_fwd_cpu: residual has shape \(10,\)"):
+    for name in ("dropout_add_fwd_cpu", "dropout_add_fwd"):  # each op body checks
+        op = getattr(torch.ops.fastreg, name)
+        with pytest.raises(ValueError, match=rf"{name}: residual has shape \(10,\)"):
             op(x, torch.randn(10), seed, 0, 0.5)
         with pytest.raises(ValueError, match=r"residual has shape \(200,\).*x's shape \(100,\)"):
             op(x, torch.randn(200), seed, 0, 0.5)
-    for op in (torch.ops.fastreg.dropout_bits_apply_cpu, torch.ops.fastreg.dropout_bits_apply):
-        with pytest.raises(ValueError, match="dropout_bits_apply_cpu: bits has 3 bytes, needs 13 "
-                                             "for 100 elements"):
+    for name in ("dropout_bits_apply_cpu", "dropout_bits_apply"):
+        op = getattr(torch.ops.fastreg, name)
+        with pytest.raises(ValueError, match=f"{name}: bits has 3 bytes, needs 13 for 100 "
+                                             "elements"):
             op(x, torch.zeros(3, dtype=torch.uint8), 0.5)
         with pytest.raises(ValueError, match="bits has 0 bytes, needs 1 for 5 elements"):
             op(x[:5], torch.zeros(0, dtype=torch.uint8), 0.5)

@@ -391,15 +391,17 @@ def test_direct_ops_check_sizes():
     read it at x's broadcast offsets) and, for the multiplicative sigma gradient, an x that is
     not grad's shape are refused before the kernels run."""
     x, seed = torch.randn(4, 5), torch.tensor(3)
-    for op in (torch.ops.fastreg.noise_fwd_cpu, torch.ops.fastreg.noise_fwd):
+    for name in ("noise_fwd_cpu", "noise_fwd"):  # each op body checks
+        op = getattr(torch.ops.fastreg, name)
         for bad in ((3,), (7,), (0,), (5, 4), (2, 4, 5)):
-            msg = f"noise_fwd_cpu: sigma has shape {bad} on cpu, needs a shape that broadcasts to"
+            msg = f"{name}: sigma has shape {bad} on cpu, needs a shape that broadcasts to"
             with pytest.raises(ValueError, match=re.escape(msg) + r" \(4, 5\)"):
                 op(x, torch.rand(bad), seed, 0, 0, False)
-    for op in (torch.ops.fastreg.noise_bwd_cpu, torch.ops.fastreg.noise_bwd):
-        with pytest.raises(ValueError, match=r"noise_bwd_cpu: sigma has shape \(3,\)"):
+    for name in ("noise_bwd_cpu", "noise_bwd"):
+        op = getattr(torch.ops.fastreg, name)
+        with pytest.raises(ValueError, match=rf"{name}: sigma has shape \(3,\)"):
             op(x, x, torch.rand(3), seed, 0, 0, False, True, True)
-        with pytest.raises(ValueError, match=r"noise_bwd_cpu: x has shape \(3,\) on cpu, needs "
+        with pytest.raises(ValueError, match=rf"{name}: x has shape \(3,\) on cpu, needs "
                                              r"grad's shape \(4, 5\)"):
             op(x, torch.randn(3), torch.rand(5), seed, 0, 0, False, True, True)
     # x is not read without the multiplicative sigma gradient: any may be passed, as documented

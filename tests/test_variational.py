@@ -194,12 +194,14 @@ def test_direct_ops_check_sizes():
     """torch.ops.fastreg.* called directly: var, read at mu's (grad's) indices by the kernels,
     must have mu's (grad's) shape (a shorter one was read past its end)."""
     mu, seed = torch.randn(100), torch.tensor(3)
-    for op in (torch.ops.fastreg.vd_sample_cpu, torch.ops.fastreg.vd_sample):
-        with pytest.raises(ValueError, match=r"vd_sample_cpu: var has shape \(10,\) on cpu, "
+    for name in ("vd_sample_cpu", "vd_sample"):  # each op body checks
+        op = getattr(torch.ops.fastreg, name)
+        with pytest.raises(ValueError, match=rf"{name}: var has shape \(10,\) on cpu, "
                                              r"needs mu's shape \(100,\)"):
             op(mu, torch.rand(10), seed, 0, 1e-8)
-    for op in (torch.ops.fastreg.vd_sample_grad_var_cpu, torch.ops.fastreg.vd_sample_grad_var):
-        with pytest.raises(ValueError, match=r"vd_sample_grad_var_cpu: var has shape \(200,\) on "
+    for name in ("vd_sample_grad_var_cpu", "vd_sample_grad_var"):
+        op = getattr(torch.ops.fastreg, name)
+        with pytest.raises(ValueError, match=rf"{name}: var has shape \(200,\) on "
                                              r"cpu, needs grad's shape \(100,\)"):
             op(mu, torch.rand(200), seed, 0, 1e-8)
 

@@ -69,15 +69,19 @@ def _check_op_scalars(step: float, eps: float, lo: float, hi: float, op: str) ->
         raise ValueError(f"fastreg::{op}: lo must be <= hi, got lo={lo}, hi={hi}")
 
 
+def _check_op_tensors(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor,
+                      op: str) -> None:
+    """Every kernel reads grad and x0 at x's indices (grad may have another float dtype)."""
+    check_op_like(grad, "grad", x, "x", op)
+    if x0 is not None:
+        check_op_like(x0, "x0", x, "x", op)
+
+
 # ---------------------------------------------------------------- Numba (opaque inner op)
 def _adversarial_numba_impl(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor,
                             step: float, eps: float, lo: float, hi: float) -> torch.Tensor:
     from fastreg.kernels.numba import adversarial as nb
 
-    # the kernels read grad and x0 at x's indices (grad may have another float dtype)
-    check_op_like(grad, "grad", x, "x", "adversarial_numba")
-    if x0 is not None:
-        check_op_like(x0, "x0", x, "x", "adversarial_numba")
     ct = compute_dtype(x.dtype)
     # float16/bfloat16: Numba has no such arrays; convert around the kernel
     # (same rounding as the reference: compute in float32, round once at the end).
@@ -101,6 +105,7 @@ def _adversarial_numba_op(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.
                           step: float, eps: float, lo: float, hi: float) -> torch.Tensor:
     # a direct call of the inner op (the public op checks before calling the impl itself)
     _check_op_scalars(step, eps, lo, hi, "adversarial_numba")
+    _check_op_tensors(x, x0, grad, "adversarial_numba")
     return _adversarial_numba_impl(x, x0, grad, step, eps, lo, hi)
 
 
@@ -154,6 +159,7 @@ def _pgd_triton(x, x0, grad, step, eps, lo, hi):
 def _pgd_step_op(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor, step: float,
                  eps: float, lo: float, hi: float) -> torch.Tensor:
     _check_op_scalars(step, eps, lo, hi, "pgd_step")
+    _check_op_tensors(x, x0, grad, "pgd_step")  # before any backend
     backend = _backend.select(x.device, _SUPPORTED, "adversarial")
     if backend == "numba":
         if _plain(x, x0, grad):

@@ -99,10 +99,17 @@ def _check_scalars(ref: Tensor, ref_name: str, seed: Tensor, stream: int, act: i
     check_op_probability(p, "p", op)
 
 
+def _check_saved(grad: Tensor, saved: Tensor, bias: Tensor, act: int, op: str) -> None:
+    """The tensors of the backward op called directly: bias as in forward and, unless act is
+    0, saved (y or x), which the kernels read at grad's indices."""
+    _check_bias(grad, bias, op)
+    if act != 0:
+        check_op_like(saved, "saved", grad, "grad", op)
+
+
 def _numba_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: float) -> Tensor:
     from fastreg.kernels.numba import bias_act as nb
 
-    _check_bias(x, bias, "bias_act_dropout_fwd_cpu")
     cd = compute_dtype(x.dtype)
     xa = x.to(cd).contiguous().view(-1).numpy()
     out = _alloc.empty_like_numpy(xa)
@@ -117,6 +124,7 @@ def _numba_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: 
 @torch.library.custom_op("fastreg::bias_act_dropout_fwd_cpu", mutates_args=(), device_types="cpu")
 def _fwd_cpu(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: float) -> Tensor:
     _check_scalars(x, "x", seed, stream, act, p, "bias_act_dropout_fwd_cpu")
+    _check_bias(x, bias, "bias_act_dropout_fwd_cpu")
     return _numba_fwd(x, bias, seed, stream, act, p)
 
 
@@ -131,9 +139,6 @@ def _numba_bwd(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: 
 
     from fastreg.kernels.numba import bias_act as nb
 
-    _check_bias(grad, bias, "bias_act_dropout_bwd_cpu")
-    if act != 0:  # saved (y or x) is read at grad's indices
-        check_op_like(saved, "saved", grad, "grad", "bias_act_dropout_bwd_cpu")
     cd = compute_dtype(grad.dtype)
     ga = grad.to(cd).contiguous().view(-1).numpy()
     sa = saved.to(cd).contiguous().view(-1).numpy() if act != 0 else ga
@@ -153,6 +158,7 @@ def _numba_bwd(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: 
 def _bwd_cpu(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int,
              p: float) -> tuple[Tensor, Tensor]:
     _check_scalars(grad, "grad", seed, stream, act, p, "bias_act_dropout_bwd_cpu")
+    _check_saved(grad, saved, bias, act, "bias_act_dropout_bwd_cpu")
     return _numba_bwd(grad, saved, bias, seed, stream, act, p)
 
 
@@ -214,6 +220,7 @@ def bias_act_dropout_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act
                          p: float) -> Tensor:
     """act(x + bias) * keep / (1 - p); act 0 none, 1 relu, 2 gelu."""
     _check_scalars(x, "x", seed, stream, act, p, "bias_act_dropout_fwd")
+    _check_bias(x, bias, "bias_act_dropout_fwd")  # before any backend (the eager path skips it)
     return _fwd_impl(x, bias, seed, stream, act, p, False)
 
 
@@ -222,6 +229,7 @@ def bias_act_dropout_bwd(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor
                          act: int, p: float) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_bias) in one pass. saved: the output (relu), x (gelu), any (none)."""
     _check_scalars(grad, "grad", seed, stream, act, p, "bias_act_dropout_bwd")
+    _check_saved(grad, saved, bias, act, "bias_act_dropout_bwd")  # before any backend
     return _bwd_impl(grad, saved, bias, seed, stream, act, p, False)
 
 

@@ -129,7 +129,6 @@ def _(x, seed, stream, p, with_bits):
 def _numba_add(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
     from fastreg.kernels.numba import dropout as nb
 
-    check_op_like(residual, "residual", x, "x", "dropout_add_fwd_cpu")  # read at x's indices
     xa, ra = _numba_in(x), _numba_in(residual)
     out = _numba_empty(x)
     nb.dropout_add_fwd(xa, ra, out, int(seed), stream, keep_threshold(p), _np_scale(p, x.dtype), 0)
@@ -139,6 +138,7 @@ def _numba_add(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float)
 @torch.library.custom_op("fastreg::dropout_add_fwd_cpu", mutates_args=(), device_types="cpu")
 def _dropout_add_fwd_cpu(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
     _check_scalars(x, seed, stream, p, "dropout_add_fwd_cpu")
+    check_op_like(residual, "residual", x, "x", "dropout_add_fwd_cpu")  # read at x's indices
     return _numba_add(x, residual, seed, stream, p)
 
 
@@ -147,25 +147,24 @@ def _(x, residual, seed, stream, p):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _check_bits(grad: Tensor, bits: Tensor) -> None:
-    """The kernel reads byte k >> 3 for element k of grad: bits must be a 1-D uint8 tensor of
-    at least (numel + 7) // 8 bytes on grad's device (the op may be called directly)."""
+def _check_bits(grad: Tensor, bits: Tensor, op: str) -> None:
+    """The kernels read byte k >> 3 for element k of grad: bits must be a 1-D uint8 tensor of
+    at least (numel + 7) // 8 bytes on grad's device (the op may be called directly). O(1)."""
     n = grad.numel()
     need = (n + 7) // 8
     if bits.dtype != torch.uint8:
-        raise TypeError(f"fastreg::dropout_bits_apply_cpu: bits must be uint8, got {bits.dtype}")
+        raise TypeError(f"fastreg::{op}: bits must be uint8, got {bits.dtype}")
     if bits.dim() != 1 or bits.device != grad.device:
-        raise ValueError(f"fastreg::dropout_bits_apply_cpu: bits must be 1-D on grad's device "
-                         f"({grad.device}), got {bits.dim()}-D on {bits.device}")
+        raise ValueError(f"fastreg::{op}: bits must be 1-D on grad's device ({grad.device}), "
+                         f"got {bits.dim()}-D on {bits.device}")
     if bits.numel() < need:
-        raise ValueError(f"fastreg::dropout_bits_apply_cpu: bits has {bits.numel()} bytes, needs "
-                         f"{need} for {n} elements")
+        raise ValueError(f"fastreg::{op}: bits has {bits.numel()} bytes, needs {need} for {n} "
+                         "elements")
 
 
 def _numba_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
     from fastreg.kernels.numba import dropout as nb
 
-    _check_bits(grad, bits)
     ga = _numba_in(grad)
     out = _numba_empty(grad)
     nb.dropout_bits_apply(ga, bits.contiguous().numpy(), out, _np_scale(p, grad.dtype))
@@ -175,6 +174,7 @@ def _numba_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
 @torch.library.custom_op("fastreg::dropout_bits_apply_cpu", mutates_args=(), device_types="cpu")
 def _dropout_bits_apply_cpu(grad: Tensor, bits: Tensor, p: float) -> Tensor:
     check_op_probability(p, "p", "dropout_bits_apply_cpu")
+    _check_bits(grad, bits, "dropout_bits_apply_cpu")
     return _numba_bits_apply(grad, bits, p)
 
 
@@ -244,9 +244,10 @@ def _bits_apply_impl(grad, bits, p, direct):
 
         out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
         if n > 0 and _backend.launch_kernel(grad):
+            # the kernel indexes bits as contiguous bytes (an expanded view holds fewer)
             _backend.launcher(tk.dropout_bits_apply_kernel, direct)[tk.grid(n)](
-                grad.contiguous(), bits, out, dropout_scale_bits(p), n, COMPUTE_F64=_is_f64(grad),
-                BLOCK=tk.BLOCK)
+                grad.contiguous(), bits.contiguous(), out, dropout_scale_bits(p), n,
+                COMPUTE_F64=_is_f64(grad), BLOCK=tk.BLOCK)
         return out
     keep = unpack_bits_reference(bits, n)
     cd = compute_dtype(grad.dtype)
@@ -267,6 +268,8 @@ def dropout_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
 def dropout_add_fwd(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
     """residual + x * keep / (1 - p), in one pass."""
     _check_scalars(x, seed, stream, p, "dropout_add_fwd")
+    # before any backend: every kernel reads residual at x's indices
+    check_op_like(residual, "residual", x, "x", "dropout_add_fwd")
     return _add_impl(x, residual, seed, stream, p, False)
 
 
@@ -274,6 +277,7 @@ def dropout_add_fwd(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: f
 def dropout_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
     """grad * keep / (1 - p) with keep read from the packed mask."""
     check_op_probability(p, "p", "dropout_bits_apply")
+    _check_bits(grad, bits, "dropout_bits_apply")  # before any backend, as residual above
     return _bits_apply_impl(grad, bits, p, False)
 
 

@@ -174,6 +174,11 @@ def dropconnect_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], see
                           stream: int, p: float) -> Tensor:
     """x (W * mask / (1 - p))^T + bias; the masked weight is a temporary."""
     _check_scalars(x, seed, stream, p, "dropconnect_linear")
+    # the mask kernel runs on weight's device and reads the seed there (checked on x's device)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"fastreg::dropconnect_linear: {name} must be on x's device "
+                             f"({x.device}), got {t.device}")
     return torch.nn.functional.linear(x, _masked_weight(weight, seed, stream, p, True), bias)
 
 

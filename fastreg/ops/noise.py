@@ -153,11 +153,19 @@ def _check_scalars(ref: Tensor, ref_name: str, seed: Tensor, stream: int, dist: 
     check_op_code(dist, "dist", DISTS, op)
 
 
+def _check_bwd_tensors(grad: Tensor, x: Tensor, sigma: Tensor, additive: bool, need_gs: bool,
+                       op: str) -> None:
+    """The tensors of noise_bwd called directly: sigma as in forward and, for the
+    multiplicative sigma gradient (the only place x is read), x at grad's indices."""
+    _check_sigma(grad, sigma, op)
+    if need_gs and not additive:
+        check_op_like(x, "x", grad, "grad", op)
+
+
 def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
                additive: bool) -> Tensor:
     from fastreg.kernels.numba import noise as nb
 
-    _check_sigma(x, sigma, "noise_fwd_cpu")
     cd = compute_dtype(x.dtype)
     xa = _np_in(x, cd)
     out = _alloc.empty_like_numpy(xa)
@@ -173,6 +181,7 @@ def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
 def _noise_fwd_cpu(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
                    additive: bool) -> Tensor:
     _check_scalars(x, "x", seed, stream, dist, "noise_fwd_cpu")
+    _check_sigma(x, sigma, "noise_fwd_cpu")
     return _numba_fwd(x, sigma, seed, stream, dist, additive)
 
 
@@ -187,9 +196,6 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
 
     from fastreg.kernels.numba import noise as nb
 
-    _check_sigma(grad, sigma, "noise_bwd_cpu")
-    if need_gs and not additive:  # x is read only here, at grad's indices
-        check_op_like(x, "x", grad, "grad", "noise_bwd_cpu")
     cd = compute_dtype(grad.dtype)
     n = grad.numel()
     ga = _np_in(grad, cd)
@@ -221,6 +227,7 @@ def _noise_bwd_cpu(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream:
                    additive: bool, need_gx: bool, need_gs: bool) -> tuple[Tensor, Tensor]:
     _check_scalars(grad, "grad", seed, stream, dist, "noise_bwd_cpu")
     _check_additive_gx(additive, need_gx, "noise_bwd_cpu")
+    _check_bwd_tensors(grad, x, sigma, additive, need_gs, "noise_bwd_cpu")
     return _numba_bwd(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs)
 
 
@@ -313,6 +320,7 @@ def noise_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
               additive: bool) -> Tensor:
     """x * (1 + sigma * eps), or x + sigma * eps when additive (sigma broadcast over x)."""
     _check_scalars(x, "x", seed, stream, dist, "noise_fwd")
+    _check_sigma(x, sigma, "noise_fwd")  # before any backend (the eager path skips it)
     return _fwd_impl(x, sigma, seed, stream, dist, additive, False)
 
 
@@ -325,6 +333,7 @@ def noise_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int,
     grad_sigma = sum over sigma's broadcast dims of grad * x * eps (additive: grad * eps).
     x is read only for the multiplicative grad_sigma (else pass any tensor)."""
     _check_scalars(grad, "grad", seed, stream, dist, "noise_bwd")
+    _check_bwd_tensors(grad, x, sigma, additive, need_gs, "noise_bwd")  # before any backend
     return _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, False)
 
 

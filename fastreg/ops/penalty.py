@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fastreg import _backend, _native
-from fastreg._validate import check_op_like
+from fastreg._validate import check_op_like, check_op_nonneg
 
 MODE_NONE, MODE_DIM0, MODE_DIM1, MODE_EXPLICIT = 0, 1, 2, 3
 GROUP_NAMES = {"rows": MODE_DIM0, "filters": MODE_DIM0, "cols": MODE_DIM1, "channels": MODE_DIM1}
@@ -571,8 +571,16 @@ def _activity_backward_impl(gy, x, gv, l1, l2):
     return (gyc.to(cd) + gvc * (l1 * torch.sign(xw) + 2.0 * l2 * xw)).to(x.dtype)
 
 
+def _check_activity_scalars(l1: float, l2: float, op: str) -> None:
+    """l1 and l2 of the ops called directly, as fastreg.activity_penalty accepts them: finite
+    numbers >= 0 (a NaN or infinite strength would poison every gradient it reaches)."""
+    check_op_nonneg(l1, "l1", op)
+    check_op_nonneg(l2, "l2", op)
+
+
 @torch.library.custom_op("fastreg::activity_penalty", mutates_args=())
 def activity_penalty_op(x: torch.Tensor, l1: float, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_activity_scalars(l1, l2, "activity_penalty")
     return _activity_forward_impl(x, l1, l2)
 
 
@@ -585,8 +593,13 @@ def _(x, l1, l2):
 @torch.library.custom_op("fastreg::activity_penalty_backward", mutates_args=())
 def activity_penalty_backward(gy: torch.Tensor, x: torch.Tensor, gv: torch.Tensor, l1: float,
                               l2: float) -> torch.Tensor:
+    _check_activity_scalars(l1, l2, "activity_penalty_backward")
     # the kernels read gy through a raw pointer for x.numel() elements
     check_op_like(gy, "gy", x, "x", "activity_penalty_backward")
+    # and gv as one value on x's device (the CUDA kernel dereferences its pointer there)
+    if gv.numel() != 1 or gv.device != x.device:
+        raise ValueError(f"fastreg::activity_penalty_backward: gv has shape {tuple(gv.shape)} on "
+                         f"{gv.device}, needs one element on x's device ({x.device})")
     return _activity_backward_impl(gy, x, gv, l1, l2)
 
 

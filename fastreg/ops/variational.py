@@ -83,7 +83,6 @@ def _check_scalars(ref: Tensor, ref_name: str, seed: Tensor, stream: int, eps: f
 def _vd_sample_cpu_impl(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
     from fastreg.kernels.numba import variational as nb
 
-    check_op_like(var, "var", mu, "mu", "vd_sample_cpu")  # read at mu's indices
     ma, va = _np(mu), _np(var)
     out = _alloc.empty_like_numpy(ma)
     if out.size:
@@ -94,6 +93,7 @@ def _vd_sample_cpu_impl(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps:
 def _vd_sample_cpu_op(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
     # a direct call of the inner op (the public op checks before calling the impl itself)
     _check_scalars(mu, "mu", seed, stream, eps, "vd_sample_cpu")
+    check_op_like(var, "var", mu, "mu", "vd_sample_cpu")  # read at mu's indices
     return _vd_sample_cpu_impl(mu, var, seed, stream, eps)
 
 
@@ -110,7 +110,6 @@ def _vd_sample_grad_var_cpu_impl(grad: Tensor, var: Tensor, seed: Tensor, stream
                                  eps: float) -> Tensor:
     from fastreg.kernels.numba import variational as nb
 
-    check_op_like(var, "var", grad, "grad", "vd_sample_grad_var_cpu")  # read at grad's indices
     ga, va = _np(grad), _np(var)
     out = _alloc.empty_like_numpy(ga)
     if out.size:
@@ -122,6 +121,7 @@ def _vd_sample_grad_var_cpu_impl(grad: Tensor, var: Tensor, seed: Tensor, stream
 def _vd_sample_grad_var_cpu_op(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
                                eps: float) -> Tensor:
     _check_scalars(grad, "grad", seed, stream, eps, "vd_sample_grad_var_cpu")
+    check_op_like(var, "var", grad, "grad", "vd_sample_grad_var_cpu")  # read at grad's indices
     return _vd_sample_grad_var_cpu_impl(grad, var, seed, stream, eps)
 
 
@@ -172,6 +172,7 @@ def _launch(kernel, a: Tensor, var: Tensor, seed: Tensor, stream: int, eps: floa
 def vd_sample_op(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
     """mu + sqrt(var + eps) * z, z the spec's normals at (seed, stream)."""
     _check_scalars(mu, "mu", seed, stream, eps, "vd_sample")
+    check_op_like(var, "var", mu, "mu", "vd_sample")  # every backend reads var at mu's indices
     backend = _backend.select(mu.device, BACKENDS, "vd_sample")
     if backend == "numba":
         if _plain(mu, var, seed):
@@ -189,6 +190,7 @@ def vd_sample_grad_var_op(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
                           eps: float) -> Tensor:
     """grad * z / (2 sqrt(var + eps)), z regenerated from (seed, stream)."""
     _check_scalars(grad, "grad", seed, stream, eps, "vd_sample_grad_var")
+    check_op_like(var, "var", grad, "grad", "vd_sample_grad_var")  # as in vd_sample
     backend = _backend.select(grad.device, BACKENDS, "vd_sample")
     if backend == "numba":
         if _plain(grad, var, seed):
