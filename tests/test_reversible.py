@@ -101,6 +101,36 @@ def test_division_by_multiply_is_exact(gen):
             assert (x * m) >> sh == x // d, (d, x)
 
 
+def test_reverse_fast_path_divisions_are_exact(gen):
+    """The reverse kernels' vectorised path computes v mod n and the head's divmod by f with
+    double divisions; checked against Python's integer arithmetic at the extremes: |v| near
+    2^62, heads near 2^(52+k) and exact multiples of f."""
+    from fastreg.kernels.numba.reversible import _code_params, _rev_coder_fast
+
+    k = 16
+    for n in (2, 3, 58982, 65535, 65536):
+        q, rr, thr = (int(a) for a in _code_params(n))
+        vs = [(1 << 62) - 1, -(1 << 62) + 1, (1 << 61) + 12345, -(1 << 53) - 1, 0, -1, n, -n]
+        vs += torch.randint(-(1 << 62), 1 << 62, (300,), generator=gen).tolist()
+        for vi in vs:
+            s = vi % n
+            f = q + 1 if s < rr else q
+            cum = s * (q + 1) if s < rr else thr + (s - rr) * q
+            for x1 in (f, f + 1, 7 * f, (((1 << 52) - 1) // f) * f, (1 << 52) - 1, f * 12345 + f - 1):
+                for lo in (0, (1 << k) - 1):
+                    x = (x1 << k) | lo
+                    if x >= 1 << 63:
+                        continue
+                    x2, vn, ok = _rev_coder_fast(x, vi, n, float(n), q, rr, thr, float(q), float(q + 1),
+                                                 k, (1 << k) - 1)
+                    assert ok
+                    # (vi // n) 2^k overflows for |vi| near 2^62 and a small n (no valid state
+                    # has such a v): compare modulo 2^64, as the kernel's int64 arithmetic wraps
+                    want = (vi // n) * (1 << k) + lo
+                    assert vn == ((want + (1 << 63)) % (1 << 64)) - (1 << 63)
+                    assert x2 == (x1 // f) * (1 << 31) + cum + x1 % f
+
+
 @pytest.mark.parametrize("k,gamma", [(16, 0.9), (16, 0.5), (20, 0.3), (16, 2.0**-15)])
 @pytest.mark.parametrize("fdtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n_el", [1037, 40_001])

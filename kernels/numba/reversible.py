@@ -163,6 +163,32 @@ def _pop_word(x, c, spill, i):
     return (x << np.int64(32)) | word, c
 
 
+@numba.njit(inline="always", cache=True)
+def _floor_div_52(a, fb):
+    """floor(a / b) for |a| < 2^52 and an integer b >= 1 given as the double fb: exact, since
+    a / b lies at least 1/b from the next integer and the double quotient is within half an
+    ulp (< 1/(2b)) of it."""
+    return np.int64(np.floor(np.float64(a) / fb))
+
+
+@numba.njit(inline="always", cache=True)
+def _rev_coder_fast(x, vi, n, fn, q, rr, thr, fq, fq1, k, dmask):
+    """The reverse step's exact v <- v / gamma on the vectorised path, selects only: returns
+    (new head, new v, ok). ok is False where a word must be refilled or the divisions are
+    not exact (heads >= 2^(52+k)); the scalar _rev_one handles those elements."""
+    vh = np.int64(np.floor(np.float64(vi) / fn))  # an estimate: vi has up to 62 bits
+    r1 = vi - vh * n  # |r1| < 2^11 + 2n
+    q2 = _floor_div_52(r1, fn)
+    vh += q2
+    s = r1 - q2 * n  # v mod n, in [0, n)
+    f, cum = _freq_of_sym(s, q, rr, thr)
+    x1 = x >> k
+    xq = _floor_div_52(x1, fq1 if f != q else fq)
+    x2 = (xq << np.int64(31)) + cum + (x1 - xq * f)
+    ok = (x1 >= f) & (x1 < (np.int64(1) << np.int64(52)))
+    return x2, vh * (dmask + np.int64(1)) + (x & dmask), ok
+
+
 CH = 1024  # elements per chunk: the flags and partial products stay in L1
 
 
@@ -385,9 +411,7 @@ def _rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, o
     N = w.shape[0]
     dmask = (np.int64(1) << k) - np.int64(1)
     q, rr, thr = _code_params(n)
-    invn = 1.0 / np.float64(n)
-    invq = 1.0 / np.float64(q)
-    invq1 = 1.0 / np.float64(q + 1)
+    fn, fq, fq1 = np.float64(n), np.float64(q), np.float64(q + 1)
     nch = (N + CH - 1) // CH
     counts = np.zeros((nch, 4), np.int64)
     part_g = np.empty(nch)
@@ -412,18 +436,8 @@ def _rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, o
             vi = vi if okv else np.int64(0)
             # (vh, s) = floor-divmod(vi, n): two float estimates and one correction each
             # way give the exact result for |vi| < 2^62; anything else goes to the slow path
-            vh = np.int64(np.floor(np.float64(vi) * invn))
-            q2, s, oks = _divmod_est(vi - vh * n, n, invn)
-            vh += q2
-            f, cum = _freq_of_sym(s, q, rr, thr)
-            lo = x & dmask
-            x1 = x >> k
-            sl_ = x1 < f  # would refill a word
-            # (xq, xr) = divmod(x1, f); exact on the fast path for k >= 10 (x1 < 2^53)
-            xq, xr, okx = _divmod_est(x1, f, invq1 if f != q else invq)
-            x2 = (xq << np.int64(31)) + cum + xr
-            sl_ = sl_ | (not oki) | (not okv) | (not oks) | (not okx)
-            vn = vh * (dmask + np.int64(1)) + lo
+            x2, vn, okc = _rev_coder_fast(x, vi, n, fn, q, rr, thr, fq, fq1, k, dmask)
+            sl_ = (not okc) | (not oki) | (not okv)
             dvt = dvs[e]
             tg[e] = dvt * (np.float64(vn) * inv_scale + (gi + lam * wf))
             tl[e] = dvt * wf
@@ -465,9 +479,7 @@ def _rev_step_restore(w, v, head, count, spill, g, hvp, dw, dv, u, p_out, k, n, 
     N = w.shape[0]
     dmask = (np.int64(1) << k) - np.int64(1)
     q, rr, thr = _code_params(n)
-    invn = 1.0 / np.float64(n)
-    invq = 1.0 / np.float64(q)
-    invq1 = 1.0 / np.float64(q + 1)
+    fn, fq, fq1 = np.float64(n), np.float64(q), np.float64(q + 1)
     nch = (N + CH - 1) // CH
     counts = np.zeros((nch, 4), np.int64)
     part_g = np.empty(nch)
@@ -494,17 +506,8 @@ def _rev_step_restore(w, v, head, count, spill, g, hvp, dw, dv, u, p_out, k, n, 
             vi = v0 + np.int64(inc if oki else 0.0)
             okv = abs(vi) < LIMIT
             vi = vi if okv else np.int64(0)
-            vh = np.int64(np.floor(np.float64(vi) * invn))
-            q2, s, oks = _divmod_est(vi - vh * n, n, invn)
-            vh += q2
-            f, cum = _freq_of_sym(s, q, rr, thr)
-            lo = x & dmask
-            x1 = x >> k
-            sl_ = x1 < f  # would refill a word
-            xq, xr, okx = _divmod_est(x1, f, invq1 if f != q else invq)
-            x2 = (xq << np.int64(31)) + cum + xr
-            sl_ = sl_ | (not oki) | (not okv) | (not oks) | (not okx)
-            vn = vh * (dmask + np.int64(1)) + lo
+            x2, vn, okc = _rev_coder_fast(x, vi, n, fn, q, rr, thr, fq, fq1, k, dmask)
+            sl_ = (not okc) | (not oki) | (not okv)
             dvt = dvs[e]
             tg[e] = dvt * (np.float64(vn) * inv_scale + (gi + lam * wf))
             tl[e] = dvt * wf
