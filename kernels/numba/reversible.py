@@ -406,10 +406,30 @@ def _rev_one(i, e, w, v, head, count, spill, g, hvp, dw, dv, tg, tl, k, n, gamma
     return bad
 
 
+@numba.njit(inline="always", cache=True)
+def _rev_fast(x, v0, w0, g, h, dw0, dv0, k, n, fn, q, rr, thr, fq, fq1, gamma, c1s, lam, omg,
+              inv_scale):
+    """rev_step's arithmetic for one element on the vectorised path, selects only. Returns
+    (head, v, dw, dv, d gamma term, dv.w term, ok); where not ok the caller keeps the old
+    values and _rev_one redoes the element."""
+    dmask = (np.int64(1) << k) - np.int64(1)
+    wf = np.float64(w0) * inv_scale
+    gi = np.float64(g)
+    inc = np.rint(c1s * (gi + lam * wf))
+    oki = abs(inc) < DLIMIT
+    vi = v0 + np.int64(inc if oki else 0.0)
+    okv = abs(vi) < LIMIT
+    vi = vi if okv else np.int64(0)
+    x2, vn, okc = _rev_coder_fast(x, vi, n, fn, q, rr, thr, fq, fq1, k, dmask)
+    tg = dv0 * (np.float64(vn) * inv_scale + (gi + lam * wf))
+    tl = dv0 * wf
+    dwn = dw0 - (np.float64(h) + omg * lam * dv0)
+    return x2, vn, dwn, gamma * dv0, tg, tl, okc & oki & okv
+
+
 def _rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, omg, inv_scale):
     """Second half of a reverse step (after the HVP). Returns (status, d_gamma, sum dv.w)."""
     N = w.shape[0]
-    dmask = (np.int64(1) << k) - np.int64(1)
     q, rr, thr = _code_params(n)
     fn, fq, fq1 = np.float64(n), np.float64(q), np.float64(q + 1)
     nch = (N + CH - 1) // CH
@@ -425,27 +445,17 @@ def _rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, o
         hs, vs, ws, gs = head[base:base + m], v[base:base + m], w[base:base + m], g[base:base + m]
         hv, dws, dvs = hvp[base:base + m], dw[base:base + m], dv[base:base + m]
         for e in range(m):  # branch-free (selects only): vectorised
-            x = hs[e]
-            v0 = vs[e]
-            wf = np.float64(ws[e]) * inv_scale
-            gi = np.float64(gs[e])
-            inc = np.rint(c1s * (gi + lam * wf))
-            oki = abs(inc) < DLIMIT
-            vi = v0 + np.int64(inc if oki else 0.0)
-            okv = abs(vi) < LIMIT
-            vi = vi if okv else np.int64(0)
-            # (vh, s) = floor-divmod(vi, n): two float estimates and one correction each
-            # way give the exact result for |vi| < 2^62; anything else goes to the slow path
-            x2, vn, okc = _rev_coder_fast(x, vi, n, fn, q, rr, thr, fq, fq1, k, dmask)
-            sl_ = (not okc) | (not oki) | (not okv)
-            dvt = dvs[e]
-            tg[e] = dvt * (np.float64(vn) * inv_scale + (gi + lam * wf))
-            tl[e] = dvt * wf
-            hs[e] = x if sl_ else x2
-            vs[e] = v0 if sl_ else vn
-            dws[e] = dws[e] if sl_ else dws[e] - (np.float64(hv[e]) + omg * lam * dvt)
-            dvs[e] = dvt if sl_ else gamma * dvt
-            slow[e] = sl_
+            x, v0, dw0, dv0 = hs[e], vs[e], dws[e], dvs[e]
+            x2, vn, dwn, dvn, tge, tle, ok = _rev_fast(x, v0, ws[e], gs[e], hv[e], dw0, dv0, k, n, fn,
+                                                      q, rr, thr, fq, fq1, gamma, c1s, lam, omg,
+                                                      inv_scale)
+            tg[e] = tge
+            tl[e] = tle
+            hs[e] = x2 if ok else x
+            vs[e] = vn if ok else v0
+            dws[e] = dwn if ok else dw0
+            dvs[e] = dvn if ok else dv0
+            slow[e] = not ok
         for e in range(m):
             if slow[e]:
                 _tally(_rev_one(base + e, e, w, v, head, count, spill, g, hvp, dw, dv, tg, tl, k,
@@ -477,7 +487,6 @@ def _rev_step_restore(w, v, head, count, spill, g, hvp, dw, dv, u, p_out, k, n, 
     moves 96 B per element instead of 144. Returns (status, d_gamma_t, sum dv.w, d_alpha_{t-1}),
     each sum bit for bit that of the two kernels run one after the other."""
     N = w.shape[0]
-    dmask = (np.int64(1) << k) - np.int64(1)
     q, rr, thr = _code_params(n)
     fn, fq, fq1 = np.float64(n), np.float64(q), np.float64(q + 1)
     nch = (N + CH - 1) // CH
@@ -495,37 +504,26 @@ def _rev_step_restore(w, v, head, count, spill, g, hvp, dw, dv, u, p_out, k, n, 
         hs, vs, ws, gs = head[base:base + m], v[base:base + m], w[base:base + m], g[base:base + m]
         hv, dws, dvs = hvp[base:base + m], dw[base:base + m], dv[base:base + m]
         us, ps = u[base:base + m], p_out[base:base + m]
-        for e in range(m):  # branch-free (selects only): vectorised; _rev_step's loop, then the restore
-            x = hs[e]
-            v0 = vs[e]
-            w0 = ws[e]
-            wf = np.float64(w0) * inv_scale
-            gi = np.float64(gs[e])
-            inc = np.rint(c1s * (gi + lam * wf))
-            oki = abs(inc) < DLIMIT
-            vi = v0 + np.int64(inc if oki else 0.0)
-            okv = abs(vi) < LIMIT
-            vi = vi if okv else np.int64(0)
-            x2, vn, okc = _rev_coder_fast(x, vi, n, fn, q, rr, thr, fq, fq1, k, dmask)
-            sl_ = (not okc) | (not oki) | (not okv)
-            dvt = dvs[e]
-            tg[e] = dvt * (np.float64(vn) * inv_scale + (gi + lam * wf))
-            tl[e] = dvt * wf
-            dwn = dws[e] - (np.float64(hv[e]) + omg * lam * dvt)
-            dvn = gamma * dvt
+        for e in range(m):  # branch-free (selects only): vectorised; _rev_step's, then the restore
+            x, v0, w0, dw0, dv0 = hs[e], vs[e], ws[e], dws[e], dvs[e]
+            x2, vn, dwn, dvn, tge, tle, ok = _rev_fast(x, v0, w0, gs[e], hv[e], dw0, dv0, k, n, fn,
+                                                      q, rr, thr, fq, fq1, gamma, c1s, lam, omg,
+                                                      inv_scale)
+            tg[e] = tge
+            tl[e] = tle
             # restore of step t - 1 from (vn, dwn, dvn); the slow path redoes both below
             vf = np.float64(vn)
             prod[e] = dwn * (vf * inv_scale)
             wn = w0 - np.int64(np.rint(alpha2 * vf))
             dv2 = dvn + alpha2 * dwn
-            hs[e] = x if sl_ else x2
-            vs[e] = v0 if sl_ else vn
-            ws[e] = w0 if sl_ else wn
+            hs[e] = x2 if ok else x
+            vs[e] = vn if ok else v0
+            ws[e] = wn if ok else w0
             ps[e] = np.float64(wn) * inv_scale
             us[e] = omg2 * dv2
-            dws[e] = dws[e] if sl_ else dwn
-            dvs[e] = dvt if sl_ else dv2
-            slow[e] = sl_
+            dws[e] = dwn if ok else dw0
+            dvs[e] = dv2 if ok else dv0
+            slow[e] = not ok
         for e in range(m):
             if slow[e]:
                 i = base + e
