@@ -204,23 +204,29 @@ def test_numba_sums_do_not_depend_on_threads_or_driver(gen):
             p = np.empty(n_el, np.float32)
             u = np.empty(n_el, np.float32)
             dw, dv = dw0.copy(), dv0.copy()
-            fwd, rst, rev = ((NK.fwd_step.serial, NK.rev_restore.serial, NK.rev_step.serial)
-                             if serial else (NK.fwd_step.parallel, NK.rev_restore.parallel,
-                                             NK.rev_step.parallel))
+            copy = "serial" if serial else "parallel"
+            fwd, rst, rev, fused = (getattr(f, copy) for f in (NK.fwd_step, NK.rev_restore, NK.rev_step,
+                                                               NK.rev_step_restore))
+            # two steps (lr 0.05, then 0.07), reversed: restore 1, rev_step 1 fused with restore 0,
+            # rev_step 0
             assert fwd(w, v, head, count, spill, g, p, k, n, 0.05, omg * 2.0**F, 1e-3, inv) == 0
             assert int(count.sum()) > 0  # some elements did spill
-            da = rst(w, v, dw, dv, u, p, 0.05, omg, inv)
-            code, dg, dl = rev(w, v, head, count, spill, g, hvp, dw, dv, k, n, n / 2**k,
-                               omg * 2.0**F, 1e-3, omg, inv)
+            assert fwd(w, v, head, count, spill, g, p, k, n, 0.07, omg * 2.0**F, 1e-3, inv) == 0
+            da1 = rst(w, v, dw, dv, u, p, 0.07, omg, inv)
+            code, dg1, dl1, da0 = fused(w, v, head, count, spill, g, hvp, dw, dv, u, p, k, n, n / 2**k,
+                                        omg * 2.0**F, 1e-3, omg, 0.05, omg, inv)
+            assert code == 0
+            code, dg0, dl0 = rev(w, v, head, count, spill, g, hvp, dw, dv, k, n, n / 2**k,
+                                 omg * 2.0**F, 1e-3, omg, inv)
             assert code == 0
             assert np.array_equal(w, w0.numpy()) and np.array_equal(v, v0.numpy())
             assert np.array_equal(head, head0.numpy()) and not count.any()
-            results.append((da, dg, dl, dw, dv, u))
+            results.append((da1, dg1, dl1, da0, dg0, dl0, dw, dv, u))
     finally:
         numba.set_num_threads(before)
     for other in results[1:]:
-        assert other[:3] == results[0][:3]
-        for a, b in zip(other[3:], results[0][3:]):
+        assert other[:6] == results[0][:6]
+        for a, b in zip(other[6:], results[0][6:]):
             assert np.array_equal(a, b)
 
 
