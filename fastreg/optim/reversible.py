@@ -335,11 +335,14 @@ class ReversibleSGD(torch.optim.Optimizer):
 
         backend = self._backends()
 
-        def restore(p, gi, t, step_t1=None):
+        def consts_of(t):
+            return [self._step_consts(g, t) for g in self.param_groups]
+
+        def restore(p, gi, t, consts_t, step_t1=None):
             """Step t's restore of p (w_{t+1} -> w_t, d alpha_t, dv += alpha dw), alone or in one
             pass after step t+1's rev_step (step_t1: its arguments and constants). Returns the
             HVP direction u of step t, and the rev_step's (status, d gamma, dv.w) if any."""
-            alpha, n, gamma, omg, c1s, lam = self._step_consts(self.param_groups[gi], t)
+            alpha, n, gamma, omg, c1s, lam = consts_t[gi]
             st = self.state[p]
             out, copy = self._out_view(p)
             u = torch.empty(p.numel(), dtype=self._fbuf(p), device=p.device)
@@ -355,10 +358,11 @@ class ReversibleSGD(torch.optim.Optimizer):
             hyp[(gi, "lr")][t] += da
             return u, rev
 
+        consts = consts_of(T - 1) if T else []
         with torch.no_grad():
-            us = [restore(p, gi, T - 1)[0] for p, (gi, pi) in zip(params, where)] if T else []
+            us = [restore(p, gi, T - 1, consts)[0] for p, (gi, pi) in zip(params, where)] if T else []
         for t in range(T - 1, -1, -1):
-            consts = [self._step_consts(g, t) for g in self.param_groups]
+            consts_prev = consts_of(t - 1) if t > 0 else None
             with torch.enable_grad():
                 loss = closure(t)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -383,17 +387,17 @@ class ReversibleSGD(torch.optim.Optimizer):
                     h = self._flat(hv[i], p)
                     args = (backend(p), st["w"], st["v"], st["head"], st["count"], st["spill"], g, h,
                             dw[id(p)], dv[id(p)])
-                    consts_t = (self.momentum_bits, n, gamma, c1s, lam, omg)
+                    rev_consts = (self.momentum_bits, n, gamma, c1s, lam, omg)
                     if t > 0:  # this step's rev_step and step t-1's restore, in one pass
-                        u, (code, dg, dl) = restore(p, gi, t - 1, step_t1=(args, consts_t))
+                        u, (code, dg, dl) = restore(p, gi, t - 1, consts_prev, step_t1=(args, rev_consts))
                         next_us.append(u)
                     else:
-                        code, dg, dl = K.rev_step(*args, *consts_t, self.inv_scale)
+                        code, dg, dl = K.rev_step(*args, *rev_consts, self.inv_scale)
                     if code:
                         self._raise(code, gi, pi, t, "reverse")
                     hyp[(gi, "momentum")][t] += dg
                     hyp[(gi, "weight_decay")][t] += -omg * dl
-                us = next_us
+                us, consts = next_us, consts_prev
             del gs, hv, outs, gouts, loss
             self._t = t
 
