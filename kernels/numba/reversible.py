@@ -333,6 +333,17 @@ def _fwd_step(w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_sca
     return _code(tot[0], tot[1], tot[2], tot[3])
 
 
+@numba.njit(inline="always", cache=True)
+def _restore_vals(w1, v1, dw1, dv1, alpha, omg, inv_scale):
+    """The restore's arithmetic for one element, from w_{t+1}, v_{t+1} and the adjoints: returns
+    (d alpha term, w_t, parameter value, new dv, HVP direction u). One copy for the restore
+    kernel, the fused kernel's vectorised loop and its scalar path."""
+    vf = np.float64(v1)
+    wn = w1 - np.int64(np.rint(alpha * vf))
+    dvn = dv1 + alpha * dw1
+    return dw1 * (vf * inv_scale), wn, np.float64(wn) * inv_scale, dvn, omg * dvn
+
+
 def _rev_restore(w, v, dw, dv, u, p_out, alpha, omg, inv_scale):
     """First half of a reverse step. Returns sum_i dw_i * v_i (the d alpha of this step)."""
     N = w.shape[0]
@@ -345,15 +356,8 @@ def _rev_restore(w, v, dw, dv, u, p_out, alpha, omg, inv_scale):
         ws, vs, dws, dvs = w[base:base + m], v[base:base + m], dw[base:base + m], dv[base:base + m]
         us, ps = u[base:base + m], p_out[base:base + m]
         for e in range(m):
-            vf = np.float64(vs[e])
-            dwi = dws[e]
-            prod[e] = dwi * (vf * inv_scale)
-            wi = ws[e] - np.int64(np.rint(alpha * vf))
-            ws[e] = wi
-            ps[e] = np.float64(wi) * inv_scale
-            dvt = dvs[e] + alpha * dwi
-            dvs[e] = dvt
-            us[e] = omg * dvt
+            prod[e], ws[e], ps[e], dvs[e], us[e] = _restore_vals(ws[e], vs[e], dws[e], dvs[e], alpha,
+                                                                 omg, inv_scale)
         part[ch] = _sum8(prod, m)
     return _sum8(part, nch)
 
@@ -469,15 +473,8 @@ def _rev_step(w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, o
 @numba.njit(inline="always", cache=True)
 def _restore_one(i, e, w, v, dw, dv, u, p_out, prod, alpha, omg, inv_scale):
     """_rev_restore's arithmetic for element i (chunk position e: its d alpha term to prod[e])."""
-    vf = np.float64(v[i])
-    dwi = dw[i]
-    prod[e] = dwi * (vf * inv_scale)
-    wi = w[i] - np.int64(np.rint(alpha * vf))
-    w[i] = wi
-    p_out[i] = np.float64(wi) * inv_scale
-    dvt = dv[i] + alpha * dwi
-    dv[i] = dvt
-    u[i] = omg * dvt
+    prod[e], w[i], p_out[i], dv[i], u[i] = _restore_vals(w[i], v[i], dw[i], dv[i], alpha, omg,
+                                                         inv_scale)
 
 
 def _rev_step_restore(w, v, head, count, spill, g, hvp, dw, dv, u, p_out, k, n, gamma, c1s, lam,
@@ -512,15 +509,10 @@ def _rev_step_restore(w, v, head, count, spill, g, hvp, dw, dv, u, p_out, k, n, 
             tg[e] = tge
             tl[e] = tle
             # restore of step t - 1 from (vn, dwn, dvn); the slow path redoes both below
-            vf = np.float64(vn)
-            prod[e] = dwn * (vf * inv_scale)
-            wn = w0 - np.int64(np.rint(alpha2 * vf))
-            dv2 = dvn + alpha2 * dwn
+            prod[e], wn, ps[e], dv2, us[e] = _restore_vals(w0, vn, dwn, dvn, alpha2, omg2, inv_scale)
             hs[e] = x2 if ok else x
             vs[e] = vn if ok else v0
             ws[e] = wn if ok else w0
-            ps[e] = np.float64(wn) * inv_scale
-            us[e] = omg2 * dv2
             dws[e] = dwn if ok else dw0
             dvs[e] = dv2 if ok else dv0
             slow[e] = not ok
