@@ -11,16 +11,17 @@ Three kernels, one pass each:
                u = (1-gamma)*dv (the HVP direction, in the model dtype)
   rev_step     v -= ..., v <- v/gamma exactly (pop mod 2^k, push mod n),
                d_gamma, d_lambda, dw -= hvp + (1-gamma)*lam*dv, dv *= gamma
-The arithmetic is the same, operation for operation, as csrc/include/fastreg/reversible.h
-and the PyTorch reference in fastreg/ops/reversible.py.
+The float arithmetic is the same, operation for operation, as csrc/include/fastreg/reversible.h
+and the PyTorch reference in fastreg/ops/reversible.py; the integer divisions give the same
+quotients by other means (exact multiply-shift and double division on the vectorised path).
 
 Why two paths per element: the coder renormalises (spills or refills a 32-bit word)
 only every ~32 / log2(1/gamma) steps of an element, and range errors are exceptional,
 so each chunk of CH elements first runs a branch-free copy of the step that LLVM
 vectorises (AVX-512: 8 int64 lanes). It stores its result only where no
 renormalisation and no error occurred, and flags the rest; a scalar loop then runs
-the full step on the flagged elements, still in L1. Both paths do the same
-operations, so the result is bit for bit the scalar kernel's (4-5x faster on one
+the full step on the flagged elements, still in L1. Both paths compute the same
+integers and floats, so the result is bit for bit the scalar kernel's (4-5x faster on one
 core at 10^6 elements). Sums (d alpha, d gamma, d lambda) go through a per-element
 array and fixed-order partial sums, so they do not depend on the thread count.
 """
