@@ -10,8 +10,9 @@ def philox_block(seed, stream, counter):
     """Four uint32 words per 64-bit counter (tensor), for 64-bit seed and stream."""
     counter = counter.to(tl.uint64, bitcast=True)  # callers pass (u)int64 tensors
     # stream may arrive as i32 (small), i64, or a constexpr (Triton specialises an int
-    # argument equal to 1 unless the kernel lists it in do_not_specialize)
-    stream = tl.to_tensor(stream).to(tl.int64).to(tl.uint64, bitcast=True)
+    # argument equal to 1 unless the kernel lists it in do_not_specialize); tl.cast takes
+    # all three on every supported Triton (tl.to_tensor is missing from 3.6)
+    stream = tl.cast(stream, tl.int64).to(tl.uint64, bitcast=True)
     c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
     c1 = (counter >> 32).to(tl.uint32)
     s0 = (stream & 0xFFFFFFFF).to(tl.uint32) + tl.zeros_like(c0)
