@@ -1,4 +1,4 @@
-"""Reversible SGD benchmarks (issue 3).
+"""Reversible SGD benchmarks.
 
 Groups:
   "reversible fwd step d=1e6"     ReversibleSGD.step vs torch.optim.SGD(momentum) step, and the

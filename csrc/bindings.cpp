@@ -63,7 +63,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   // ---- families register below, one block each ----
 
-  // ---- reversible (issue 3) ----
+  // ---- reversible ----
   m.def("reversible_fwd_host", [](uintptr_t w, uintptr_t v, uintptr_t head, uintptr_t count, uintptr_t spill,
                                   int64_t cap, uintptr_t g, uintptr_t p_out, int is_double, int64_t numel,
                                   int k, int64_t n, double alpha, double c1s, double lam, double inv_scale) {
@@ -129,7 +129,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   // ---- end reversible ----
 
-  // ---- penalty (issue 4) ----
+  // ---- penalty ----
   m.def("penalty_accumulate_host", [](uintptr_t tab, int64_t nt, uintptr_t coefs, uintptr_t items, int64_t nitems,
                                       uintptr_t expl, int64_t nexpl, uintptr_t scales, uintptr_t counts,
                                       uintptr_t vals, int kind) {

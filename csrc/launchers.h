@@ -14,7 +14,7 @@ int philox_words_cuda(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream, 
                       uintptr_t stream_handle);
 #endif
 
-// ---- reversible (issue 3): csrc/cpu/reversible_host.cpp, csrc/cuda/reversible.cu ----
+// ---- reversible: csrc/cpu/reversible_host.cpp, csrc/cuda/reversible.cu ----
 struct ReversibleSums {
   int code;
   double dg, dl;
@@ -46,7 +46,7 @@ int reversible_rev_cuda(const int64_t* w, int64_t* v, int64_t* head, int32_t* co
 #endif
 // ---- end reversible ----
 
-// ---- penalty (issue 4): csrc/cpu/penalty_host.cpp, csrc/cuda/penalty.cu; tables in fastreg/penalty.h ----
+// ---- penalty: csrc/cpu/penalty_host.cpp, csrc/cuda/penalty.cu; tables in fastreg/penalty.h ----
 void penalty_accumulate_host(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
                              int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales,
                              double* counts, double* vals, int kind);

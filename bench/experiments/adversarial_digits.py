@@ -1,4 +1,4 @@
-"""Adversarial training with fastreg.adversarial on scikit-learn's digits (issue 5, item 3).
+"""Adversarial training with fastreg.adversarial on scikit-learn's digits.
 
 One MLP (64 -> 256 -> 256 -> 10, ReLU; pixels scaled to [0, 1]) trained three ways per seed:
   * "clean":  cross-entropy on clean inputs;

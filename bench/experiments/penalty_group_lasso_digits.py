@@ -1,4 +1,4 @@
-"""Group lasso on input features and hidden neurons, subgradient vs proximal (issue 4, item 7).
+"""Group lasso on input features and hidden neurons, subgradient vs proximal.
 
 MLP 64 -> 128 -> 10 (ReLU) on scikit-learn's digits (pixels scaled to [0, 1], 80/20 split).
 Groups (Scardapane et al. 2016): the columns of W1 (one per input pixel: feature selection)

@@ -1,4 +1,4 @@
-"""Exactness and cost of reversible SGD on digits (issue 3, experiment 1).
+"""Exactness and cost of reversible SGD on digits.
 
   python bench/experiments/reversible_exactness.py [--T 1000] [--hidden 300]
 

@@ -1,5 +1,5 @@
-"""Per-weight L2 strengths for logistic regression, optimised on validation loss (issue 3,
-experiment 3; the paper's section 3.2 on digits).
+"""Per-weight L2 strengths for logistic regression, optimised on validation loss
+(the paper's section 3.2 on digits).
 
   python bench/experiments/reversible_l2.py [--T 100] [--meta-iters 30] [--train 200]
 

@@ -1,5 +1,5 @@
-"""Learned per-layer learning-rate and momentum schedules and initial scales (issue 3,
-experiment 2; the paper's section 3.1 scaled to digits).
+"""Learned per-layer learning-rate and momentum schedules and initial scales
+(the paper's section 3.1 scaled to digits).
 
   python bench/experiments/reversible_schedules.py [--T 100] [--meta-iters 25]
 

@@ -1,4 +1,4 @@
-"""Sparsifying variational dropout on scikit-learn's digits (issue 5, item 9).
+"""Sparsifying variational dropout on scikit-learn's digits.
 
 The same MLP (64 -> 300 -> 100 -> 10, ReLU) trained twice per seed:
   * "plain":  torch.nn.Linear layers, cross-entropy, Adam;

@@ -1,7 +1,7 @@
 """Modules built on fastreg ops (one module file per family)."""
 
 from fastreg.nn.dropout import Dropout  # noqa: F401
-from fastreg.nn.variational import VariationalDropoutLinear  # noqa: F401  (issue 5)
-from fastreg.nn.noise import GaussianDropout, MultiplicativeNoise  # noqa: F401  (issue 5: noise)
-from fastreg.nn.noise import DropConnectLinear, LockedDropout  # noqa: F401  (issue 5: noise)
-from fastreg.nn.penalty import ActivityPenalty  # noqa: F401  (issue 4: penalty)
+from fastreg.nn.variational import VariationalDropoutLinear  # noqa: F401
+from fastreg.nn.noise import GaussianDropout, MultiplicativeNoise  # noqa: F401
+from fastreg.nn.noise import DropConnectLinear, LockedDropout  # noqa: F401
+from fastreg.nn.penalty import ActivityPenalty  # noqa: F401

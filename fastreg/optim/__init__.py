@@ -1,4 +1,4 @@
 """Optimizers built on fastreg kernels."""
 
-# -- reversible (issue 3) --
+# -- reversible --
 from fastreg.optim.reversible import ReversibleOverflowError, ReversibleSGD  # noqa: E402,F401
