@@ -1,11 +1,30 @@
-"""Test set-up: Triton runs under its interpreter on machines without a GPU.
+"""Test set-up: fresh compile caches; Triton runs under its interpreter on machines without a GPU.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set
 here, at collection, unless the caller chose already.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 import zlib
+
+# A fresh inductor cache per test session: a graph compiled from an older tree and served from
+# the shared on-disk cache could make a compile-against-eager test pass on stale code. Set
+# before torch is imported (inductor reads it when it first compiles).
+_inductor_cache = tempfile.mkdtemp(prefix="fastreg-test-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
+atexit.register(shutil.rmtree, _inductor_cache, ignore_errors=True)
+
+# CI: a fresh Numba cache too (cache=True kernels otherwise load what an earlier tree compiled,
+# from __pycache__ or a machine-wide NUMBA_CACHE_DIR). One folder for the whole run, inherited
+# by the tests' subprocesses, so each kernel still compiles once per run. Numba reads it at
+# import, which comes later (fastreg imports it).
+if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    _numba_cache = tempfile.mkdtemp(prefix="fastreg-test-numba-")
+    os.environ["NUMBA_CACHE_DIR"] = _numba_cache
+    atexit.register(shutil.rmtree, _numba_cache, ignore_errors=True)
 
 if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
     os.environ["TRITON_INTERPRET"] = "1"
