@@ -38,6 +38,7 @@ def set_backend(name: str | None) -> None:
 
 
 def forced_backend() -> str | None:
+    """The backend forced by use_backend/set_backend or FASTREG_BACKEND, or None."""
     name = _state.forced
     if name is not None:
         return name

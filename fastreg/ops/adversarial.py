@@ -54,6 +54,7 @@ def pgd_step_reference(x, x0, grad, step, eps, lo=-math.inf, hi=math.inf):
 
 
 def fgsm_reference(x, grad, eps, lo=-math.inf, hi=math.inf):
+    """The FGSM oracle: pgd_step_reference with no projection and step = eps."""
     return pgd_step_reference(x, None, grad, eps, 0.0, lo, hi)
 
 

@@ -46,10 +46,12 @@ def words_reference(index: torch.Tensor, seed: int, stream: int) -> torch.Tensor
 
 
 def uniform_from_words_reference(w: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1) from Philox words: ((w >> 9) + 0.5) * 2^-23, exact in float32."""
     return ((w >> 9).to(torch.float32) + 0.5) * 2.0**-23
 
 
 def normals_reference(index: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
+    """Standard normals at the given logical indices (Box-Muller on each counter's pairs)."""
     c = index >> 2
     r = philox4x32_10_reference(c & MASK32, (c >> 32) & MASK32, stream & MASK32, stream >> 32,
                                 seed & MASK32, seed >> 32)
