@@ -15,6 +15,11 @@ import torch
 
 SEED_LIMIT = 2**63  # seeds live in [0, 2^63): a non-negative int64
 
+# None, or a 63-bit mask XORed into every op's stream (set only by fastreg.distributed's
+# fold contexts, so that ranks draw different masks from one seed); reading it is the whole
+# cost when no context is active
+stream_fold: int | None = None
+
 
 def check_seed(seed, op: str) -> None:
     """Validate a seed argument without drawing anything."""
@@ -50,6 +55,8 @@ def check_stream(stream, op: str) -> int:
     stream = int(stream)
     if not 0 <= stream < SEED_LIMIT:
         raise ValueError(f"fastreg.{op}: stream must be in [0, 2^63), got {stream}")
+    if stream_fold is not None:  # a fastreg.distributed.fold_ranks context is active
+        return stream ^ stream_fold
     return stream
 
 
