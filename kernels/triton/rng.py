@@ -1,28 +1,83 @@
-"""The fastreg RNG spec (docs/rng.md) in Triton: tl.philox is Random123's
-Philox4x32-10 when given 32-bit counters, so only the counter layout is ours."""
+"""The fastreg RNG spec (docs/rng.md) in Triton.
+
+Philox4x32-10 is written out here rather than taken from tl.philox: each round's
+two 32x32 products are formed as one widening multiply (IMAD.WIDE.U32 on sm_80/90,
+both halves at once) where tl.philox issues a mul-hi and a mul-lo, about 40 fewer
+instructions per counter. The function is the same (Random123's known answers,
+tests/test_rng.py).
+
+Block helpers hand a kernel the words of BLOCK consecutive elements as a 1-D tile
+whose per-thread layout matches a 128-bit load of the data: VEC elements per
+thread (4 for 32-bit data, 8 for 16-bit), so no layout conversion (shared memory)
+sits between the generator and the loads.
+"""
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Ten Philox rounds on uint32 tensors (c*) with uint32 keys (k*)."""
+    for _ in tl.static_range(10):
+        pa = c0.to(tl.uint64) * 0xD2511F53
+        pb = c2.to(tl.uint64) * 0xCD9E8D57
+        n0 = (pb >> 32).to(tl.uint32) ^ c1 ^ k0
+        n2 = (pa >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = pb.to(tl.uint32)
+        c3 = pa.to(tl.uint32)
+        c0 = n0
+        c2 = n2
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
 def philox_block(seed, stream, counter):
     """Four uint32 words per 64-bit counter (tensor), for 64-bit seed and stream."""
     counter = counter.to(tl.uint64, bitcast=True)  # callers pass (u)int64 tensors
-    # stream may arrive as i32 (small), i64, or a constexpr (Triton specialises an int
-    # argument equal to 1 unless the kernel lists it in do_not_specialize); tl.cast takes
-    # all three on every supported Triton (tl.to_tensor is missing from 3.6)
+    # seed and stream may arrive as i32, i64 or a constexpr; tl.cast takes all three on
+    # every supported Triton (tl.to_tensor is missing from 3.6)
     stream = tl.cast(stream, tl.int64).to(tl.uint64, bitcast=True)
+    seed = tl.cast(seed, tl.int64).to(tl.uint64, bitcast=True)
     c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
     c1 = (counter >> 32).to(tl.uint32)
     s0 = (stream & 0xFFFFFFFF).to(tl.uint32) + tl.zeros_like(c0)
     s1 = (stream >> 32).to(tl.uint32) + tl.zeros_like(c0)
-    return tl.philox(seed, c0, c1, s0, s1)
+    return philox4x32_10(c0, c1, s0, s1, (seed & 0xFFFFFFFF).to(tl.uint32),
+                         (seed >> 32).to(tl.uint32))
+
+
+@triton.jit
+def _lanes(r0, r1, r2, r3):
+    """[..., 4] tile whose last axis is (r0, r1, r2, r3), built in registers."""
+    return tl.join(tl.join(r0, r2), tl.join(r1, r3))
+
+
+@triton.jit
+def block_counters(cbase, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """The BLOCK // 4 counters from cbase (int64 scalar), shaped so that one thread
+    holds the VEC // 4 counters of its VEC consecutive elements."""
+    if VEC == 8:
+        c = cbase + (tl.arange(0, BLOCK // 8) * 2).to(tl.int64)
+        cs = tl.join(c, c + 1)
+    else:
+        cs = cbase + tl.arange(0, BLOCK // 4).to(tl.int64)
+    return cs
+
+
+@triton.jit
+def block_words(seed, stream, cbase, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """word(4 * cbase + k) for k < BLOCK, a 1-D tile (BLOCK % 32 == 0)."""
+    r0, r1, r2, r3 = philox_block(seed, stream, block_counters(cbase, BLOCK, VEC))
+    return tl.reshape(_lanes(r0, r1, r2, r3), (BLOCK, ))
 
 
 @triton.jit
 def philox_word(seed, stream, index):
-    """word(i) for a tensor of int64 indices."""
+    """word(i) for a tensor of int64 indices (one Philox call per element: for
+    gathers only; consecutive elements should use block_words)."""
     idx = index.to(tl.uint64, bitcast=True)
     r0, r1, r2, r3 = philox_block(seed, stream, idx >> 2)
     lane = idx & 3
