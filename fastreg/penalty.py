@@ -172,15 +172,23 @@ def _as_list(params):
         return params
 
 
-def accumulate_(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torch.Tensor:
+def accumulate_(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None,
+                global_value=True) -> torch.Tensor:
     """Adds the penalty's gradient into every parameter's .grad; returns the penalty's value
     (0-dim float32).
 
     A parameter whose .grad is None gets one (the penalty gradient alone). Call after
     loss.backward() and before optimizer.step(). One kernel pass per (device, dtype) over
     all parameters; half-precision parameters accumulate in float32.
+
+    DTensor parameters (FSDP2) are penalised on their local shards; the call issues one
+    all-reduce when a group spans shards or when global_value (the default) asks for the
+    global value, none otherwise. global_value=False returns this rank's share (the shares
+    sum to the global value). Plain tensors (DDP) need no communication. docs/distributed.md.
     """
     params = _as_list(params)
+    if not torch.compiler.is_compiling() and _has_dtensor(params):
+        return _dtensor_accumulate(params, l1, l2, group_lasso, groups, global_value)
     if not torch.compiler.is_compiling():
         done, out = _onepass(params, "accumulate_", l1, l2, group_lasso, groups)
         if done:
@@ -317,6 +325,9 @@ def prox_(params, lr, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> None:
     """
     lr = _real(lr, "lr", "penalty.prox_")
     params = _as_list(params)
+    # DTensor shards: one all-reduce iff a group spans shards
+    if not torch.compiler.is_compiling() and _has_dtensor(params):
+        return _dtensor_prox(params, lr, l1, l2, group_lasso, groups)
     if not torch.compiler.is_compiling():
         done, _ = _onepass(params, "prox_", l1, l2, group_lasso, groups, lr)
         if done:
@@ -334,10 +345,17 @@ def prox_(params, lr, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> None:
             torch._C._increment_version(ws)
 
 
-def sparsity(params, groups=None) -> dict:
+def sparsity(params, groups=None, *, global_value=True) -> dict:
     """{"weights": fraction of exactly-zero weights, "groups": fraction of all-zero groups,
     "zero_groups": count, "num_groups": count} over all tensors (groups as in accumulate_;
-    with groups=None, "groups" counts each tensor as one group)."""
+    with groups=None, "groups" counts each tensor as one group).
+
+    DTensor parameters (FSDP2): counts over the full tensors, in one all-reduce
+    (global_value=False: this rank's share of the counts, with an all-reduce only for
+    groups that span shards)."""
+    params = _as_list(params)
+    if not torch.compiler.is_compiling() and _has_dtensor(params):
+        return _dtensor_sparsity(params, groups, global_value)
     recs = _flatten(params, "sparsity", 0.0, 0.0, 0.0, groups)
     nz = n = zg = ng = 0
     for p, _, _, _, mode, idx in recs:
@@ -381,3 +399,276 @@ def activity_penalty(x, *, l1=0.0, l2=0.0, return_value=False):
     if return_value:
         return y, v.detach()
     return y
+
+
+# ================================================================ DTensor parameters (FSDP2)
+# FSDP2 (torch.distributed.fsdp.fully_shard) holds parameters and gradients as DTensors whose
+# local shards are slices of the full tensor. The penalty is computed on the local shards with
+# the same kernels; what needs other ranks' data goes into ONE all-reduce per call: the
+# partial sums of squares (or nonzero counts) of the groups that span shards, whose norms need
+# every shard, and, unless global_value=False, the partial value. Replicated DTensors are
+# counted once (on mesh coordinate 0) wherever shares are summed. docs/distributed.md.
+
+_PLAIN_PARAM_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
+def _has_dtensor(params) -> bool:
+    """True when a tensor in params (a list, possibly of param-group dicts) is a DTensor. A
+    list of plain tensors costs one C-level pass."""
+    if not isinstance(params, (list, tuple)) or set(map(type, params)) <= _PLAIN_PARAM_TYPES:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    for e in params:
+        if isinstance(e, dict):
+            ps = e.get("params")
+            ps = [ps] if isinstance(ps, torch.Tensor) else (list(ps) if ps is not None else [])
+            if any(isinstance(p, DTensor) for p in ps):
+                return True
+        elif isinstance(e, DTensor):
+            return True
+    return False
+
+
+class _Local:
+    """One DTensor parameter on this rank: p, its local shard w, strengths, grouping, whether
+    it is replicated, and for groups that span shards (span) the local elements' global
+    group index gi, the number of groups ng and the global group sizes cnt."""
+
+    __slots__ = ("p", "w", "l1", "l2", "gl", "mode", "idx", "replicated", "span", "gi", "ng",
+                 "cnt")
+
+
+def _dtensor_records(params, op, l1, l2, group_lasso, groups, *, all_groups=False):
+    """(mesh, [_Local]) for DTensor parameters, validated. all_groups: keep the grouping even
+    where group_lasso is 0 (sparsity counts groups). Raises for plain tensors mixed in,
+    several meshes, meshes of more than one dimension, placements other than Shard and
+    Replicate, and index groups given as DTensors."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    recs = _flatten(params, op, l1, l2, group_lasso, groups)
+    where = f"fastreg.penalty.{op}"
+    mesh, out = None, []
+    for i, (p, cl1, cl2, cgl, mode, idx) in enumerate(recs):
+        if not isinstance(p, DTensor):
+            raise TypeError(f"{where}: params mix DTensors and plain tensors (tensor {i} is a "
+                            f"plain {type(p).__name__} of shape {tuple(p.shape)}); pass the "
+                            "DTensor (FSDP2) parameters and the plain ones in separate calls")
+        if mesh is None:
+            mesh = p.device_mesh
+            if mesh.ndim != 1:
+                raise ValueError(f"{where}: DTensor parameters on a {mesh.ndim}-D device mesh "
+                                 "are not supported (only 1-D meshes, as fully_shard builds by "
+                                 "default)")
+        elif p.device_mesh != mesh:
+            raise ValueError(f"{where}: the DTensor parameters live on different device meshes "
+                             f"(tensor {i}); call once per mesh")
+        if isinstance(idx, DTensor):
+            raise TypeError(f"{where}: the groups index tensor of tensor {i} is a DTensor; pass "
+                            "it as a plain tensor with one entry per element of the full "
+                            "parameter")
+        pl = p.placements[0]
+        r = _Local()
+        r.p, r.w, r.l1, r.l2, r.gl, r.idx = p, p.to_local(), cl1, cl2, cgl, idx
+        r.mode = mode if (cgl > 0.0 or all_groups) else MODE_NONE
+        if type(pl) is Replicate:
+            r.replicated, r.span = True, False
+        elif type(pl) is Shard:
+            r.replicated = False
+            d = pl.dim % max(p.dim(), 1)
+            if r.mode == MODE_NONE:
+                r.span = False
+            elif r.mode == MODE_EXPLICIT:
+                r.span = True
+            elif r.mode == GROUP_NAMES["rows"]:
+                r.span = p.dim() >= 2 and d != 0  # a vector's "rows" are its elements
+            else:  # "cols": a vector is one group
+                r.span = p.dim() < 2 or d != 1
+        else:
+            raise ValueError(f"{where}: tensor {i} has placement {pl}; only Shard(dim) and "
+                             "Replicate() placements can be reduced (a Partial tensor has no "
+                             "values to penalise until it is reduced)")
+        if r.span:
+            if r.mode == MODE_EXPLICIT:
+                shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
+                full = idx.reshape(p.shape)
+                r.gi = full[tuple(slice(o, o + s) for o, s in zip(offset, shape))].reshape(-1)
+                r.ng = int(idx.max()) + 1 if idx.numel() else 0
+                r.cnt = torch.bincount(idx, minlength=r.ng).to(torch.float64)
+            else:
+                r.ng = p.shape[0] if r.mode == GROUP_NAMES["rows"] else (
+                    p.shape[1] if p.dim() >= 2 else 1)
+                r.cnt = torch.full((r.ng,), p.numel() // max(r.ng, 1), dtype=torch.float64,
+                                   device=r.w.device)
+                r.gi = _ops.group_index(tuple(r.w.shape), r.mode, None, r.w.device)[0]
+        out.append(r)
+    return mesh, out
+
+
+def _all_reduce(buf, mesh):
+    import torch.distributed as dist
+
+    dist.all_reduce(buf, group=mesh.get_group())
+
+
+def _group_sums(r, x):
+    """float64 per-group sums of x (one value per local element) over r's local elements."""
+    s = torch.zeros(r.ng, dtype=torch.float64, device=x.device)
+    return s.index_add_(0, r.gi, x) if x.numel() else s
+
+
+def _local_kernels(rs, grads=None, lr=None):
+    """accumulate_ (grads given; returns the float64 value) or prox_ on local shards, with the
+    kernels; a group spanning shards is switched off here and added after the collective."""
+    pairs = [(r, g) for r, g in zip(rs, grads if grads is not None else [None] * len(rs))
+             if r.w.numel()]
+    if not pairs:
+        return torch.zeros((), dtype=torch.float64)
+    coefs, modes, gidx = [], [], []
+    for r, _ in pairs:
+        local_groups = r.mode != MODE_NONE and not r.span
+        coefs += [r.l1, r.l2, r.gl if local_groups else 0.0]
+        modes.append(r.mode if local_groups else MODE_NONE)
+        if local_groups and r.mode == MODE_EXPLICIT:  # a replicated tensor: the full index
+            gidx.append(r.idx)
+    ws = [r.w for r, _ in pairs]
+    with torch.no_grad():
+        if grads is not None:
+            gs = [g for _, g in pairs]
+            out = _ops._run_accumulate(ws, gs, coefs, modes, gidx, [0] * len(ws))
+            torch._C._increment_version(gs)
+            return out.to(torch.float64).cpu()
+        _ops._run_prox(ws, lr, coefs, modes, gidx)
+        torch._C._increment_version(ws)
+    return None
+
+
+def _local_grads(rs):
+    """Each DTensor parameter's local gradient shard (a zero DTensor .grad is made for None)."""
+    grads = []
+    for i, r in enumerate(rs):
+        if r.p.grad is None:
+            r.p.grad = torch.zeros_like(r.p)
+        g = r.p.grad
+        if type(g) is not type(r.p) or g.placements != r.p.placements:
+            raise TypeError(f"fastreg.penalty.accumulate_: tensor {i} is a DTensor with "
+                            f"placements {r.p.placements}, but its .grad is "
+                            f"{getattr(g, 'placements', type(g).__name__)}")
+        gl = g.to_local()
+        if gl.layout is not torch.strided:
+            raise TypeError("fastreg.penalty.accumulate_: only dense (strided) gradients are "
+                            f"supported, got {gl.layout}")
+        _ops.check_grad(r.w, gl, f"tensor {i} of params (local shard)", "its .grad",
+                        "fastreg.penalty.accumulate_")
+        grads.append(gl)
+    return grads
+
+
+def _dtensor_accumulate(params, l1, l2, group_lasso, groups, global_value):
+    mesh, rs = _dtensor_records(params, "accumulate_", l1, l2, group_lasso, groups)
+    if not rs:
+        return torch.zeros((), dtype=torch.float32)
+    grads = _local_grads(rs)
+    coord0 = mesh.get_local_rank() == 0
+    rep = [(r, g) for r, g in zip(rs, grads) if r.replicated]
+    shd = [(r, g) for r, g in zip(rs, grads) if not r.replicated]
+    v_rep = _local_kernels([r for r, _ in rep], [g for _, g in rep])
+    v_shd = _local_kernels([r for r, _ in shd], [g for _, g in shd])
+    span = [(r, g) for r, g in shd if r.span]
+    collective = bool(span) or (global_value and bool(shd))
+    if not collective:  # replicated tensors only, or this rank's share of local groups
+        return (v_shd + (v_rep if coord0 or not shd else 0.0)).to(torch.float32)
+    share = v_shd + (v_rep if coord0 else 0.0)  # shares sum to the global value
+    dev = rs[0].w.device
+    w64 = [r.w.detach().reshape(-1).to(torch.float64) for r, _ in span]
+    parts = [_group_sums(r, w * w) for (r, _), w in zip(span, w64)]
+    head = [share.reshape(1).to(dev)] if global_value else []
+    buf = torch.cat(head + parts)
+    _all_reduce(buf, mesh)  # the call's one collective
+    value = buf[0].cpu() if global_value else share
+    at = len(head)
+    group_value = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for (r, g), w, part in zip(span, w64, parts):
+            nrm = buf[at:at + r.ng].sqrt()
+            at += r.ng
+            tg = r.gl * r.cnt.to(nrm.device).sqrt()
+            group_value = group_value + (tg * nrm).sum().cpu()
+            scale = torch.where(nrm > 0, tg / torch.where(nrm > 0, nrm, 1.0), 0.0)  # subgradient 0
+            if w.numel():
+                g.add_((scale[r.gi] * w).reshape(g.shape).to(g.dtype))
+    if global_value or coord0:
+        value = value + group_value
+    return value.to(torch.float32)
+
+
+def _dtensor_prox(params, lr, l1, l2, group_lasso, groups):
+    mesh, rs = _dtensor_records(params, "prox_", l1, l2, group_lasso, groups)
+    _local_kernels([r for r in rs if not r.span], lr=lr)
+    span = [r for r in rs if r.span]
+    if not span:
+        return
+    zs = []
+    for r in span:
+        w = r.w.detach().reshape(-1).to(torch.float64)
+        zs.append(torch.sign(w) * torch.clamp(w.abs() - lr * r.l1, min=0.0))  # soft threshold
+    parts = [_group_sums(r, z * z) for r, z in zip(span, zs)]
+    buf = torch.cat(parts)
+    _all_reduce(buf, mesh)  # the call's one collective
+    at = 0
+    with torch.no_grad():
+        for r, z in zip(span, zs):
+            nrm = buf[at:at + r.ng].sqrt()
+            at += r.ng
+            tg = lr * r.gl * r.cnt.to(nrm.device).sqrt()
+            f = torch.where(nrm > 0, torch.clamp(1.0 - tg / torch.where(nrm > 0, nrm, 1.0),
+                                                 min=0.0), 0.0)
+            if z.numel():
+                r.w.copy_((z * f[r.gi] / (1.0 + 2.0 * lr * r.l2)).reshape(r.w.shape))
+        torch._C._increment_version([r.w for r in span])
+
+
+def _dtensor_sparsity(params, groups, global_value):
+    mesh, rs = _dtensor_records(params, "sparsity", 0.0, 0.0, 0.0, groups, all_groups=True)
+    shd = [r for r in rs if not r.replicated]
+    collective = bool(shd) and (global_value or any(r.span or r.mode == MODE_NONE for r in shd))
+    # replicated tensors count once where shares are summed
+    count_rep = mesh.get_local_rank() == 0 or not collective
+    counts = torch.zeros(4, dtype=torch.float64)  # zero weights, weights, zero groups, groups
+    parts, span = [], []
+    for r in rs:
+        if r.replicated and not count_rep:
+            continue
+        w = r.w.detach()
+        counts[0] += int((w == 0).sum())
+        counts[1] += w.numel()
+        nonzero = (w.reshape(-1) != 0).to(torch.float64)
+        if r.mode == MODE_NONE and not r.replicated:  # the tensor is one group, on all shards
+            parts.append(nonzero.sum().reshape(1).to(w.device))
+            span.append(1)
+        elif r.span:
+            parts.append(_group_sums(r, nonzero))
+            span.append(r.ng)
+        elif w.numel():  # the groups are whole on this rank
+            gi, k = _ops.group_index(tuple(w.shape), r.mode, r.idx, w.device)
+            nz = torch.zeros(k, dtype=torch.float64, device=w.device).index_add_(0, gi, nonzero)
+            counts[2] += int((nz == 0).sum())
+            counts[3] += k
+    if collective:
+        dev = rs[0].w.device
+        head = [counts.to(dev)] if global_value else []
+        buf = torch.cat(head + parts)
+        _all_reduce(buf, mesh)  # the call's one collective
+        buf = buf.cpu()
+        if global_value:
+            counts = buf[:4].clone()
+        at = len(head) * 4
+        for k in span:
+            if global_value or mesh.get_local_rank() == 0:  # each spanning group once
+                counts[2] += int((buf[at:at + k] == 0).sum())
+                counts[3] += k
+            at += k
+    nz, n, zg, ng = (int(x) for x in counts.tolist())
+    return {"weights": nz / n if n else 0.0, "groups": zg / ng if ng else 0.0,
+            "zero_groups": zg, "num_groups": ng}

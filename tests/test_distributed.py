@@ -1,0 +1,469 @@
+"""fastreg under torch.distributed: 2-process gloo runs on the CPU (docs/distributed.md).
+
+Starting processes is the expensive part, so each suite of checks runs in ONE launch of two
+spawned processes (free port chosen at run time, bounded by a deadline); every check reports
+per rank and each pytest test asserts one check. NCCL variants (marked gpu) need 2 GPUs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+DEADLINE_S = 150  # one launch; the whole file stays well inside CI's 3 minutes
+
+# ---------------------------------------------------------------- launching
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, suite, outdir, backend):
+    os.environ.setdefault("FASTREG_QUIET", "1")
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=40))
+    results = {}
+    for name, fn in SUITES[suite]:
+        try:
+            fn(rank, world, "cuda" if backend == "nccl" else "cpu")
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent, which fails the test
+            results[name] = traceback.format_exc()
+        with open(os.path.join(outdir, f"{rank}.json"), "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _launch(suite, backend="gloo"):
+    outdir = tempfile.mkdtemp(prefix="fastreg-dist-")
+    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), suite, outdir, backend),
+                             nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    error = None
+    try:
+        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                error = f"suite {suite!r} ran past {DEADLINE_S} s"
+                break
+    except Exception as e:  # a worker died: its checks report what they got
+        error = f"a worker failed: {e}"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    out = {}
+    for r in range(WORLD):
+        path = os.path.join(outdir, f"{r}.json")
+        res = json.load(open(path)) if os.path.exists(path) else {}
+        for name, _ in SUITES[suite]:
+            out.setdefault(name, []).append(res.get(name, error or "no result"))
+    return out
+
+
+_CACHE: dict = {}
+
+
+def _result(suite, name, backend="gloo"):
+    key = (suite, backend)
+    if key not in _CACHE:
+        _CACHE[key] = _launch(suite, backend)
+    rs = _CACHE[key][name]
+    bad = [f"rank {r}: {m}" for r, m in enumerate(rs) if m != "ok"]
+    assert not bad, "\n".join(bad)
+
+
+# ---------------------------------------------------------------- helpers used in workers
+
+
+class CountCollectives:
+    """Counts calls of torch.distributed's collectives while active (they still run)."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+             "broadcast", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter",
+             "all_gather_object", "broadcast_object_list")
+
+    def __enter__(self):
+        self.count, self.saved = 0, {}
+        for n in self.NAMES:
+            f = getattr(dist, n)
+            self.saved[n] = f
+
+            def wrapped(*a, _f=f, **k):
+                self.count += 1
+                return _f(*a, **k)
+            setattr(dist, n, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(dist, n, f)
+
+
+def _gather(t: torch.Tensor) -> list:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def _mesh(device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device, (dist.get_world_size(),))
+
+
+# ---------------------------------------------------------------- random streams
+
+def check_rng_default_same(rank, world, device):
+    """Without a context, ranks seeded alike draw the same mask (the problem being solved)."""
+    import fastreg
+
+    torch.manual_seed(0)
+    y = fastreg.dropout(torch.ones(1000, device=device), 0.5)
+    a, b = _gather(y)
+    assert torch.equal(a, b)
+
+
+def check_rng_data_parallel(rank, world, device):
+    import fastreg
+    from fastreg import distributed as fd
+
+    x = torch.ones(4096, device=device)
+    torch.manual_seed(0)
+    with fd.fold_ranks():
+        assert fd.stream_mask() is not None
+        s = fd.folded_stream(3)
+        y = fastreg.dropout(x, 0.5, stream=3)
+    assert fd.stream_mask() is None  # restored on exit
+    a, b = _gather(y)
+    assert not torch.equal(a, b), "data-parallel ranks drew the same mask"
+    frac = float(((a == 0) == (b == 0)).float().mean())
+    assert 0.45 < frac < 0.55, f"masks not independent: agreement {frac}"
+    # the bits are docs/rng.md's for (seed, folded stream): the seed torch drew, replayed
+    torch.manual_seed(0)
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=device))
+    keep = fastreg.rng.words(4096, seed, s, device="cpu").to(torch.int64) >= 2**31
+    assert torch.equal(keep, (y != 0).cpu())
+    # and an explicit (seed, stream) outside the context gives the same mask
+    z = fastreg.dropout(x, 0.5, seed=seed, stream=s)
+    assert torch.equal(z, y)
+
+
+def check_rng_tensor_parallel(rank, world, device):
+    """A 1 (dp) x 2 (tp) mesh: folding the dp rank keeps tp ranks identical (a replicated
+    activation); folding dp and tp ranks makes them independent (a sharded activation)."""
+    import fastreg
+    from torch.distributed.device_mesh import init_device_mesh
+    from fastreg import distributed as fd
+
+    mesh = init_device_mesh(device, (1, world), mesh_dim_names=("dp", "tp"))
+    x = torch.ones(2048, device=device)
+    torch.manual_seed(1)
+    with fd.fold_ranks(mesh["dp"]):
+        rep = fastreg.dropout(x, 0.3)
+        with fd.fold_ranks(mesh["tp"]):
+            shd = fastreg.dropout(x, 0.3)
+        rep2 = fastreg.dropout(x, 0.3)
+    a, b = _gather(rep)
+    assert torch.equal(a, b), "tp ranks of one dp rank drew different masks for a replicated activation"
+    a, b = _gather(rep2)
+    assert torch.equal(a, b), "the inner context was not undone"
+    a, b = _gather(shd)
+    assert not torch.equal(a, b), "tp ranks drew the same mask for a sharded activation"
+    # process groups work as well as meshes: dp groups of one rank each
+    groups = [dist.new_group([r]) for r in range(world)]
+    torch.manual_seed(1)
+    with fd.fold_ranks(groups[rank]):
+        rep3 = fastreg.dropout(x, 0.3)
+    assert torch.equal(rep3, rep)
+
+
+def check_rng_backward_outside(rank, world, device):
+    """Backward regenerates the mask from the stream saved in forward: no context needed."""
+    import fastreg
+    from fastreg import distributed as fd
+
+    x = torch.randn(999, device=device, requires_grad=True)
+    torch.manual_seed(2)
+    with fd.fold_ranks():
+        y = fastreg.dropout(x, 0.4)
+        z = fastreg.nn.GaussianDropout(0.3)(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    torch.testing.assert_close(x.grad, torch.where(y != 0, g / 0.6, torch.zeros_like(g)),
+                               rtol=1e-6, atol=0)
+    x.grad = None
+    z.sum().backward()
+    assert torch.allclose(x.grad * x, z, rtol=1e-5, atol=1e-6)
+    a, b = _gather(z)
+    assert not torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- penalties on DTensors
+
+def _params(device, placements_of):
+    """Full tensors (same on every rank) and their DTensors: uneven shards, an empty shard, a
+    replicated tensor, a conv weight, a vector."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(5)
+    shapes = {"w1": (7, 5), "w2": (5, 6), "b": (7,), "tiny": (1, 4), "rep": (3, 3),
+              "conv": (4, 3, 2, 2)}
+    place = {"w1": Shard(0), "w2": Shard(1), "b": Shard(0), "tiny": Shard(0),
+             "rep": Replicate(), "conv": Shard(0)}
+    place.update(placements_of)
+    full = {k: torch.randn(s, generator=g, dtype=torch.float64).to(torch.float32)
+            for k, s in shapes.items()}
+    full["w1"][2] = 0.0  # a zero row and a zero column: sparsity and subgradients at 0
+    full["w2"][:, 1] = 0.0
+    grads = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    mesh = _mesh(device)
+    dts, dgs = {}, {}
+    for k in shapes:
+        dts[k] = torch.nn.Parameter(distribute_tensor(full[k].to(device), mesh, [place[k]]))
+        dgs[k] = distribute_tensor(grads[k].to(device), mesh, [place[k]])
+    return full, grads, dts, dgs
+
+
+def _index_groups(shape, k=3):
+    n = 1
+    for s in shape:
+        n *= s
+    return torch.arange(n) % k
+
+
+def check_penalty_accumulate(rank, world, device):
+    import fastreg
+
+    cases = []
+    for groups in (None, "rows", "cols"):
+        cases.append((groups, {}))
+    cases.append(("index", {}))
+    for groups, extra in cases:
+        for gv in (True, False):
+            full, grads, dts, dgs = _params(device, extra)
+            names = list(full)
+            if groups == "index":
+                gspec = [_index_groups(full[k].shape).to(device) for k in names]
+            else:
+                gspec = groups
+            kw = dict(l1=1e-2, l2=3e-2, group_lasso=0.0 if groups is None else 5e-2)
+            # the single-process reference on the full tensors
+            ref_p = [full[k].clone().requires_grad_() for k in names]
+            for p, k in zip(ref_p, names):
+                p.grad = grads[k].clone()
+            ref_gspec = [t.cpu() for t in gspec] if groups == "index" else gspec
+            ref = fastreg.penalty.accumulate_(ref_p, groups=ref_gspec, **kw)
+            ps = [dts[k] for k in names]
+            for p, k in zip(ps, names):
+                p.grad = dgs[k]
+            with CountCollectives() as cc:
+                v = fastreg.penalty.accumulate_(ps, groups=gspec, global_value=gv, **kw)
+            spans = groups is not None  # w2 Shard(1) rows, w1 Shard(0) cols, index: all span
+            assert cc.count == (1 if (gv or spans) else 0), (groups, gv, cc.count)
+            if not gv:
+                shares = v.to(torch.float64).reshape(1).to(device)
+                dist.all_reduce(shares)
+                v = shares[0].to(torch.float32).cpu()
+            torch.testing.assert_close(v.cpu(), ref, rtol=2e-6, atol=1e-6,
+                                       msg=lambda m: f"value {groups} {gv}: {m}")
+            for p, rp, k in zip(ps, ref_p, names):
+                torch.testing.assert_close(p.grad.full_tensor().cpu(), rp.grad, rtol=1e-5,
+                                           atol=1e-6, msg=lambda m, k=k: f"grad {k} {groups}: {m}")
+
+
+def check_penalty_rows_local(rank, world, device):
+    """Rows of Shard(0) weights are whole on each rank: no collective unless the value is
+    wanted."""
+    import fastreg
+
+    full, grads, dts, dgs = _params(device, {})
+    ps = [dts["w1"], dts["conv"], dts["b"]]
+    for p, k in zip(ps, ("w1", "conv", "b")):
+        p.grad = dgs[k]
+    with CountCollectives() as cc:
+        fastreg.penalty.accumulate_(ps, l2=1e-2, group_lasso=1e-2, groups="rows",
+                                    global_value=False)
+        fastreg.penalty.prox_(ps, 0.1, l1=1e-2, group_lasso=1e-2, groups="rows")
+    assert cc.count == 0, cc.count
+    with CountCollectives() as cc:
+        fastreg.penalty.accumulate_(ps, l2=1e-2, group_lasso=1e-2, groups="rows")
+    assert cc.count == 1, cc.count
+    # a .grad of None gets the penalty gradient alone, as a DTensor like its parameter
+    p = dts["w2"]
+    p.grad = None
+    fastreg.penalty.accumulate_([p], l2=0.5)
+    torch.testing.assert_close(p.grad.full_tensor().cpu(), full["w2"], rtol=1e-6, atol=0)
+    assert p.grad.placements == p.placements
+
+
+def check_penalty_prox(rank, world, device):
+    import fastreg
+
+    for groups in (None, "rows", "cols", "index"):
+        full, grads, dts, dgs = _params(device, {})
+        names = list(full)
+        gspec = [_index_groups(full[k].shape).to(device) for k in names] if groups == "index" \
+            else groups
+        ref_gspec = [t.cpu() for t in gspec] if groups == "index" else gspec
+        kw = dict(l1=0.05, l2=0.1, group_lasso=0.0 if groups is None else 0.8)
+        ref_p = [full[k].clone() for k in names]
+        fastreg.penalty.prox_(ref_p, 0.5, groups=ref_gspec, **kw)
+        ps = [dts[k] for k in names]
+        with CountCollectives() as cc:
+            fastreg.penalty.prox_(ps, 0.5, groups=gspec, **kw)
+        assert cc.count == (0 if groups is None else 1), (groups, cc.count)
+        for p, rp, k in zip(ps, ref_p, names):
+            torch.testing.assert_close(p.full_tensor().cpu(), rp, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m, k=k: f"prox {k} {groups}: {m}")
+        assert sum(int((rp == 0).sum()) for rp in ref_p) > 0  # exact zeros were made
+
+
+def check_penalty_sparsity(rank, world, device):
+    import fastreg
+
+    for groups in (None, "rows", "cols", "index"):
+        full, grads, dts, dgs = _params(device, {})
+        names = list(full)
+        gspec = [_index_groups(full[k].shape).to(device) for k in names] if groups == "index" \
+            else groups
+        ref_gspec = [t.cpu() for t in gspec] if groups == "index" else gspec
+        ref = fastreg.penalty.sparsity([full[k] for k in names], groups=ref_gspec)
+        with CountCollectives() as cc:
+            got = fastreg.penalty.sparsity([dts[k] for k in names], groups=gspec)
+        assert cc.count == 1
+        assert got == ref, (groups, got, ref)
+        with CountCollectives() as cc:
+            share = fastreg.penalty.sparsity([dts[k] for k in names], groups=gspec,
+                                             global_value=False)
+        t = torch.tensor([share["zero_groups"], share["num_groups"]], dtype=torch.float64)
+        dist.all_reduce(t)
+        assert (int(t[0]), int(t[1])) == (ref["zero_groups"], ref["num_groups"]), (groups, t, ref)
+
+
+def check_penalty_errors(rank, world, device):
+    import fastreg
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Shard, distribute_tensor
+
+    full, grads, dts, dgs = _params(device, {})
+    plain = torch.zeros(3, device=device, requires_grad=True)
+    with pytest.raises(TypeError, match="mix DTensors and plain"):
+        fastreg.penalty.accumulate_([dts["w1"], plain], l2=1.0)
+    with pytest.raises(TypeError, match="mix DTensors and plain"):
+        fastreg.penalty.prox_([dts["w1"], plain], 0.1, l2=1.0)
+    with pytest.raises(TypeError, match="mix DTensors and plain"):
+        fastreg.penalty.sparsity([plain, dts["w1"]])
+    mesh2 = init_device_mesh(device, (world, 1))
+    w = distribute_tensor(full["w1"].to(device), mesh2, [Shard(0), Shard(1)])
+    with pytest.raises(ValueError, match="2-D device mesh"):
+        fastreg.penalty.accumulate_([w], l2=1.0)
+    from torch.distributed.tensor import DTensor
+
+    part = DTensor.from_local(torch.ones(2, 2, device=device), _mesh(device), [Partial()])
+    with pytest.raises(ValueError, match="Partial"):
+        fastreg.penalty.accumulate_([part], l2=1.0, group_lasso=1.0, groups="cols")
+    bad_idx = distribute_tensor(_index_groups((7, 5)).to(device), _mesh(device), [Shard(0)])
+    with pytest.raises(TypeError, match="index tensor .* DTensor"):
+        fastreg.penalty.accumulate_([dts["w1"]], group_lasso=1.0, groups=[bad_idx])
+    # nothing reached a native kernel as a plain tensor, and nothing was half written
+    assert plain.grad is None
+
+
+def check_penalty_fsdp2(rank, world, device):
+    """A real fully_shard model: the penalty gradient added to the reduce-scattered grads is the
+    single-process penalty gradient of the full parameters."""
+    import fastreg
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    model.to(device)
+    full = [p.detach().clone().cpu() for p in model.parameters()]
+    fully_shard(model[0])
+    fully_shard(model)
+    x = torch.randn(8, 6, device=device)
+    model(x).square().sum().backward()
+    before = [p.grad.full_tensor().cpu() for p in model.parameters()]
+    with CountCollectives() as cc:
+        v = fastreg.penalty.accumulate_(model.parameters(), l2=1e-2, group_lasso=3e-2,
+                                        groups="cols")
+    assert cc.count == 1
+    ref_p = [f.clone().requires_grad_() for f in full]
+    for p in ref_p:
+        p.grad = torch.zeros_like(p)
+    ref = fastreg.penalty.accumulate_(ref_p, l2=1e-2, group_lasso=3e-2, groups="cols")
+    torch.testing.assert_close(v.cpu(), ref, rtol=2e-6, atol=1e-7)
+    for p, b, rp in zip(model.parameters(), before, ref_p):
+        torch.testing.assert_close(p.grad.full_tensor().cpu() - b, rp.grad, rtol=1e-5, atol=1e-6)
+
+
+def check_penalty_ddp(rank, world, device):
+    """DDP: plain replicated parameters; after backward (grads averaged) one call per rank, no
+    communication, identical on every rank."""
+    import fastreg
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4).to(device)
+    ddp = DDP(model)
+    torch.manual_seed(10 + rank)
+    ddp(torch.randn(5, 6, device=device)).sum().backward()
+    with CountCollectives() as cc:
+        v = fastreg.penalty.accumulate_(model.parameters(), l1=1e-3, group_lasso=1e-2,
+                                        groups="cols")
+    assert cc.count == 0
+    a, b = _gather(model.weight.grad)
+    assert torch.equal(a, b)
+    va, vb = _gather(v.reshape(1).to(device))
+    assert torch.equal(va, vb)
+
+
+SUITES = {
+    "rng_penalty": [
+        ("rng_default_same", check_rng_default_same),
+        ("rng_data_parallel", check_rng_data_parallel),
+        ("rng_tensor_parallel", check_rng_tensor_parallel),
+        ("rng_backward_outside", check_rng_backward_outside),
+        ("penalty_accumulate", check_penalty_accumulate),
+        ("penalty_rows_local", check_penalty_rows_local),
+        ("penalty_prox", check_penalty_prox),
+        ("penalty_sparsity", check_penalty_sparsity),
+        ("penalty_errors", check_penalty_errors),
+        ("penalty_fsdp2", check_penalty_fsdp2),
+        ("penalty_ddp", check_penalty_ddp),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", [n for n, _ in SUITES["rng_penalty"]])
+def test_gloo(name):
+    _result("rng_penalty", name)
+
+
+def _two_gpus():
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _two_gpus(), reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("name", [n for n, _ in SUITES["rng_penalty"]])
+def test_nccl(name):
+    _result("rng_penalty", name, backend="nccl")
