@@ -134,7 +134,7 @@ PYBIND11_MODULE(_C, m) {
                                       uintptr_t expl, int64_t nexpl, uintptr_t scales, uintptr_t counts,
                                       uintptr_t vals, int kind) {
     py::gil_scoped_release nogil;
-    fastreg::penalty_accumulate_host(ptr<const int64_t>(tab), nt, ptr<const double>(coefs), ptr<const int64_t>(items),
+    return fastreg::penalty_accumulate_host(ptr<const int64_t>(tab), nt, ptr<const double>(coefs), ptr<const int64_t>(items),
                                      nitems, ptr<const int64_t>(expl), nexpl, ptr<double>(scales),
                                      ptr<double>(counts), ptr<double>(vals), kind);
   });
@@ -148,10 +148,12 @@ PYBIND11_MODULE(_C, m) {
 #ifdef FASTREG_WITH_CUDA
   m.def("penalty_accumulate_cuda", [](uintptr_t tab, int64_t nt, uintptr_t coefs, uintptr_t items, int64_t nitems,
                                       uintptr_t expl, int64_t nexpl, uintptr_t scales, uintptr_t counts,
-                                      uintptr_t vals, int kind, uintptr_t stream) {
+                                      uintptr_t vals, uintptr_t done, uintptr_t out32, uintptr_t out64, int kind,
+                                      uintptr_t stream) {
     check_cuda(fastreg::penalty_accumulate_cuda(ptr<const int64_t>(tab), nt, ptr<const double>(coefs),
                                                 ptr<const int64_t>(items), nitems, ptr<const int64_t>(expl), nexpl,
-                                                ptr<double>(scales), ptr<double>(counts), ptr<double>(vals), kind,
+                                                ptr<double>(scales), ptr<double>(counts), ptr<double>(vals),
+                                                ptr<unsigned>(done), ptr<float>(out32), ptr<double>(out64), kind,
                                                 stream),
                "penalty_accumulate_cuda");
   });

@@ -47,16 +47,21 @@ int reversible_rev_cuda(const int64_t* w, int64_t* v, int64_t* head, int32_t* co
 // ---- end reversible ----
 
 // ---- penalty: csrc/cpu/penalty_host.cpp, csrc/cuda/penalty.cu; tables in fastreg/penalty.h ----
-void penalty_accumulate_host(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
-                             int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales,
-                             double* counts, double* vals, int kind);
+// returns the call's value, vals summed in penalty.h's fixed order (ordered_sum)
+double penalty_accumulate_host(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
+                               int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales,
+                               double* counts, double* vals, int kind);
 void penalty_prox_host(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
                        int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales, double* counts,
                        int kind);
 #ifdef FASTREG_WITH_CUDA
+// The last block to finish sums vals (nitems + nexpl, penalty.h's fixed order) into *out32
+// (and *out64 when not null) and resets *done (an unsigned counter that must start at 0), so a
+// warm call is one launch (two more with explicit groups) and no copy.
 int penalty_accumulate_cuda(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
                             int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales,
-                            double* counts, double* vals, int kind, uintptr_t stream);
+                            double* counts, double* vals, unsigned* done, float* out32, double* out64,
+                            int kind, uintptr_t stream);
 int penalty_prox_cuda(const int64_t* tab, int64_t ntensors, const double* coefs, const int64_t* items,
                       int64_t nitems, const int64_t* expl, int64_t nexpl, double* scales, double* counts,
                       int kind, uintptr_t stream);

@@ -36,6 +36,7 @@ import operator
 
 import torch
 
+from fastreg._boundary import check_plain, check_plain_list, is_plain_list
 from fastreg._validate import FLOAT_DTYPES
 from fastreg.ops import penalty as _ops
 from fastreg.ops.penalty import GROUP_NAMES, MODE_EXPLICIT, MODE_NONE
@@ -197,6 +198,10 @@ def accumulate_(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None,
     if not recs:
         return torch.zeros((), dtype=torch.float32)
     ws = [r[0] for r in recs]  # read through data_ptr under no_grad: no detach needed
+    if not torch.compiler.is_compiling():  # before a .grad is created: nothing half done
+        check_plain_list(ws, "params", "penalty.accumulate_")
+        check_plain_list([p.grad for p in ws if p.grad is not None], "params' .grad",
+                         "penalty.accumulate_")
     gs, init = [], []
     for i, p in enumerate(ws):
         g = p.grad
@@ -229,7 +234,7 @@ _FLOAT_PAIR = (torch.float32, torch.float64)
 # where a Python loop with the same checks took ~0.35 ms
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
-_IS_CPU = operator.attrgetter("is_cpu")
+_DEVICE = operator.attrgetter("device")
 _SHAPE = operator.attrgetter("shape")
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _NUMEL = torch.Tensor.numel
@@ -238,13 +243,16 @@ _DATA_PTR = torch.Tensor.data_ptr
 
 def _plain_cpu_list(params, groups, op, with_grads):
     """The one-pass eager paths' check: (dtype, sizes, shapes or None, grads) when `params` is
-    a list of non-empty, contiguous float32 or float64 CPU tensors of one dtype (each with a
-    contiguous .grad when with_grads; shapes are gathered then) whose op would take the C++
-    host hot path, with a group name or no groups; None otherwise (the general path then runs,
-    with its checks and error messages)."""
+    a list of plain (fastreg._boundary), non-empty, contiguous float32 or float64 tensors of one
+    dtype on one device (each with a contiguous .grad when with_grads; shapes are gathered
+    then) whose op would take the C++ host hot path or the CUDA kernels, with a group name or
+    no groups; None otherwise (the general path then runs, with its checks and error
+    messages)."""
     if not isinstance(params, (list, tuple)) or not params or not (
             groups is None or isinstance(groups, str)):
         return None
+    if not is_plain_list(params):
+        return None  # the general path names what it refuses (fastreg._boundary)
     gs = None
     try:
         # Tensor.is_contiguous raises TypeError for anything that is not a tensor (None
@@ -253,7 +261,7 @@ def _plain_cpu_list(params, groups, op, with_grads):
             return None
         if with_grads:
             gs = list(map(_GRAD, params))
-            if not all(map(_IS_CONTIGUOUS, gs)):
+            if not all(map(_IS_CONTIGUOUS, gs)) or not is_plain_list(gs):
                 return None
     except TypeError:
         return None
@@ -262,14 +270,15 @@ def _plain_cpu_list(params, groups, op, with_grads):
         return None
     dtype = dtypes.pop()
     numels = tuple(map(_NUMEL, params))
-    if (dtype not in _FLOAT_PAIR or 0 in numels or not all(map(_IS_CPU, params))
-            or not _ops.host_onepass_ok(params[0].device, op)):
+    device = params[0].device
+    if (dtype not in _FLOAT_PAIR or 0 in numels or len(set(map(_DEVICE, params))) != 1
+            or not _ops.host_onepass_ok(device, op)):
         return None
     shapes = None
     if with_grads:
         # a grad that no longer matches its tensor (see ops.check_grad): the general path says so
         shapes = tuple(map(_SHAPE, params))
-        if (set(map(_DTYPE, gs)) != {dtype} or not all(map(_IS_CPU, gs))
+        if (set(map(_DTYPE, gs)) != {dtype} or set(map(_DEVICE, gs)) != {device}
                 or tuple(map(_SHAPE, gs)) != shapes):
             return None
     return dtype, numels, shapes, gs
@@ -297,11 +306,12 @@ def _onepass(params, op, l1, l2, group_lasso, groups, lr=None):
     with torch.no_grad():
         if lr is None:
             out = _ops.host_onepass("accumulate", shapes, map(_DATA_PTR, params),
-                                    map(_DATA_PTR, gs), dtype, cl1, cl2, cgl, mode)
+                                    map(_DATA_PTR, gs), dtype, cl1, cl2, cgl, mode,
+                                    device=params[0].device)
             torch._C._increment_version(gs)  # written through raw pointers, as in the general path
         else:
             out = _ops.host_onepass("prox", shapes, map(_DATA_PTR, params), None, dtype,
-                                    cl1, cl2, cgl, mode, lr)
+                                    cl1, cl2, cgl, mode, lr, device=params[0].device)
             torch._C._increment_version(list(params))
     return True, out
 
@@ -337,6 +347,8 @@ def prox_(params, lr, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> None:
         return
     coefs, modes, gidx = _encode(recs)
     ws = [r[0] for r in recs]
+    if not torch.compiler.is_compiling():
+        check_plain_list(ws, "params", "penalty.prox_")
     with torch.no_grad():
         if torch.compiler.is_compiling():
             torch.ops.fastreg.penalty_prox(ws, lr, coefs, modes, gidx)
@@ -357,6 +369,7 @@ def sparsity(params, groups=None, *, global_value=True) -> dict:
     if not torch.compiler.is_compiling() and _has_dtensor(params):
         return _dtensor_sparsity(params, groups, global_value)
     recs = _flatten(params, "sparsity", 0.0, 0.0, 0.0, groups)
+    check_plain_list([r[0] for r in recs], "params", "penalty.sparsity")
     nz = n = zg = ng = 0
     for p, _, _, _, mode, idx in recs:
         w = p.detach()
@@ -391,6 +404,8 @@ def activity_penalty(x, *, l1=0.0, l2=0.0, return_value=False):
     from fastreg._validate import check_float_tensor
 
     check_float_tensor(x, "x", "activity_penalty")
+    if not torch.compiler.is_compiling() and not x.is_meta:  # meta: the op's fake kernel
+        check_plain(x, "x", "activity_penalty")
     l1 = _real(l1, "l1", "activity_penalty")
     l2 = _real(l2, "l2", "activity_penalty")
     y, v = torch.ops.fastreg.activity_penalty(x, l1, l2)

@@ -3,7 +3,8 @@
 // over items. Tables: see penalty.h; coefs are doubles, 3 per tensor:
 //   accumulate: (l1, l2, gw)   gw = group_lasso sqrt(A C) (BLOCK) or group_lasso (EXPLICIT)
 //   prox:       (tau1, inv, tau_g)   tau1 = lr l1, inv = 1/(1 + 2 lr l2), tau_g = lr gw
-// scales/counts: zeroed doubles, one per explicit group; vals: nitems + nexpl doubles.
+// scales/counts: zeroed doubles, one per explicit group; vals: nitems + nexpl doubles. The
+// accumulate entry returns the call's value: ordered_sum of vals (penalty.h).
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -453,15 +454,16 @@ void activity_penalty_bwd_host(const void* gy, const void* x, void* gx, int64_t 
   }
 }
 
-void penalty_accumulate_host(const int64_t* tab, int64_t /*ntensors*/, const double* coefs,
-                             const int64_t* items, int64_t nitems, const int64_t* expl, int64_t nexpl,
-                             double* scales, double* counts, double* vals, int kind) {
+double penalty_accumulate_host(const int64_t* tab, int64_t /*ntensors*/, const double* coefs,
+                               const int64_t* items, int64_t nitems, const int64_t* expl, int64_t nexpl,
+                               double* scales, double* counts, double* vals, int kind) {
   switch (kind) {
     case K_F32: accumulate_all<K_F32>(tab, coefs, items, nitems, expl, nexpl, scales, counts, vals); break;
     case K_F64: accumulate_all<K_F64>(tab, coefs, items, nitems, expl, nexpl, scales, counts, vals); break;
     case K_F16: accumulate_all<K_F16>(tab, coefs, items, nitems, expl, nexpl, scales, counts, vals); break;
     default: accumulate_all<K_BF16>(tab, coefs, items, nitems, expl, nexpl, scales, counts, vals); break;
   }
+  return ordered_sum(vals, nitems + nexpl);  // the order the CUDA kernel's last block sums in
 }
 
 void penalty_prox_host(const int64_t* tab, int64_t /*ntensors*/, const double* coefs, const int64_t* items,

@@ -1,6 +1,7 @@
 // Multi-tensor penalty kernels (docs/penalty.md): the tensor table and the item list live in
-// device memory, one block per item, one launch for all the tensors of one dtype whatever
-// their number (plus, with explicit group indices, a norm pass and a finalize pass). The
+// device memory (uploaded once per parameter list, fastreg/ops/penalty.py keeps them), one
+// block per item, one launch for all the tensors of one dtype whatever their number, the
+// call's value included (plus, with explicit group indices, a norm pass and a finalize pass). The
 // arithmetic is csrc/include/fastreg/penalty.h, host-tested through csrc/cpu/penalty_host.cpp.
 //
 // Block-mode items (a range of groups of a tensor viewed as (A, B, C)): with C == 1 (the
@@ -76,9 +77,35 @@ __global__ void explicit_finalize_kernel(const int64_t* tab, const double* coefs
   if (threadIdx.x == 0 && vals_out != nullptr) vals_out[blockIdx.x] = v;
 }
 
+// The last block to finish sums every block's value (and the explicit groups' values) in
+// penalty.h's fixed order, writes the call's value and re-arms the counter for the next call:
+// the value needs no second launch, no memset and no host copy.
+__device__ void finish_value(double* vals, int64_t nvals, unsigned* done, float* out32, double* out64) {
+  __shared__ bool last;
+  __threadfence();  // this block's vals[k] is visible before the counter says so
+  if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  __shared__ double part[kSumLanes];
+  static_assert(kThreads == kSumLanes, "one lane per thread");
+  part[threadIdx.x] = lane_partial(vals, nvals, threadIdx.x);
+  __syncthreads();
+  for (int h = kSumLanes / 2; h > 0; h >>= 1) {
+    tree_level(part, h, threadIdx.x);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    if (out32 != nullptr) *out32 = static_cast<float>(part[0]);
+    if (out64 != nullptr) *out64 = part[0];
+    *done = 0u;
+  }
+}
+
 template <int K>
 __global__ void accumulate_kernel(const int64_t* tab, const double* coefs, const int64_t* items,
-                                  const double* scales, double* vals) {
+                                  const double* scales, double* vals, int64_t nvals, unsigned* done,
+                                  float* out32, double* out64) {
   using S = Storage<K>;
   using T = typename S::acc;
   const int64_t k = blockIdx.x;
@@ -131,10 +158,29 @@ __global__ void accumulate_kernel(const int64_t* tab, const double* coefs, const
     const double* sc = scales + r[T_SOFF];
     for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) update(i, static_cast<T>(sc[idx[i]]));
   } else {
-    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) update(i, T(0));
+    // four independent loads in flight per thread before any store: the flat items are
+    // latency-bound with one
+    int64_t i = lo + threadIdx.x;
+    for (; i + 3 * kThreads < hi; i += 4 * kThreads) {
+      T w[4], g[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) w[u] = S::load(W, i + u * kThreads);
+      if (!init) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) g[u] = S::load(G, i + u * kThreads);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        S::store(G, i + u * kThreads, (init ? T(0) : g[u]) + grad_term(w[u], l1, l2x2, T(0)));
+        s1 += static_cast<double>(w[u] < T(0) ? -w[u] : w[u]);
+        s2 += static_cast<double>(w[u] * w[u]);
+      }
+    }
+    for (; i < hi; i += kThreads) update(i, T(0));
   }
   const double v = block_sum(coefs[3 * t] * s1 + coefs[3 * t + 1] * s2 + sg);
   if (threadIdx.x == 0) vals[k] = v;
+  finish_value(vals, nvals, done, out32, out64);
 }
 
 template <int K>
@@ -185,21 +231,31 @@ __global__ void prox_kernel(const int64_t* tab, const double* coefs, const int64
       S::store(W, i, soft(S::load(W, i), tau1) * static_cast<T>(sc[idx[i]] * inv));
   } else {
     const T f = static_cast<T>(inv);
-    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) S::store(W, i, soft(S::load(W, i), tau1) * f);
+    int64_t i = lo + threadIdx.x;
+    for (; i + 3 * kThreads < hi; i += 4 * kThreads) {  // four loads in flight, as in accumulate
+      T w[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) w[u] = S::load(W, i + u * kThreads);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) S::store(W, i + u * kThreads, soft(w[u], tau1) * f);
+    }
+    for (; i < hi; i += kThreads) S::store(W, i, soft(S::load(W, i), tau1) * f);
   }
 }
 
 template <int K>
 int accumulate_launch(const int64_t* tab, const double* coefs, const int64_t* items, int64_t nitems,
                       const int64_t* expl, int64_t nexpl, double* scales, double* counts, double* vals,
-                      cudaStream_t s) {
+                      unsigned* done, float* out32, double* out64, cudaStream_t s) {
   if (nexpl > 0) {
     explicit_norms_kernel<K><<<dim3(static_cast<unsigned>(nexpl), 64), kThreads, 0, s>>>(
         tab, coefs, expl, scales, counts, false);
     explicit_finalize_kernel<<<static_cast<unsigned>(nexpl), kThreads, 0, s>>>(tab, coefs, expl, scales,
                                                                               counts, vals + nitems, false);
   }
-  if (nitems > 0) accumulate_kernel<K><<<static_cast<unsigned>(nitems), kThreads, 0, s>>>(tab, coefs, items, scales, vals);
+  if (nitems > 0)
+    accumulate_kernel<K><<<static_cast<unsigned>(nitems), kThreads, 0, s>>>(tab, coefs, items, scales, vals,
+                                                                           nitems + nexpl, done, out32, out64);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -285,14 +341,18 @@ int activity_penalty_bwd_cuda(const void* gy, const void* x, void* gx, int64_t n
 
 int penalty_accumulate_cuda(const int64_t* tab, int64_t /*ntensors*/, const double* coefs,
                             const int64_t* items, int64_t nitems, const int64_t* expl, int64_t nexpl,
-                            double* scales, double* counts, double* vals, int kind, uintptr_t stream) {
+                            double* scales, double* counts, double* vals, unsigned* done, float* out32,
+                            double* out64, int kind, uintptr_t stream) {
   auto s = reinterpret_cast<cudaStream_t>(stream);
+#define FASTREG_ACC(KIND) \
+  accumulate_launch<KIND>(tab, coefs, items, nitems, expl, nexpl, scales, counts, vals, done, out32, out64, s)
   switch (kind) {
-    case K_F32: return accumulate_launch<K_F32>(tab, coefs, items, nitems, expl, nexpl, scales, counts, vals, s);
-    case K_F64: return accumulate_launch<K_F64>(tab, coefs, items, nitems, expl, nexpl, scales, counts, vals, s);
-    case K_F16: return accumulate_launch<K_F16>(tab, coefs, items, nitems, expl, nexpl, scales, counts, vals, s);
-    default: return accumulate_launch<K_BF16>(tab, coefs, items, nitems, expl, nexpl, scales, counts, vals, s);
+    case K_F32: return FASTREG_ACC(K_F32);
+    case K_F64: return FASTREG_ACC(K_F64);
+    case K_F16: return FASTREG_ACC(K_F16);
+    default: return FASTREG_ACC(K_BF16);
   }
+#undef FASTREG_ACC
 }
 
 int penalty_prox_cuda(const int64_t* tab, int64_t /*ntensors*/, const double* coefs, const int64_t* items,

@@ -21,11 +21,13 @@ The public API (fastreg.penalty) validates and builds these lists.
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
 
 from fastreg import _backend, _native
+from fastreg._boundary import check_plain, check_plain_list
 from fastreg._validate import check_op_like, check_op_nonneg
 
 MODE_NONE, MODE_DIM0, MODE_DIM1, MODE_EXPLICIT = 0, 1, 2, 3
@@ -232,68 +234,161 @@ class _Batch:
             if src is not dst:
                 dst.copy_(src)
 
-    def native_args(self, device, with_vals):
-        """Device tensors for the C++/CUDA entry points (kept on self) and their argument tuple."""
-        return _native_args(self, self.tab, device, with_vals)
 
 
-def _native_args(holder, tab, device, with_vals):
-    """The argument tuple of the C++/CUDA entry points for launch table `tab` and the plan
-    fields on `holder` (cf, items, exp_rows, nscale, kind_code). The tensors the pointers
-    refer to are kept on `holder` (keep, scales, counts and, with values, vals)."""
-    tabs = [torch.from_numpy(tab), torch.from_numpy(holder.cf.astype(np.float64)),
-            torch.from_numpy(holder.items), torch.from_numpy(holder.exp_rows)]
-    if device.type == "cuda":
-        tabs = [x.to(device, non_blocking=True) for x in tabs]
-    n = max(holder.nscale, 1)
-    holder.keep = tabs
-    holder.scales = torch.zeros(n, dtype=torch.float64, device=device)
-    holder.counts = torch.zeros(n, dtype=torch.float64, device=device)
-    args = (tabs[0].data_ptr(), tab.shape[0], tabs[1].data_ptr(), tabs[2].data_ptr(),
-            len(holder.items), tabs[3].data_ptr(), len(holder.exp_rows), holder.scales.data_ptr(),
-            holder.counts.data_ptr())
-    if with_vals:
-        holder.vals = torch.zeros(len(holder.items) + len(holder.exp_rows), dtype=torch.float64,
-                                  device=device)
-        args += (holder.vals.data_ptr(),)
-    return args + (holder.kind_code,)
+# ================================================================ launches, kept between calls
+# A warm call on an unchanged parameter list reuses the tables it uploaded the first time: on
+# the GPU one launch and no host-to-device copy (docs/penalty.md). The key holds everything
+# the tables encode: every tensor's storage address, shape and dtype (strides: only contiguous
+# tensors are cached, contiguity is checked per call), the grads' addresses, the strengths,
+# modes and init flags, the device and (CUDA) the stream the scratch buffers are used on. A
+# parameter whose .data was replaced has a new address or shape, so it misses; explicit group
+# indices are never cached (their contents set the table sizes). Tests turn CACHE_TABLES off to
+# compare with freshly built tables and read STATS.
+CACHE_TABLES = True
+CACHE_SIZE = 8
+STATS = {"builds": 0, "uploads": 0}  # launches built (cache misses), tables copied to a GPU
+_LAUNCHES: dict = {}
+_DATA_PTR = torch.Tensor.data_ptr
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
+_SHAPE = operator.attrgetter("shape")
+_DEVICE = operator.attrgetter("device")
 
 
-class _Plain:
-    """Plan fields for _native_args, for a launch prepared without a _Batch."""
+def clear_cache() -> None:
+    _LAUNCHES.clear()
 
 
-def host_onepass(kind, shapes, w_ptrs, g_ptrs, dtype, l1, l2, gl, mode, lr=None):
-    """accumulate_ (kind "accumulate") or prox_ ("prox", step size lr) on the C++ host hot
-    path, for tensors the caller has checked in one pass: CPU, all of `dtype` (float32 or
-    float64), contiguous, non-empty, with (for accumulate) contiguous grads to add into; one
-    strength triple and group mode for all. shapes: a tuple of the tensors' shapes (or of
-    their sizes, when gl is 0); w_ptrs, g_ptrs: iterables of the tensors' and their grads'
-    data_ptr() (g_ptrs None for prox). Returns the value (float32) for accumulate."""
+class _Launch:
+    """One dtype batch ready to launch: its tables on the tensors' device, its scratch buffers,
+    and the argument tuple of the C++/CUDA entry points (pointers into those)."""
+
+    def __init__(self, tab, cf, items, exp_rows, nscale, kind_code, device, with_vals):
+        STATS["builds"] += 1
+        tabs = [torch.from_numpy(np.ascontiguousarray(tab)),
+                torch.from_numpy(cf.astype(np.float64)), torch.from_numpy(items),
+                torch.from_numpy(exp_rows)]
+        if device.type == "cuda":
+            tabs = [x.to(device) for x in tabs]
+            STATS["uploads"] += 1
+        n = max(nscale, 1)
+        self.keep = tabs
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.nexpl = len(exp_rows)
+        # explicit groups' sums are accumulated into: such launches are never reused
+        self.scales = torch.zeros(n, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(n, dtype=torch.float64, device=device)
+        self.args = (tabs[0].data_ptr(), tab.shape[0], tabs[1].data_ptr(), tabs[2].data_ptr(),
+                     len(items), tabs[3].data_ptr(), len(exp_rows), self.scales.data_ptr(),
+                     self.counts.data_ptr())
+        if with_vals:
+            self.vals = torch.empty(len(items) + len(exp_rows), dtype=torch.float64, device=device)
+            self.args += (self.vals.data_ptr(),)
+            if self.cuda:  # the kernel's last block re-arms it after every call
+                self.done = torch.zeros(1, dtype=torch.int32, device=device)
+                self.args += (self.done.data_ptr(),)
+        self.kind_code = kind_code
+
+    def accumulate(self, out32=0, out64=0, stream=0):
+        """Host: returns the value (a float). CUDA: writes it to out32 and/or out64."""
+        C = _native.native_cuda() if self.cuda else _native.native()
+        if self.cuda:
+            C.penalty_accumulate_cuda(*self.args, out32, out64, self.kind_code, stream)
+            return None
+        return C.penalty_accumulate_host(*self.args, self.kind_code)
+
+    def prox(self, stream=0):
+        if self.cuda:
+            _native.native_cuda().penalty_prox_cuda(*self.args, self.kind_code, stream)
+        else:
+            _native.native().penalty_prox_host(*self.args, self.kind_code)
+
+
+def _remember(key, launch):
+    if len(_LAUNCHES) >= CACHE_SIZE:
+        del _LAUNCHES[next(iter(_LAUNCHES))]  # the oldest
+    _LAUNCHES[key] = launch
+
+
+def _stream_of(device):
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _batch_launch(kind, params, grads, coefs, modes, gidx, rows, init, lr, device, stream):
+    """(launch, batch): the cached launch of these rows (batch None) when the tables can be
+    reused, else a fresh one and the _Batch whose contiguous copies it points to."""
+    key = None
+    if CACHE_TABLES:
+        allrows = len(rows) == len(params)
+        ws = params if allrows else [params[i] for i in rows]
+        gs = None if grads is None else (grads if allrows else [grads[i] for i in rows])
+        ms = tuple(modes) if allrows else tuple(modes[i] for i in rows)
+        if MODE_EXPLICIT not in ms and all(map(_IS_CONTIGUOUS, ws)) and (
+                gs is None or all(map(_IS_CONTIGUOUS, gs))):
+            cf = tuple(coefs) if allrows else tuple(c for i in rows for c in coefs[3 * i:3 * i + 3])
+            key = (kind, device, stream, ws[0].dtype, tuple(map(_DATA_PTR, ws)),
+                   tuple(map(_SHAPE, ws)), ms, cf, lr,
+                   None if gs is None else tuple(map(_DATA_PTR, gs)),
+                   None if init is None else (tuple(init) if allrows else tuple(init[i] for i in rows)))
+            hit = _LAUNCHES.get(key)
+            if hit is not None:
+                return hit, None
+    b = _Batch(params, grads, coefs, modes, gidx, rows, kind, lr, init)
+    launch = _Launch(b.tab, b.cf, b.items, b.exp_rows, b.nscale, b.kind_code, device,
+                     kind == "accumulate")
+    if key is not None:
+        _remember(key, launch)
+    return launch, b
+
+
+def host_onepass(kind, shapes, w_ptrs, g_ptrs, dtype, l1, l2, gl, mode, lr=None,
+                 device=torch.device("cpu")):
+    """accumulate_ (kind "accumulate") or prox_ ("prox", step size lr) on the C++ host or CUDA
+    path, for tensors the caller has checked in one pass: all on `device`, of `dtype` (float32
+    or float64), contiguous, non-empty, plain (fastreg._boundary), with (for accumulate)
+    contiguous grads to add into; one strength triple and group mode for all. shapes: a tuple
+    of the tensors' shapes (or of their sizes, when gl is 0); w_ptrs, g_ptrs: iterables of the
+    tensors' and their grads' data_ptr() (g_ptrs None for prox). Returns the value (float32)
+    for accumulate. The launch is cached as in the general path."""
     from fastreg.kernels.numba import penalty as nb
 
     nt = len(shapes)
-    h = _Plain()
-    h.storage = _STORAGE[dtype]
-    h.kind_code = 0 if dtype == torch.float32 else 1
-    tab, h.cf, h.items, h.nscale, h.exp_rows = _plan(
-        shapes, (mode if gl > 0.0 else MODE_NONE,) * nt, (l1, l2, gl) * nt, (), h.storage, kind, lr)
-    tab = tab.copy()
-    tab[:, nb.T_W] = np.fromiter(w_ptrs, np.int64, nt)
-    C = _native.native()
+    mode = mode if gl > 0.0 else MODE_NONE
+    wp = tuple(w_ptrs)
+    gp = None if g_ptrs is None else tuple(g_ptrs)
+    stream = _stream_of(device)
+    key = ("onepass", kind, device, stream, dtype, shapes, wp, gp, l1, l2, gl, mode, lr)
+    launch = _LAUNCHES.get(key) if CACHE_TABLES else None
+    if launch is None:
+        storage = _STORAGE[dtype]
+        tab, cf, items, nscale, exp_rows = _plan(shapes, (mode,) * nt, (l1, l2, gl) * nt, (),
+                                                 storage, kind, lr)
+        tab = tab.copy()
+        tab[:, nb.T_W] = wp
+        if gp is not None:
+            tab[:, nb.T_G] = gp
+            tab[:, nb.T_INIT] = 0
+        launch = _Launch(tab, cf, items, exp_rows, nscale, 0 if dtype == torch.float32 else 1,
+                         device, kind == "accumulate")
+        if CACHE_TABLES:
+            _remember(key, launch)
     if kind == "prox":
-        C.penalty_prox_host(*_native_args(h, tab, torch.device("cpu"), False))
+        launch.prox(stream)
         return None
-    tab[:, nb.T_G] = np.fromiter(g_ptrs, np.int64, nt)
-    tab[:, nb.T_INIT] = 0
-    C.penalty_accumulate_host(*_native_args(h, tab, torch.device("cpu"), True))
-    return h.vals.sum().to(torch.float32)
+    if launch.cuda:
+        out = torch.empty((), dtype=torch.float32, device=device)
+        launch.accumulate(out.data_ptr(), 0, stream)
+        return out
+    return torch.tensor(launch.accumulate(), dtype=torch.float32)
 
 
 def host_onepass_ok(device, op) -> bool:
     """True when `op` ("accumulate_" or "prox_") on `device` would take the C++ host hot path
-    for float32/float64 tensors without explicit groups (see _host_ok), so the one-pass eager
-    path may be used."""
+    (see _host_ok) or the CUDA kernels for float32/float64 tensors without explicit groups, so
+    the one-pass eager path may be used."""
+    if device.type == "cuda":
+        return _backend.select(device, ("numba", "cuda"), "penalty." + op) == "cuda"
     return (device.type == "cpu" and _host_ok({}, ())
             and _backend.select(device, ("numba", "cuda"), "penalty." + op) == "numba")
 
@@ -319,20 +414,34 @@ def _accumulate_numba(params, grads, coefs, modes, gidx, init, by=None):
 
 
 def _accumulate_host(params, grads, coefs, modes, gidx, init, cuda=False, by=None):
-    """The C++ build of csrc/include/fastreg/penalty.h (host), or its CUDA kernels."""
-    C = _native.native_cuda() if cuda else _native.native()
+    """The C++ build of csrc/include/fastreg/penalty.h (host), or its CUDA kernels. The value:
+    each batch's float64 sum, added in batch order, rounded to float32 once (on the GPU a single
+    batch's kernel writes the float32 itself)."""
     device = params[0].device
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for rows in (by or _by_dtype(params)).values():
-        b = _Batch(params, grads, coefs, modes, gidx, rows, "accumulate", init=init)
-        args = b.native_args(device, with_vals=True)
-        if cuda:
-            C.penalty_accumulate_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
-        else:
-            C.penalty_accumulate_host(*args)
-        total = total + b.vals.sum()
-        b.copy_back()
-    return total.to(torch.float32)
+    stream = _stream_of(device)
+    batches = list((by or _by_dtype(params)).values())
+    if cuda:
+        single = len(batches) == 1
+        out = torch.empty((), dtype=torch.float32, device=device) if single else \
+            torch.empty(len(batches), dtype=torch.float64, device=device)
+        for j, rows in enumerate(batches):
+            launch, b = _batch_launch("accumulate", params, grads, coefs, modes, gidx, rows, init,
+                                      None, device, stream)
+            if single:
+                launch.accumulate(out.data_ptr(), 0, stream)
+            else:
+                launch.accumulate(0, out.data_ptr() + 8 * j, stream)
+            if b is not None:
+                b.copy_back()
+        return out if single else out.sum().to(torch.float32)
+    total = 0.0
+    for rows in batches:
+        launch, b = _batch_launch("accumulate", params, grads, coefs, modes, gidx, rows, init,
+                                  None, device, 0)
+        total += launch.accumulate()
+        if b is not None:
+            b.copy_back()
+    return torch.tensor(total, dtype=torch.float32)
 
 
 def _has_avx512() -> bool:
@@ -357,11 +466,24 @@ def _host_ok(by, modes):
             and all(dt in (torch.float32, torch.float64) for dt in by))
 
 
+def _check_native_lists(op, device, **lists):
+    """Every tensor plain (fastreg._boundary) and on `device`: the kernels take one device's
+    raw pointers."""
+    for name, ts in lists.items():
+        check_plain_list(ts, name, op)
+        if set(map(_DEVICE, ts)) - {device}:
+            bad = next(i for i, t in enumerate(ts) if t.device != device)
+            raise ValueError(f"fastreg.{op}: {name}[{bad}] is on {ts[bad].device}, but params[0] "
+                             f"is on {device}; call once per device")
+
+
 def _run_accumulate(params, grads, coefs, modes, group_index, init):
     gidx = _explicit_iter(modes, group_index)
     if not params:
         return torch.zeros((), dtype=torch.float32)
     device = params[0].device
+    _check_native_lists("penalty.accumulate_", device, params=params, grads=grads,
+                        group_index=group_index)
     backend = _backend.select(device, ("numba", "cuda"), "penalty.accumulate_")
     if backend == "numba":
         by = _by_dtype(params)
@@ -452,16 +574,14 @@ def _prox_numba(params, lr, coefs, modes, gidx, by=None):
 
 
 def _prox_host(params, lr, coefs, modes, gidx, cuda=False, by=None):
-    C = _native.native_cuda() if cuda else _native.native()
     device = params[0].device
+    stream = _stream_of(device)
     for rows in (by or _by_dtype(params)).values():
-        b = _Batch(params, None, coefs, modes, gidx, rows, "prox", lr)
-        args = b.native_args(device, with_vals=False)
-        if cuda:
-            C.penalty_prox_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
-        else:
-            C.penalty_prox_host(*args)
-        b.copy_back()
+        launch, b = _batch_launch("prox", params, None, coefs, modes, gidx, rows, None, lr, device,
+                                  stream)
+        launch.prox(stream)
+        if b is not None:
+            b.copy_back()
 
 
 @torch.library.custom_op("fastreg::penalty_prox", mutates_args=("params",))
@@ -475,6 +595,8 @@ def _run_prox(params, lr, coefs, modes, group_index):
     gidx = _explicit_iter(modes, group_index)
     if not params:
         return
+    _check_native_lists("penalty.prox_", params[0].device, params=params,
+                        group_index=group_index)
     backend = _backend.select(params[0].device, ("numba", "cuda"), "penalty.prox_")
     if backend == "numba":
         by = _by_dtype(params)
@@ -529,6 +651,7 @@ def _activity_backward_native(gyc, xc, gv, l1, l2, cuda):
 
 
 def _activity_forward_impl(x, l1, l2):
+    check_plain(x, "x", "activity_penalty")
     xc = _contig(x)
     backend = _backend.select(x.device, ("numba", "cuda"), "activity_penalty")
     n = xc.numel()
@@ -550,6 +673,9 @@ def _activity_forward_impl(x, l1, l2):
 
 
 def _activity_backward_impl(gy, x, gv, l1, l2):
+    check_plain(x, "x", "activity_penalty_backward")
+    check_plain(gy, "gy", "activity_penalty_backward")
+    check_plain(gv, "gv", "activity_penalty_backward")
     xc = _contig(x)
     gyc = _contig(gy.to(x.dtype))
     backend = _backend.select(x.device, ("numba", "cuda"), "activity_penalty")

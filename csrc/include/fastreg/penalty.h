@@ -140,6 +140,33 @@ FASTREG_HD double shrink_factor(double sumsq, double tau_g, double inv) {
 // Activity penalty backward: gy + gv (l1 sign(x) + 2 l2 x) with c1 = gv l1, c2 = 2 gv l2.
 template <typename T> FASTREG_HD T activity_grad(T gy, T x, T c1, T c2) { return gy + (c1 * sgn(x) + c2 * x); }
 
+// ---------------------------------------------------------------- the call's value
+// The value of a call is the sum of its per-item values (then the explicit groups' values),
+// summed in one fixed order on every path, so that the host build, the CUDA kernel's last
+// block, and a launch from cached or freshly built tables give the same bits: kSumLanes
+// strided partial sums, then a pairwise tree over the lanes. The device runs one lane per
+// thread of its last block; the host runs the lanes in turn (ordered_sum).
+constexpr int kSumLanes = 256;
+
+FASTREG_HD double lane_partial(const volatile double* vals, int64_t n, int lane) {
+  double s = 0.0;
+  for (int64_t i = lane; i < n; i += kSumLanes) s += vals[i];
+  return s;
+}
+
+// One level of the tree: lanes [0, half) add lanes [half, 2 half).
+FASTREG_HD void tree_level(double* part, int half, int lane) {
+  if (lane < half) part[lane] += part[lane + half];
+}
+
+inline double ordered_sum(const double* vals, int64_t n) {
+  double part[kSumLanes];
+  for (int l = 0; l < kSumLanes; ++l) part[l] = lane_partial(vals, n, l);
+  for (int h = kSumLanes / 2; h > 0; h >>= 1)
+    for (int l = 0; l < h; ++l) tree_level(part, h, l);
+  return part[0];
+}
+
 // Element index of (a, b, c) in a tensor viewed as (A, B, C).
 FASTREG_HD int64_t block_index(int64_t a, int64_t b, int64_t c, int64_t B, int64_t C) {
   return (a * B + b) * C + c;
