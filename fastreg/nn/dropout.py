@@ -39,3 +39,30 @@ class Dropout(nn.Module):
         extra = f", mask={self.mask}" if self.mask != "seed" else ""
         return f"p={self.p}, inplace={self.inplace}{extra}"
 
+
+
+def replace_dropout(model: nn.Module, **kwargs) -> int:
+    """Swaps every torch.nn.Dropout in `model` (searched recursively) for fastreg.nn.Dropout
+    with the same p, inplace and training flag; returns how many it swapped.
+
+    kwargs go to fastreg.nn.Dropout (mask=, seed=). Only exact torch.nn.Dropout modules are
+    swapped: other dropout kinds (Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout, and
+    subclasses of Dropout, whose forward may differ) stay as they are, as does dropout
+    called functionally (F.dropout, the dropout_p of scaled_dot_product_attention inside
+    torch.nn.MultiheadAttention). `model` itself is not replaced if it is a Dropout.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastreg.nn.replace_dropout: model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    done = {}  # a Dropout registered under several parents stays one (shared) module
+    for parent in list(model.modules()):
+        # _modules, not named_children(): that skips a module's second registration
+        for name, child in list(parent._modules.items()):
+            if type(child) is nn.Dropout:
+                new = done.get(id(child))
+                if new is None:
+                    new = Dropout(child.p, child.inplace, **kwargs)
+                    new.train(child.training)
+                    done[id(child)] = new
+                setattr(parent, name, new)
+    return len(done)
