@@ -28,6 +28,12 @@ def _what(t) -> str:
     return f"a {kind} with layout {t.layout} on device {t.device}"
 
 
+def is_plain(t) -> bool:
+    """True when check_plain would pass; for hot loops that build the argument's name only
+    when it fails."""
+    return type(t) in PLAIN_TYPES and t.layout is torch.strided and not t.is_meta
+
+
 def check_plain(t, name: str, op: str) -> None:
     """TypeError unless t is a plain dense strided torch.Tensor (or nn.Parameter) off the meta
     device. O(1): metadata only."""

@@ -19,6 +19,7 @@ The pattern every elementwise family follows:
 
 from __future__ import annotations
 
+import functools
 
 import torch
 from torch import Tensor
@@ -68,24 +69,21 @@ def dropout_reference(x: Tensor, seed, stream: int, p: float, start: int = 0):
 
 # ---------------------------------------------------------------- Numba (CPU)
 def _numba_in(t: Tensor):
-    """Contiguous 1-D numpy view of t in its compute dtype."""
-    cd = compute_dtype(t.dtype)
-    return t.to(cd).contiguous().view(-1).numpy()
+    """Contiguous 1-D numpy view of t in its compute dtype (no copy when it already is)."""
+    return _alloc.numpy_in(t, compute_dtype(t.dtype))
 
 
-def _numba_out(arr, like: Tensor) -> Tensor:
-    return torch.from_numpy(arr).to(like.dtype).view(like.shape)
+@functools.lru_cache(maxsize=256)
+def _kernel_scalars(p: float, dtype: torch.dtype) -> tuple:
+    """(keep threshold, scale as the kernel's numpy scalar) for p: the same few p recur."""
+    import numpy as np
 
-
-def _numba_empty(like: Tensor):
-    """Output array in like's compute dtype (huge-page advised when large: fastreg._alloc)."""
-    return _alloc.empty((like.numel(),), compute_dtype(like.dtype)).numpy()
+    np_type = np.float64 if compute_dtype(dtype) == torch.float64 else np.float32
+    return keep_threshold(p), np_type(dropout_scale(p))
 
 
 def _np_scale(p: float, dtype: torch.dtype):
-    import numpy as np
-
-    return (np.float64 if compute_dtype(dtype) == torch.float64 else np.float32)(dropout_scale(p))
+    return _kernel_scalars(p, dtype)[1]
 
 
 def _check_scalars(x: Tensor, seed: Tensor, stream: int, p: float, op: str) -> None:
@@ -97,20 +95,17 @@ def _check_scalars(x: Tensor, seed: Tensor, stream: int, p: float, op: str) -> N
 
 def _numba_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
                with_bits: bool) -> tuple[Tensor, Tensor]:
-    import numpy as np
-
     from fastreg.kernels.numba import dropout as nb
 
-    n = x.numel()
     xa = _numba_in(x)
-    out = _numba_empty(x)
-    args = (int(seed), stream, keep_threshold(p), _np_scale(p, x.dtype), 0)
+    out, oa = _alloc.out_like(x, compute_dtype(x.dtype))
+    t, scale = _kernel_scalars(p, x.dtype)
     if with_bits:
-        bits = np.empty((n + 7) // 8, dtype=np.uint8)
-        nb.dropout_fwd_bits(xa, out, bits, *args)
-        return _numba_out(out, x), torch.from_numpy(bits)
-    nb.dropout_fwd(xa, out, *args)
-    return _numba_out(out, x), torch.empty(0, dtype=torch.uint8)
+        bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
+        nb.dropout_fwd_bits(xa, oa, bits.numpy(), int(seed), stream, t, scale, 0)
+        return _alloc.as_dtype(out, x.dtype), bits
+    nb.dropout_fwd(xa, oa, int(seed), stream, t, scale, 0)
+    return _alloc.as_dtype(out, x.dtype), torch.empty(0, dtype=torch.uint8)
 
 
 @torch.library.custom_op("fastreg::dropout_fwd_cpu", mutates_args=(), device_types="cpu")
@@ -129,10 +124,12 @@ def _(x, seed, stream, p, with_bits):
 def _numba_add(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
     from fastreg.kernels.numba import dropout as nb
 
-    xa, ra = _numba_in(x), _numba_in(residual)
-    out = _numba_empty(x)
-    nb.dropout_add_fwd(xa, ra, out, int(seed), stream, keep_threshold(p), _np_scale(p, x.dtype), 0)
-    return _numba_out(out, x)
+    cd = compute_dtype(x.dtype)
+    xa, ra = _alloc.numpy_in(x, cd), _alloc.numpy_in(residual, cd)
+    out, oa = _alloc.out_like(x, cd)
+    t, scale = _kernel_scalars(p, x.dtype)
+    nb.dropout_add_fwd(xa, ra, oa, int(seed), stream, t, scale, 0)
+    return _alloc.as_dtype(out, x.dtype)
 
 
 @torch.library.custom_op("fastreg::dropout_add_fwd_cpu", mutates_args=(), device_types="cpu")
@@ -166,9 +163,9 @@ def _numba_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
     from fastreg.kernels.numba import dropout as nb
 
     ga = _numba_in(grad)
-    out = _numba_empty(grad)
-    nb.dropout_bits_apply(ga, bits.contiguous().numpy(), out, _np_scale(p, grad.dtype))
-    return _numba_out(out, grad)
+    out, oa = _alloc.out_like(grad, compute_dtype(grad.dtype))
+    nb.dropout_bits_apply(ga, _alloc.numpy_in(bits, torch.uint8), oa, _np_scale(p, grad.dtype))
+    return _alloc.as_dtype(out, grad.dtype)
 
 
 @torch.library.custom_op("fastreg::dropout_bits_apply_cpu", mutates_args=(), device_types="cpu")
@@ -337,10 +334,7 @@ dropout_bits_apply.register_autograd(_bits_backward, setup_context=_bits_setup)
 # sizes. With plain tensors, no dispatch mode and no tracing, fastreg.dropout runs
 # the same kernels through one autograd.Function instead; anything else (compile,
 # export, fake tensors, subclasses, functorch) goes through the ops.
-def _eager_fast_path(*tensors) -> bool:
-    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and all(type(t) is Tensor for t in tensors)
-            and not torch._C._are_functorch_transforms_active())
+_eager_fast_path = _backend.eager_fast_path
 
 
 class _DropoutFn(torch.autograd.Function):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from fastreg import _backend, _native
+from fastreg._boundary import check_plain, is_plain
 
 L = 1 << 31
 MASK31 = (1 << 31) - 1
@@ -202,6 +203,15 @@ def _u32(t: torch.Tensor):
     return t.numpy().view(np.uint32)
 
 
+def _check_args(op: str, **ts) -> None:
+    """The buffers that come from outside the optimizer's state (the gradient, the HVP, the
+    output view of the parameter, ...) are plain dense tensors (fastreg._boundary): every
+    backend below hands them to a kernel as raw memory."""
+    for name, t in ts.items():
+        if not is_plain(t):
+            check_plain(t, name, f"ReversibleSGD ({op})")
+
+
 def _fkind(t: torch.Tensor) -> int:
     if t.dtype == torch.float32:
         return 0
@@ -211,6 +221,7 @@ def _fkind(t: torch.Tensor) -> int:
 
 
 def fwd_step(backend, w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam, inv_scale):
+    _check_args("forward step", gradient=g, parameter=p_out)
     if backend == "numba":
         from fastreg.kernels.numba import reversible as K
 
@@ -231,6 +242,7 @@ def fwd_step(backend, w, v, head, count, spill, g, p_out, k, n, alpha, c1s, lam,
 
 
 def rev_restore(backend, w, v, dw, dv, u, p_out, alpha, omg, inv_scale):
+    _check_args("reverse restore", dw=dw, dv=dv, u=u, parameter=p_out)
     if backend == "numba":
         from fastreg.kernels.numba import reversible as K
 
@@ -252,6 +264,7 @@ def rev_restore(backend, w, v, dw, dv, u, p_out, alpha, omg, inv_scale):
 
 def rev_step(backend, w, v, head, count, spill, g, hvp, dw, dv, k, n, gamma, c1s, lam, omg,
              inv_scale):
+    _check_args("reverse step", gradient=g, hvp=hvp, dw=dw, dv=dv)
     if backend == "numba":
         from fastreg.kernels.numba import reversible as K
 
@@ -286,6 +299,7 @@ def rev_step_restore(backend, w, v, head, count, spill, g, hvp, dw, dv, u, p_out
     if backend == "numba":
         from fastreg.kernels.numba import reversible as K
 
+        _check_args("reverse step", gradient=g, hvp=hvp, dw=dw, dv=dv, u=u, parameter=p_out)
         st, dg, dl, da = K.rev_step_restore(_np(w), _np(v), _np(head), _np(count), _u32(spill),
                                             _np(g), _np(hvp), _np(dw), _np(dv), _np(u), _np(p_out),
                                             k, n, gamma, c1s, lam, omg, alpha2, omg2, inv_scale)
