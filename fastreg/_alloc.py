@@ -38,8 +38,10 @@ if sys.platform.startswith("linux") and os.environ.get("FASTREG_THP", "0") == "1
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """torch.empty on the CPU, with huge-page advice for large sizes (contents undefined)."""
     t = torch.empty(shape, dtype=dtype)
+    if _madvise is None:  # the default: nothing more to do per call
+        return t
     nbytes = t.numel() * t.element_size()
-    if _madvise is not None and nbytes >= ADVISE_FROM_BYTES:
+    if nbytes >= ADVISE_FROM_BYTES:
         addr = t.data_ptr()
         start = (addr + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)  # whole huge pages inside the buffer
         end = (addr + nbytes) & ~(HUGE_PAGE - 1)
@@ -61,3 +63,27 @@ def empty_numpy(shape, np_dtype):
 
     dtype = torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
     return empty(shape, dtype).numpy()
+
+
+# ---------------------------------------------------------------- tensors <-> Numba arrays
+# The CPU ops hand Numba 1-D numpy views of torch tensors. At 2^12 elements the kernel takes
+# about 3 us; each torch method call on the way (.to, .contiguous, .view, from_numpy, ...)
+# costs 0.5-1 us, so these do the fewest: no conversion when the tensor is already contiguous
+# in the compute dtype, and outputs allocated as tensors whose numpy view the kernel fills.
+def numpy_in(t: torch.Tensor, dtype: torch.dtype):
+    """1-D numpy view of t's elements in logical row-major order, as `dtype` (a copy only when
+    t is not contiguous or has another dtype). Shares t's memory otherwise: read-only use."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t.detach().numpy().reshape(-1)
+    return t.detach().to(dtype).contiguous().numpy().reshape(-1)
+
+
+def out_like(t: torch.Tensor, dtype: torch.dtype):
+    """(tensor, its 1-D numpy view): a fresh contiguous output of t's shape in `dtype`."""
+    out = empty(t.shape, dtype)
+    return out, out.numpy().reshape(-1)
+
+
+def as_dtype(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """out in `dtype` (float16/bfloat16 results are computed in float32 and rounded once)."""
+    return out if out.dtype == dtype else out.to(dtype)

@@ -37,12 +37,29 @@ def set_backend(name: str | None) -> None:
     _state.forced = name
 
 
+# FASTREG_BACKEND is read per call (tests and users may set it at run time), and every op calls
+# select() once or twice. os.environ.get encodes the key and decodes the value (0.6 us); the
+# mapping os.environ keeps in step with the process environment (os.environ._data, a dict of
+# encoded keys and values in CPython) answers the common "not set" in a dict lookup.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY = os.environ.encodekey("FASTREG_BACKEND")
+except AttributeError:  # another os.environ: read it the public way
+    _ENV_DATA = None
+
+
+def _env_backend() -> str | None:
+    if _ENV_DATA is not None and _ENV_KEY not in _ENV_DATA:
+        return None
+    return os.environ.get("FASTREG_BACKEND")
+
+
 def forced_backend() -> str | None:
     """The backend forced by use_backend/set_backend or FASTREG_BACKEND, or None."""
     name = _state.forced
     if name is not None:
         return name
-    env = os.environ.get("FASTREG_BACKEND")  # read per call: tests and users may set it at run time
+    env = _env_backend()
     if not env:
         return None
     env = env.strip() or None
@@ -90,13 +107,26 @@ def select(device: torch.device, supported: tuple[str, ...], op: str) -> str:
     for that device (the first usable wins); "torch" is always implied last.
     """
     forced = forced_backend()
-    if forced is not None:
-        if forced != "torch" and forced not in supported:
-            raise RuntimeError(f"fastreg.{op}: backend {forced!r} is not implemented for this op")
-        why = _usable(forced, device)
-        if why is not None:
-            raise RuntimeError(f"fastreg.{op}: forced backend {forced!r} cannot run here: {why}")
-        return forced
+    if forced is None:
+        # unforced, the answer depends only on the device type and the op's list (what is
+        # installed is probed once per process): cached, as select runs on every call
+        key = (device.type, supported)
+        name = _SELECTED.get(key)
+        if name is None:
+            name = _SELECTED[key] = _select_by_device(device, supported)
+        return name
+    if forced != "torch" and forced not in supported:
+        raise RuntimeError(f"fastreg.{op}: backend {forced!r} is not implemented for this op")
+    why = _usable(forced, device)
+    if why is not None:
+        raise RuntimeError(f"fastreg.{op}: forced backend {forced!r} cannot run here: {why}")
+    return forced
+
+
+_SELECTED: dict[tuple[str, tuple[str, ...]], str] = {}
+
+
+def _select_by_device(device: torch.device, supported: tuple[str, ...]) -> str:
     for name in supported:
         if name == "numba" and device.type != "cpu":
             continue
@@ -107,6 +137,27 @@ def select(device: torch.device, supported: tuple[str, ...], op: str) -> str:
         if _usable(name, device) is None:
             return name
     return "torch"
+
+
+# exact types: an nn.Parameter of a plain tensor is a Parameter, of a DTensor a DTensor
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def eager_fast_path(*tensors) -> bool:
+    """True in plain eager mode: no torch.compile/export tracing, no dispatch mode (fake
+    tensors, opcheck), no functorch transform, and only plain tensors (or Parameters). The
+    public functions then run the kernels through one autograd.Function, skipping the
+    torch.library dispatch layers (tens of microseconds per call, more than a small kernel);
+    anything else goes through the ops, which torch.compile traces."""
+    if _is_compiling() or _dispatch_stack_len() or _functorch_active():
+        return False
+    for t in tensors:
+        if type(t) not in _PLAIN:
+            return False
+    return True
 
 
 def launch_kernel(t: torch.Tensor) -> bool:

@@ -50,11 +50,16 @@ def seed_tensor(seed, device: torch.device, op: str) -> torch.Tensor:
 
 
 def check_stream(stream, op: str) -> int:
-    if isinstance(stream, bool) or not isinstance(stream, numbers.Integral):
+    # the common case first: isinstance against numbers.Integral (an ABC) costs more than
+    # the rest of this function
+    if type(stream) is int and 0 <= stream < SEED_LIMIT:
+        pass
+    elif isinstance(stream, bool) or not isinstance(stream, numbers.Integral):
         raise TypeError(f"fastreg.{op}: stream must be an int in [0, 2^63), got {stream!r}")
-    stream = int(stream)
-    if not 0 <= stream < SEED_LIMIT:
-        raise ValueError(f"fastreg.{op}: stream must be in [0, 2^63), got {stream}")
+    else:
+        stream = int(stream)
+        if not 0 <= stream < SEED_LIMIT:
+            raise ValueError(f"fastreg.{op}: stream must be in [0, 2^63), got {stream}")
     if stream_fold is not None:  # a fastreg.distributed.fold_ranks context is active
         return stream ^ stream_fold
     return stream

@@ -21,6 +21,8 @@ def check_float_tensor(x, name: str, op: str) -> None:
 
 
 def check_probability(p, name: str, op: str) -> float:
+    if type(p) is float and 0.0 <= p <= 1.0:  # the common case, without the ABC checks below
+        return p
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"fastreg.{op}: {name} must be a real number in [0, 1], got {p!r}")
     p = float(p)

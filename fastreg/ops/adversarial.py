@@ -86,20 +86,21 @@ def _adversarial_numba_impl(x: torch.Tensor, x0: torch.Tensor | None, grad: torc
     ct = compute_dtype(x.dtype)
     # float16/bfloat16: Numba has no such arrays; convert around the kernel
     # (same rounding as the reference: compute in float32, round once at the end).
-    xc = x.detach().to(ct).contiguous()
-    # grad keeps its precision (a float64 1e-50 must stay positive); halves widen exactly
-    gc = grad.detach()
-    gc = (gc if gc.dtype in (torch.float32, torch.float64) else gc.float()).contiguous()
-    out = _alloc.empty(x.shape, ct)
-    npt = np.float64 if ct == torch.float64 else np.float32
-    if out.numel():
-        xa, ga, oa = xc.view(-1).numpy(), gc.view(-1).numpy(), out.view(-1).numpy()
+    out, oa = _alloc.out_like(x, ct)
+    if oa.size:
+        xa = _alloc.numpy_in(x, ct)
+        # grad keeps its precision (a float64 1e-50 must stay positive); halves widen exactly
+        ga = _alloc.numpy_in(grad, grad.dtype if grad.dtype in _NUMPY_FLOATS else torch.float32)
+        npt = np.float64 if ct == torch.float64 else np.float32
         if x0 is None:
             nb.fgsm(xa, ga, oa, npt(step), npt(lo), npt(hi))
         else:
-            x0a = x0.detach().to(ct).contiguous().view(-1).numpy()
-            nb.pgd_step(xa, x0a, ga, oa, npt(step), npt(eps), npt(lo), npt(hi))
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+            nb.pgd_step(xa, _alloc.numpy_in(x0, ct), ga, oa, npt(step), npt(eps), npt(lo),
+                        npt(hi))
+    return _alloc.as_dtype(out, x.dtype)
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64)
 
 
 def _adversarial_numba_op(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor,
@@ -182,6 +183,24 @@ def _backward(ctx, grad_out):
 _pgd_step_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------- eager fast path
+def _pgd_step(x, x0, grad, step, eps, lo, hi):
+    """The op, or in plain eager mode its body without the dispatch layers (as fastreg.dropout
+    does): the steps are not differentiable, so no autograd node is needed, and the wrappers
+    have validated what the op body checks."""
+    if not _backend.eager_fast_path(x, grad, *(() if x0 is None else (x0,))):
+        return torch.ops.fastreg.pgd_step(x, x0, grad, step, eps, lo, hi)
+    backend = _backend.select(x.device, _SUPPORTED, "adversarial")
+    # the kernels write fresh tensors, which never require grad (the op's output is marked
+    # non-differentiable); the reference composes x, so it runs without autograd
+    if backend == "numba":
+        return _adversarial_numba_impl(x, x0, grad, step, eps, lo, hi)
+    if backend == "triton":
+        return _pgd_triton(x, x0, grad, step, eps, lo, hi)
+    with torch.no_grad():
+        return pgd_step_reference(x, x0, grad, step, eps, lo, hi)
+
+
 # ---------------------------------------------------------------- validation + public API
 def _check_scalar(v, name: str, op: str, *, nonneg: bool) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
@@ -237,7 +256,7 @@ def fgsm(x: torch.Tensor, grad: torch.Tensor, eps: float, *, clamp=None) -> torc
     _check_grad(x, grad, op)
     eps = _check_scalar(eps, "eps", op, nonneg=True)
     lo, hi = _check_clamp(clamp, op)
-    return torch.ops.fastreg.pgd_step(x, None, grad, eps, 0.0, lo, hi)
+    return _pgd_step(x, None, grad, eps, 0.0, lo, hi)
 
 
 def pgd_step(x: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, step: float, eps: float, *,
@@ -258,4 +277,4 @@ def pgd_step(x: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, step: float,
     step = _check_scalar(step, "step", op, nonneg=True)
     eps = _check_scalar(eps, "eps", op, nonneg=True)
     lo, hi = _check_clamp(clamp, op)
-    return torch.ops.fastreg.pgd_step(x, x0, grad, step, eps, lo, hi)
+    return _pgd_step(x, x0, grad, step, eps, lo, hi)

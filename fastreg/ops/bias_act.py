@@ -73,12 +73,6 @@ def bias_act_dropout_bwd_reference(grad: Tensor, saved: Tensor, bias: Tensor, se
 
 
 # ---------------------------------------------------------------- Numba (CPU)
-def _np_scale(p, cd):
-    import numpy as np
-
-    return (np.float64 if cd == torch.float64 else np.float32)(dropout_scale(p))
-
-
 def _check_bias(x: Tensor, bias: Tensor, op: str) -> None:
     """bias must be (C,) with C = x's last dim, on x's device: the kernels take C = bias.numel()
     as the row length of x (the ops may be called directly)."""
@@ -109,16 +103,15 @@ def _check_saved(grad: Tensor, saved: Tensor, bias: Tensor, act: int, op: str) -
 
 def _numba_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: float) -> Tensor:
     from fastreg.kernels.numba import bias_act as nb
+    from fastreg.ops.dropout import _kernel_scalars
 
     cd = compute_dtype(x.dtype)
-    xa = x.to(cd).contiguous().view(-1).numpy()
-    out = _alloc.empty_like_numpy(xa)
-    from fastreg.kernels.numba.noise import threads_for
-
-    with threads_for(xa.size):
-        nb.bias_act_fwd(xa, bias.to(cd).contiguous().numpy(), out, bias.numel(), int(seed), stream,
-                        keep_threshold(p), _np_scale(p, cd), act, 0)
-    return torch.from_numpy(out).to(x.dtype).view(x.shape)
+    xa = _alloc.numpy_in(x, cd)
+    out, oa = _alloc.out_like(x, cd)
+    t, scale = _kernel_scalars(p, x.dtype)
+    nb.bias_act_fwd(xa, _alloc.numpy_in(bias, cd), oa, bias.numel(), int(seed), stream, t, scale,
+                    act, 0)
+    return _alloc.as_dtype(out, x.dtype)
 
 
 @torch.library.custom_op("fastreg::bias_act_dropout_fwd_cpu", mutates_args=(), device_types="cpu")
@@ -138,20 +131,19 @@ def _numba_bwd(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: 
     import numpy as np
 
     from fastreg.kernels.numba import bias_act as nb
+    from fastreg.ops.dropout import _kernel_scalars
+    from fastreg.ops.noise import _nthreads
 
     cd = compute_dtype(grad.dtype)
-    ga = grad.to(cd).contiguous().view(-1).numpy()
-    sa = saved.to(cd).contiguous().view(-1).numpy() if act != 0 else ga
-    gx = _alloc.empty_like_numpy(ga)
+    ga = _alloc.numpy_in(grad, cd)
+    sa = _alloc.numpy_in(saved, cd) if act != 0 else ga
+    gx, gxa = _alloc.out_like(grad, cd)
     C = bias.numel()
-    from fastreg.kernels.numba.noise import threads_for
-
-    with threads_for(ga.size) as nparts:
-        part = np.zeros((nparts, C), dtype=np.float64)
-        nb.bias_act_bwd(ga, sa, bias.to(cd).contiguous().numpy(), gx, part, C, int(seed), stream,
-                        keep_threshold(p), _np_scale(p, cd), act, 0)
-    return (torch.from_numpy(gx).to(grad.dtype).view(grad.shape),
-            torch.from_numpy(part.sum(0)).to(bias.dtype))
+    t, scale = _kernel_scalars(p, grad.dtype)
+    part = np.zeros((_nthreads(ga.size), C), dtype=np.float64)
+    nb.bias_act_bwd(ga, sa, _alloc.numpy_in(bias, cd), gxa, part, C, int(seed), stream, t, scale,
+                    act, 0)
+    return _alloc.as_dtype(gx, grad.dtype), torch.from_numpy(part.sum(0)).to(bias.dtype)
 
 
 @torch.library.custom_op("fastreg::bias_act_dropout_bwd_cpu", mutates_args=(), device_types="cpu")

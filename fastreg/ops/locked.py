@@ -30,8 +30,8 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fastreg import _alloc, _backend
-from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scale_bits,
-                           keep_threshold, seed_tensor)
+from fastreg._seed import (check_seed, check_stream, dropout_scale_bits, keep_threshold,
+                           seed_tensor)
 from fastreg._validate import (check_float_tensor, check_op_probability, check_op_rng,
                                check_probability, compute_dtype)
 from fastreg.ops.dropout import dropout_multipliers_reference
@@ -70,21 +70,17 @@ def _check_dim(x: Tensor, dim: int, op: str) -> None:
 
 # ---------------------------------------------------------------- Numba (CPU)
 def _numba_locked(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> Tensor:
-    import numpy as np
-
     from fastreg.kernels.numba import locked as nb
+    from fastreg.ops.dropout import _kernel_scalars
 
     _check_dim(x, dim, "locked_dropout_cpu")
     cd = compute_dtype(x.dtype)
-    xa = x.to(cd).contiguous().view(-1).numpy()
-    out = _alloc.empty_like_numpy(xa)
+    xa = _alloc.numpy_in(x, cd)
+    out, oa = _alloc.out_like(x, cd)
     O, D, I = _odi(x.shape, dim)
-    scale = (np.float64 if cd == torch.float64 else np.float32)(dropout_scale(p))
-    from fastreg.kernels.numba.noise import threads_for
-
-    with threads_for(xa.size):
-        nb.locked_fwd(xa, out, O, D, I, int(seed), stream, keep_threshold(p), scale, 0)
-    return torch.from_numpy(out).to(x.dtype).view(x.shape)
+    t, scale = _kernel_scalars(p, x.dtype)
+    nb.locked_fwd(xa, oa, O, D, I, int(seed), stream, t, scale, 0)
+    return _alloc.as_dtype(out, x.dtype)
 
 
 @torch.library.custom_op("fastreg::locked_dropout_cpu", mutates_args=(), device_types="cpu")

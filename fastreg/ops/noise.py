@@ -26,6 +26,7 @@ grad * eps for additive noise).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -114,23 +115,42 @@ def _gs_mode(x_numel: int, sigma: Tensor) -> int:
 
 # ---------------------------------------------------------------- Numba (CPU)
 def _np_in(t: Tensor, cd):
-    t = t.detach()
-    if t.dtype != cd:
-        t = t.to(cd)
-    return (t if t.is_contiguous() else t.contiguous()).view(-1).numpy()
+    return _alloc.numpy_in(t, cd)
 
 
 def _np_one(cd):
+    return _ONES[cd == torch.float64]
+
+
+def _ones():
     import numpy as np
 
-    return np.float64(1.0) if cd == torch.float64 else np.float32(1.0)
+    return (np.float32(1.0), np.float64(1.0))
+
+
+_ONES = _ones()
+
+
+@functools.lru_cache(maxsize=256)
+def _np_layout_of(shape, sshape):
+    """(sizes, sstr) of broadcast_layout as int64 arrays, per shape pair: layers call with the
+    same shapes every step. The kernels only read them."""
+    import numpy as np
+
+    sizes, sstr = broadcast_layout(shape, sshape)
+    return np.asarray(sizes, dtype=np.int64), np.asarray(sstr, dtype=np.int64)
 
 
 def _np_layout(x: Tensor, sigma: Tensor):
-    import numpy as np
+    return _np_layout_of(x.shape, sigma.shape)
 
-    sizes, sstr = broadcast_layout(x.shape, sigma.shape)
-    return np.asarray(sizes, dtype=np.int64), np.asarray(sstr, dtype=np.int64)
+
+def _nthreads(n: int) -> int:
+    """The thread count the kernels split n elements over: one below SERIAL_BELOW, where the
+    by_size drivers run their serial copy (waking the pool costs more than the work)."""
+    from fastreg.kernels.numba import noise as nb
+
+    return nb.numba.get_num_threads() if n >= nb.SERIAL_BELOW else 1
 
 
 def _check_sigma(x: Tensor, sigma: Tensor, op: str) -> None:
@@ -168,13 +188,11 @@ def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
 
     cd = compute_dtype(x.dtype)
     xa = _np_in(x, cd)
-    out = _alloc.empty_like_numpy(xa)
+    out, oa = _alloc.out_like(x, cd)
     sizes, sstr = _np_layout(x, sigma)
-    with nb.threads_for(xa.size) as nthreads:
-        nb.noise_fwd(xa, _np_in(sigma, cd), out, sizes, sstr, int(seed), stream, dist, additive,
-                     _np_one(cd), 0, nthreads)
-    out_t = torch.from_numpy(out)
-    return (out_t if out_t.dtype == x.dtype else out_t.to(x.dtype)).view(x.shape)
+    nb.noise_fwd(xa, _np_in(sigma, cd), oa, sizes, sstr, int(seed), stream, dist, additive,
+                 _np_one(cd), 0, _nthreads(xa.size))
+    return _alloc.as_dtype(out, x.dtype)
 
 
 @torch.library.custom_op("fastreg::noise_fwd_cpu", mutates_args=(), device_types="cpu")
@@ -202,19 +220,18 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
     xa = _np_in(x, cd) if (need_gs and not additive) else ga
     sa = _np_in(sigma, cd)
     mode = 0 if not need_gs else min(_gs_mode(n, sigma), 2)
-    gx = _alloc.empty_numpy(n if need_gx else 0, ga.dtype)
-    gs = _alloc.empty_numpy(n if mode == 1 else 0, ga.dtype)
+    gx_t = _alloc.empty((n if need_gx else 0,), cd)
+    gs_t = _alloc.empty((n if mode == 1 else 0,), cd)
     sizes, sstr = _np_layout(grad, sigma)
-    with nb.threads_for(n) as nparts:
-        part = np.zeros((nparts, sigma.numel() if mode == 2 else 1), dtype=np.float64)
-        nb.noise_bwd(ga, xa, sa, gx, gs, part, sizes, sstr, int(seed), stream, dist, additive,
-                     need_gx, mode, _np_one(cd), 0)
-    gx_t = grad.new_empty(0)
+    part = np.zeros((_nthreads(n), sigma.numel() if mode == 2 else 1), dtype=np.float64)
+    nb.noise_bwd(ga, xa, sa, gx_t.numpy(), gs_t.numpy(), part, sizes, sstr, int(seed), stream,
+                 dist, additive, need_gx, mode, _np_one(cd), 0)
     if need_gx:
-        gx_t = torch.from_numpy(gx)
-        gx_t = (gx_t if gx_t.dtype == grad.dtype else gx_t.to(grad.dtype)).view(grad.shape)
+        gx_t = _alloc.as_dtype(gx_t, grad.dtype).view(grad.shape)
+    else:
+        gx_t = grad.new_empty(0)
     if mode == 1:
-        gs_t = torch.from_numpy(gs).to(sigma.dtype).view(sigma.shape)
+        gs_t = gs_t.to(sigma.dtype).view(sigma.shape)
     elif mode == 2:
         gs_t = torch.from_numpy(part.sum(0)).to(sigma.dtype).view(sigma.shape)
     else:
@@ -377,10 +394,7 @@ noise_fwd.register_autograd(_noise_backward, setup_context=_noise_setup)
 # tensors, no dispatch mode and no tracing, the public functions run the same kernels
 # through one autograd.Function; anything else goes through the ops. Its backward is
 # first-order (the ops' backward is not differentiable either).
-def _eager_fast_path(*tensors) -> bool:
-    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and all(type(t) is Tensor for t in tensors)
-            and not torch._C._are_functorch_transforms_active())
+_eager_fast_path = _backend.eager_fast_path
 
 
 def _bwd_direct(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs):
@@ -402,9 +416,26 @@ class _NoiseFn(torch.autograd.Function):
         return _backward_body(ctx, grad, _bwd_direct)
 
 
+@functools.lru_cache(maxsize=256)
+def _const_sigma(sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-dim sigma tensor per value, dtype and device, made once: a layer calls with the same
+    sigma every step, and a new tensor (and its numpy view) costs microseconds per call. Used
+    only by the eager fast path, where nothing writes to it; made outside inference mode, so
+    that autograd may save it."""
+    with torch.inference_mode(False):
+        return torch.full((), sigma, dtype=dtype, device=device)
+
+
 def _noise(x, sigma, seed, stream, dist, additive):
-    if _eager_fast_path(x, sigma, seed):
+    """sigma: a validated tensor, or a float (a number >= 0 given by the caller)."""
+    tensors = (x, sigma, seed) if isinstance(sigma, Tensor) else (x, seed)
+    if _eager_fast_path(*tensors):
+        if not isinstance(sigma, Tensor):
+            # in the compute dtype: every backend rounds sigma to it (so does the reference)
+            sigma = _const_sigma(sigma, compute_dtype(x.dtype), x.device)
         return _NoiseFn.apply(x, sigma, seed, stream, dist, additive)
+    if not isinstance(sigma, Tensor):
+        sigma = torch.full((), sigma, dtype=torch.float64, device=x.device)
     return torch.ops.fastreg.noise_fwd(x, sigma, seed, stream, dist, additive)
 
 
@@ -415,8 +446,9 @@ def _check_dist(dist, op: str) -> int:
     return DISTS.index(dist)
 
 
-def _sigma_tensor(sigma, input: Tensor, op: str) -> Tensor:
-    """sigma as a tensor on input's device that broadcasts over input without growing it."""
+def _sigma_tensor(sigma, input: Tensor, op: str):
+    """sigma as a tensor on input's device that broadcasts over input without growing it, or
+    a number as a float >= 0 (made a tensor by _noise)."""
     if isinstance(sigma, Tensor):
         if not sigma.dtype.is_floating_point:
             raise TypeError(f"fastreg.{op}: sigma must be a real number or a floating tensor, "
@@ -443,7 +475,7 @@ def _sigma_tensor(sigma, input: Tensor, op: str) -> Tensor:
     sigma = float(sigma)
     if not (math.isfinite(sigma) and sigma >= 0.0):
         raise ValueError(f"fastreg.{op}: sigma must be a finite number >= 0, got {sigma}")
-    return torch.full((), sigma, dtype=torch.float64, device=input.device)
+    return sigma
 
 
 def _check_training(training, op: str) -> None:
@@ -472,11 +504,14 @@ def gaussian_dropout(input: Tensor, p: float = 0.5, training: bool = True, *, se
     check_seed(seed, "gaussian_dropout")
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    seed_t = seed_tensor(seed, input.device, "gaussian_dropout")
+    if _eager_fast_path(input, seed_t):
+        sigma = _const_sigma(math.sqrt(p / (1.0 - p)), compute_dtype(input.dtype), input.device)
+        return _NoiseFn.apply(input, sigma, seed_t, stream, 0, False)
     # in the compute dtype: the kernels round sigma to it anyway
     sigma = torch.full((), math.sqrt(p / (1.0 - p)), dtype=compute_dtype(input.dtype),
                        device=input.device)
-    seed_t = seed_tensor(seed, input.device, "gaussian_dropout")
-    return _noise(input, sigma, seed_t, stream, 0, False)
+    return torch.ops.fastreg.noise_fwd(input, sigma, seed_t, stream, 0, False)
 
 
 def multiplicative_noise(input: Tensor, sigma, *, dist: str = "gaussian", seed=None,

@@ -65,7 +65,7 @@ def vd_sample_grad_var_reference(grad: Tensor, var: Tensor, seed, stream: int, e
 
 # ---------------------------------------------------------------- Numba (opaque inner ops)
 def _np(t: Tensor):
-    return t.detach().to(compute_dtype(t.dtype)).contiguous().view(-1).numpy()
+    return _alloc.numpy_in(t, compute_dtype(t.dtype))
 
 
 def _np_scalar(v: float, dtype: torch.dtype):
@@ -84,10 +84,10 @@ def _vd_sample_cpu_impl(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps:
     from fastreg.kernels.numba import variational as nb
 
     ma, va = _np(mu), _np(var)
-    out = _alloc.empty_like_numpy(ma)
-    if out.size:
-        nb.vd_sample_fwd(ma, va, out, int(seed), stream, _np_scalar(eps, mu.dtype))
-    return torch.from_numpy(out).to(mu.dtype).view(mu.shape)
+    out, oa = _alloc.out_like(mu, compute_dtype(mu.dtype))
+    if oa.size:
+        nb.vd_sample_fwd(ma, va, oa, int(seed), stream, _np_scalar(eps, mu.dtype))
+    return _alloc.as_dtype(out, mu.dtype)
 
 
 def _vd_sample_cpu_op(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
@@ -111,11 +111,11 @@ def _vd_sample_grad_var_cpu_impl(grad: Tensor, var: Tensor, seed: Tensor, stream
     from fastreg.kernels.numba import variational as nb
 
     ga, va = _np(grad), _np(var)
-    out = _alloc.empty_like_numpy(ga)
-    if out.size:
-        nb.vd_sample_grad_var(ga, va, out, int(seed), stream, _np_scalar(eps, grad.dtype),
+    out, oa = _alloc.out_like(grad, compute_dtype(grad.dtype))
+    if oa.size:
+        nb.vd_sample_grad_var(ga, va, oa, int(seed), stream, _np_scalar(eps, grad.dtype),
                               _np_scalar(0.5, grad.dtype))
-    return torch.from_numpy(out).to(grad.dtype).view(grad.shape)
+    return _alloc.as_dtype(out, grad.dtype)
 
 
 def _vd_sample_grad_var_cpu_op(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
@@ -221,6 +221,51 @@ def _backward(ctx, grad_out):
 vd_sample_op.register_autograd(_backward, setup_context=_setup)
 
 
+# ---------------------------------------------------------------- eager fast path
+# As fastreg.dropout's (fastreg/ops/dropout.py): with plain tensors and no tracing, the same
+# kernels run through one autograd.Function instead of the op layers (tens of microseconds a
+# call). The wrapper has validated everything the op bodies check.
+def _sample_eager(mu, var, seed, stream, eps):
+    backend = _backend.select(mu.device, BACKENDS, "vd_sample")
+    if backend == "numba":
+        return _vd_sample_cpu_impl(mu, var, seed, stream, eps)
+    if backend == "triton":
+        from fastreg.kernels.triton.variational import vd_sample_fwd_kernel
+
+        return _launch(vd_sample_fwd_kernel, mu, var, seed, stream, eps)
+    return vd_sample_reference(mu, var, seed, stream, eps)
+
+
+def _grad_var_eager(grad, var, seed, stream, eps):
+    backend = _backend.select(grad.device, BACKENDS, "vd_sample")
+    if backend == "numba":
+        return _vd_sample_grad_var_cpu_impl(grad, var, seed, stream, eps)
+    if backend == "triton":
+        from fastreg.kernels.triton.variational import vd_sample_grad_var_kernel
+
+        return _launch(vd_sample_grad_var_kernel, grad, var, seed, stream, eps)
+    return vd_sample_grad_var_reference(grad, var, seed, stream, eps)
+
+
+class _VdSampleFn(torch.autograd.Function):
+    """The op's forward and backward without its dispatch layers (first-order, as the op)."""
+
+    @staticmethod
+    def forward(ctx, mu, var, seed, stream, eps):
+        ctx.stream, ctx.eps = stream, eps
+        ctx.save_for_backward(var if ctx.needs_input_grad[1] else None, seed)
+        return _sample_eager(mu, var, seed, stream, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        var, seed = ctx.saved_tensors
+        grad_var = None
+        if ctx.needs_input_grad[1]:
+            grad_var = _grad_var_eager(grad_out, var, seed, ctx.stream, ctx.eps)
+        return (grad_out if ctx.needs_input_grad[0] else None), grad_var, None, None, None
+
+
 # ---------------------------------------------------------------- Python API
 def vd_sample(mu: Tensor, var: Tensor, *, seed=None, stream: int = 0, eps: float = 1e-8) -> Tensor:
     """mu + sqrt(var + eps) * z, z ~ N(0, 1) from the fastreg RNG, in one fused pass.
@@ -242,4 +287,6 @@ def vd_sample(mu: Tensor, var: Tensor, *, seed=None, stream: int = 0, eps: float
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"fastreg.{op}: eps must be a finite number >= 0, got {eps}")
     seed_t = seed_tensor(seed, mu.device, op)
+    if _backend.eager_fast_path(mu, var, seed_t):
+        return _VdSampleFn.apply(mu, var, seed_t, stream, eps)
     return torch.ops.fastreg.vd_sample(mu, var, seed_t, stream, eps)
