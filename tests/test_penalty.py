@@ -515,3 +515,226 @@ def test_host_launches_independent_of_parameter_count(monkeypatch):
         ps = [torch.randn(4, 5) for _ in range(n)] + [torch.randn(3, dtype=torch.float64)]
         P.accumulate_(ps, l1=0.1, group_lasso=0.1, groups="rows")
         assert len(calls) == 2  # one per dtype
+
+
+# ---------------------------------------------------------------- launch tables kept between calls
+def _cache_list(gen, dtype=torch.float32, n=6):
+    shapes = [(9, 7), (33,), (4, 3, 3, 3), (5,), (40000,), (2, 3)][:n]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+    return ps
+
+
+def _builds():
+    return ops.STATS["builds"]
+
+
+def _check_call(ps, kw, g0):
+    """accumulate_ on ps against the reference (grads g0 before the call); returns the value."""
+    v = P.accumulate_(ps, **kw)
+    total = 0.0
+    for p, g in zip(ps, g0):
+        mode, idx = P._group_spec(kw.get("groups"), p, "t", "groups")
+        rv, rg = ops.accumulate_reference_one(p, kw.get("l1", 0.0), kw.get("l2", 0.0),
+                                              kw.get("group_lasso", 0.0), mode, idx)
+        total += float(rv)
+        _close(p.grad, rg + g.to(torch.float64), p.dtype, "cached grad")
+    assert float(v) == pytest.approx(total, rel=1e-6)
+    return v
+
+
+CACHE_CASES = [dict(l1=0.01, l2=0.02), dict(l2=0.1, group_lasso=0.05, groups="rows"),
+               dict(l1=0.03, group_lasso=0.1, groups="cols")]
+
+
+@pytest.fixture
+def host_cache(monkeypatch):
+    """The C++ host path (the CUDA path's table logic, tested on the CPU), a fresh cache."""
+    if _native.native() is None:
+        pytest.skip("fastreg._C not built")
+    monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
+    monkeypatch.setattr(ops, "CACHE_TABLES", True)
+    ops.clear_cache()
+    yield
+    ops.clear_cache()
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("kw", CACHE_CASES, ids=["l1l2", "rows", "cols"])
+def test_tables_built_once_while_list_unchanged(gen, host_cache, monkeypatch, one_pass, kw):
+    """Warm calls reuse the tables (no build), and still see the weights' current values."""
+    if not one_pass:
+        monkeypatch.setattr(P, "_onepass", lambda *a: (False, None))
+    ps = _cache_list(gen)
+    b0 = _builds()
+    for it in range(3):
+        with torch.no_grad():
+            for p in ps:  # in place: same storage, new values
+                p.mul_(1.5).add_(0.25)
+        _check_call(ps, kw, [p.grad.clone() for p in ps])
+        assert _builds() == b0 + 1, f"call {it} rebuilt the tables"
+    P.prox_(ps, 0.1, **kw)
+    P.prox_(ps, 0.1, **kw)
+    assert _builds() == b0 + 2  # prox_: one more launch (kept too)
+
+
+def _replace_data(p, gen):
+    p.data = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+def _reshape_data(p, gen):
+    p.data = torch.randn(p.numel() + 6, generator=gen, dtype=p.dtype)
+    p.grad = None
+
+
+def _change_dtype(p, gen):
+    p.data = p.data.double()
+    p.grad = None
+
+
+def _transpose(p, gen):
+    p.data = torch.randn(p.shape[::-1], generator=gen, dtype=p.dtype).t()
+    p.grad = None
+
+
+def _new_grad(p, gen):
+    p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+def _new_list_order(p, gen):
+    pass  # handled by the test: the list is reversed
+
+
+CHANGES = {"data replaced": _replace_data, "shape": _reshape_data, "dtype": _change_dtype,
+           "strides": _transpose, "grad replaced": _new_grad, "order": _new_list_order}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_tables_rebuilt_on_each_change(gen, host_cache, monkeypatch, change, one_pass):
+    """Each kind of change to the list gives a new launch (or none cached, for a strided
+    tensor), and the results stay those of the reference."""
+    if not one_pass:
+        monkeypatch.setattr(P, "_onepass", lambda *a: (False, None))
+    kw = dict(l1=0.02, l2=0.05)
+    ps = _cache_list(gen)
+    _check_call(ps, kw, [p.grad.clone() for p in ps])
+    b0 = _builds()
+    if change == "order":
+        ps = ps[::-1]
+    else:
+        CHANGES[change](ps[0], gen)
+    g0 = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in ps]
+    _check_call(ps, kw, g0)
+    assert _builds() > b0, "a changed list reused the old tables"
+    _check_call(ps, kw, [p.grad.clone() for p in ps])  # (a new .grad: the first call made it)
+    b1 = _builds()
+    _check_call(ps, kw, [p.grad.clone() for p in ps])
+    if change == "strides":
+        assert _builds() > b1  # a strided tensor is computed in a contiguous copy: never cached
+    else:
+        assert _builds() == b1  # warm again
+
+
+def test_strength_change_rebuilds(gen, host_cache):
+    ps = _cache_list(gen)
+    P.accumulate_(ps, l1=0.1)
+    b0 = _builds()
+    _check_call(ps, dict(l1=0.2), [p.grad.clone() for p in ps])
+    assert _builds() == b0 + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kw", CACHE_CASES, ids=["l1l2", "rows", "cols"])
+def test_cached_bit_identical_to_uncached(gen, host_cache, monkeypatch, dtype, kw):
+    """A warm call gives the bits of a call whose tables are built afresh (general and one-pass
+    paths), for the value, the gradients and the prox."""
+    ws = [p.detach().clone() for p in _cache_list(gen, dtype)]
+    gs = [torch.randn(w.shape, generator=gen, dtype=dtype) for w in ws]
+    results = []
+    for cache in (True, False):
+        monkeypatch.setattr(ops, "CACHE_TABLES", cache)
+        for one_pass in (True, False):
+            ps = [torch.nn.Parameter(w.clone()) for w in ws]
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            if not one_pass:
+                monkeypatch.setattr(P, "_onepass", lambda *a: (False, None))
+            vals = [P.accumulate_(ps, **kw) for _ in range(2)]  # cold then warm
+            P.prox_(ps, 0.05, **kw)
+            P.prox_(ps, 0.05, **kw)
+            results.append((vals, [p.grad.clone() for p in ps], [p.detach().clone() for p in ps]))
+            monkeypatch.setattr(P, "_onepass", _REAL_ONEPASS)
+    ref_vals, ref_grads, ref_ws = results[0]
+    for vals, grads, wts in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(vals, ref_vals))
+        assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+        assert all(torch.equal(a, b) for a, b in zip(wts, ref_ws))
+
+
+_REAL_ONEPASS = P._onepass
+
+
+def test_value_summed_in_fixed_order(gen, host_cache):
+    """The value is the per-item values summed in penalty.h's order (256 strided lanes, then a
+    pairwise tree), the order the CUDA kernel's last block uses."""
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(300000,), (70000,), (5, 5)]]
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    v = P.accumulate_(ps, l1=0.3, l2=0.7)
+    (launch,) = list(ops._LAUNCHES.values())
+    vals = launch.vals.tolist()
+    assert len(vals) > 3
+    lanes = [0.0] * 256
+    for i, x in enumerate(vals):
+        lanes[i % 256] += x
+    h = 128
+    while h:
+        for lane in range(h):
+            lanes[lane] += lanes[lane + h]
+        h //= 2
+    assert torch.equal(v, torch.tensor(lanes[0], dtype=torch.float32))
+
+
+def test_cache_is_bounded(gen, host_cache):
+    for _ in range(3 * ops.CACHE_SIZE):
+        ps = _cache_list(gen, n=2)
+        P.accumulate_(ps, l1=0.1)
+    assert len(ops._LAUNCHES) <= ops.CACHE_SIZE
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [dict(l1=1e-5, l2=1e-4), dict(l2=1e-4, group_lasso=1e-3,
+                                                            groups="rows")], ids=["l1l2", "rows"])
+def test_cuda_warm_call_one_launch_no_copy(gen, kw):
+    """Once warm, a call is at most 3 GPU activities, none of them a copy, and builds nothing;
+    the results match the reference; moving the list to another device or changing it rebuilds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ops.clear_cache()
+    shapes = [(64, 3, 7, 7), (64,), (64,)] + [(64, 64, 3, 3), (64,), (64,)] * 4 + \
+        [(128, 64, 3, 3), (128,), (256, 128, 3, 3), (512, 256, 3, 3), (512,), (1000, 512), (1000,)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    for _ in range(2):
+        P.accumulate_(ps, **kw)
+    torch.cuda.synchronize()
+    b0, u0 = ops.STATS["builds"], ops.STATS["uploads"]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        P.accumulate_(ps, **kw)
+        torch.cuda.synchronize()
+    acts = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert len(acts) <= 3, acts
+    assert not any("memcpy" in a.lower() or "memset" in a.lower() for a in acts), acts
+    assert (ops.STATS["builds"], ops.STATS["uploads"]) == (b0, u0)
+    g0 = [p.grad.detach().to(torch.float64, copy=True) for p in ps]
+    _check_call(ps, kw, g0)
+    ps[0].data = torch.randn_like(ps[0])  # a replaced tensor: rebuilt, still right
+    _check_call(ps, kw, [p.grad.to(torch.float64, copy=True) for p in ps])
+    assert ops.STATS["builds"] > b0
+    cpu = [torch.nn.Parameter(p.detach().cpu()) for p in ps]
+    for c, p in zip(cpu, ps):
+        c.grad = p.grad.cpu()
+    assert float(P.accumulate_(cpu, **kw)) == pytest.approx(float(P.accumulate_(ps, **kw)), rel=1e-5)
