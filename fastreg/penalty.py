@@ -41,7 +41,7 @@ from fastreg._validate import FLOAT_DTYPES
 from fastreg.ops import penalty as _ops
 from fastreg.ops.penalty import GROUP_NAMES, MODE_EXPLICIT, MODE_NONE
 
-__all__ = ["accumulate_", "prox_", "sparsity", "value", "activity_penalty"]
+__all__ = ["accumulate_", "prox_", "sparsity", "value", "activity_penalty", "loss"]
 
 
 def _real(v, name, op, *, positive=False):
@@ -687,3 +687,94 @@ def _dtensor_sparsity(params, groups, global_value):
     nz, n, zg, ng = (int(x) for x in counts.tolist())
     return {"weights": nz / n if n else 0.0, "groups": zg / ng if ng else 0.0,
             "zero_groups": zg, "num_groups": ng}
+
+
+def _loss_strength(v, name, n, device):
+    """A strength of penalty.loss as an n-long float64 vector (one entry per tensor), still
+    attached to the caller's tensor when that requires grad."""
+    if isinstance(v, torch.Tensor):
+        if not v.dtype.is_floating_point:
+            raise TypeError(f"fastreg.penalty.loss: {name} must be a float tensor, got {v.dtype}")
+        if v.dim() > 1 or (v.dim() == 1 and v.shape[0] != n):
+            raise ValueError(f"fastreg.penalty.loss: {name} must be a number, a 0-dim tensor or a "
+                             f"1-D tensor with one entry per tensor of params ({n}), got shape "
+                             f"{tuple(v.shape)}")
+        if not (bool(torch.isfinite(v).all()) and bool((v >= 0).all())):
+            raise ValueError(f"fastreg.penalty.loss: {name} must be finite and >= 0")
+        v64 = v.to(device=device, dtype=torch.float64)
+        return v64.expand(n) if v.dim() == 0 else v64
+    if isinstance(v, (list, tuple)):
+        if len(v) != n:
+            raise ValueError(f"fastreg.penalty.loss: {name} has {len(v)} entries but params has {n}")
+        vals = [_real(x, f"{name}[{i}]", "penalty.loss") for i, x in enumerate(v)]
+        return torch.tensor(vals, dtype=torch.float64, device=device)
+    return torch.full((n,), _real(v, name, "penalty.loss"), dtype=torch.float64, device=device)
+
+
+def loss(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torch.Tensor:
+    """The penalty as a differentiable scalar, to add to a loss:
+
+        total = task_loss + fastreg.penalty.loss(weights, l1=..., l2=..., group_lasso=..., groups=...)
+
+    P = sum_i l1_i |w_i|_1 + l2_i |w_i|^2 + group_lasso_i sum_g sqrt(|g|) ||w_{i,g}||, with
+    groups as in accumulate_ (a name, an index tensor, or a list with one of those or None
+    per tensor; a None there means that tensor has no group term). Unlike accumulate_, it can sit inside a closure that autograd
+    differentiates (ReversibleSGD.reverse), so the strengths get hypergradients.
+
+    params: a tensor or an iterable of tensors (not param-group dicts). Each strength is a
+    number, a list with one number per tensor, a 0-dim tensor (shared) or a 1-D tensor with
+    one entry per tensor; tensors that require grad receive d P / d strength.
+    The value is float64 if any tensor is float64, else float32 (sums in float64). The
+    gradient with respect to the tensors comes from the fused penalty kernels (one pass over
+    all tensors); double backward (Hessian-vector products) is supported and is exact away
+    from w = 0 for the L1 term and from all-zero groups for the group term, where the
+    subgradient 0 and a zero Hessian are used (fastreg/ops/penalty_loss.py).
+    """
+    from fastreg.ops import penalty_loss as PL
+
+    ws = _as_list(params)
+    if not isinstance(ws, (list, tuple)):
+        raise TypeError(f"fastreg.penalty.loss: params must be a tensor or an iterable of tensors, "
+                        f"got {type(params).__name__}")
+    ws = list(ws)
+    for i, w in enumerate(ws):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"fastreg.penalty.loss: params[{i}] must be a tensor, got "
+                            f"{type(w).__name__} (param-group dicts are not accepted here)")
+        if type(w) not in (torch.Tensor, torch.nn.Parameter):
+            # the fused kernels read raw storage: a subclass (DTensor, ...) must not reach them
+            raise TypeError(f"fastreg.penalty.loss: params[{i}] is a {type(w).__name__}; only plain "
+                            "tensors and Parameters are accepted")
+        if w.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"fastreg.penalty.loss: params[{i}] must be float32, float64, float16 "
+                            f"or bfloat16, got {w.dtype}")
+        if w.layout is not torch.strided:
+            raise TypeError(f"fastreg.penalty.loss: params[{i}] must be dense, got {w.layout}")
+        if w.device != ws[0].device:
+            raise ValueError(f"fastreg.penalty.loss: params must all be on one device, got "
+                             f"{ws[0].device} and {w.device}")
+    n = len(ws)
+    if n == 0:
+        return torch.zeros((), dtype=torch.float32)
+    device = ws[0].device
+    c1 = _loss_strength(l1, "l1", n, device)
+    c2 = _loss_strength(l2, "l2", n, device)
+    cg = _loss_strength(group_lasso, "group_lasso", n, device)
+    if isinstance(groups, (list, tuple)):
+        if len(groups) != n:
+            raise ValueError(f"fastreg.penalty.loss: groups has {len(groups)} entries but params "
+                             f"has {n}")
+        specs = [_group_spec(g, w, "loss", f"groups[{i}]") for i, (g, w) in enumerate(zip(groups, ws))]
+    else:
+        specs = [_group_spec(groups, w, "loss", "groups") for w in ws]
+    modes = [m for m, _ in specs]
+    gl_vals = cg.detach().tolist()
+    for i, (m, g) in enumerate(zip(modes, gl_vals)):
+        # a None in a per-tensor list opts that tensor out of the group term
+        if g > 0.0 and m == MODE_NONE and not isinstance(groups, (list, tuple)):
+            raise ValueError(f"fastreg.penalty.loss: group_lasso={g} for params[{i}] needs groups "
+                             "('rows', 'cols', 'filters', 'channels' or an index tensor)")
+    out_dtype = torch.float64 if any(w.dtype == torch.float64 for w in ws) else torch.float32
+    spec = PL.Spec(ws, modes, [e for _, e in specs], out_dtype)
+    return PL.PenaltyLoss.apply(spec, c1, c2, cg, *ws)
+
