@@ -200,7 +200,8 @@ def _fwd_impl(x, seed, stream, p, with_bits, direct):
         if n > 0 and _backend.launch_kernel(x):
             _backend.launcher(tk.dropout_fwd_kernel, direct)[tk.grid(n)](
                 x.contiguous(), out, bits, seed, stream, keep_threshold(p), dropout_scale_bits(p), 0, n,
-                WITH_BITS=with_bits, COMPUTE_F64=_is_f64(x), BLOCK=tk.BLOCK)
+                WITH_BITS=with_bits, COMPUTE_F64=_is_f64(x), VEC=tk.vec_for(x.dtype),
+                BLOCK=tk.BLOCK)
         return out, bits
     out, keep = dropout_reference(x, seed, stream, p)
     bits = pack_bits_reference(keep.reshape(-1)) if with_bits else x.new_empty(0, dtype=torch.uint8)
@@ -221,7 +222,8 @@ def _add_impl(x, residual, seed, stream, p, direct):
         if n > 0 and _backend.launch_kernel(x):
             _backend.launcher(tk.dropout_add_fwd_kernel, direct)[tk.grid(n)](
                 x.contiguous(), residual.contiguous(), out, seed, stream, keep_threshold(p),
-                dropout_scale_bits(p), 0, n, COMPUTE_F64=_is_f64(x), BLOCK=tk.BLOCK)
+                dropout_scale_bits(p), 0, n, COMPUTE_F64=_is_f64(x), VEC=tk.vec_for(x.dtype),
+                BLOCK=tk.BLOCK)
         return out
     m, _ = dropout_multipliers_reference(n, seed, stream, p, x.dtype, x.device)
     cd = m.dtype

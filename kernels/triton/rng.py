@@ -56,22 +56,21 @@ def _lanes(r0, r1, r2, r3):
 
 
 @triton.jit
-def block_counters(cbase, BLOCK: tl.constexpr, VEC: tl.constexpr):
-    """The BLOCK // 4 counters from cbase (int64 scalar), shaped so that one thread
-    holds the VEC // 4 counters of its VEC consecutive elements."""
+def block_words(seed, stream, cbase, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """word(4 * cbase + k) for k < BLOCK, a 1-D tile (BLOCK % 32 == 0).
+
+    VEC 8: a thread's 8 consecutive elements take counters 2j and 2j + 1; the two
+    Philox calls run on 1-D tiles and are joined per word, so both stay in the
+    thread's registers."""
     if VEC == 8:
         c = cbase + (tl.arange(0, BLOCK // 8) * 2).to(tl.int64)
-        cs = tl.join(c, c + 1)
+        a0, a1, a2, a3 = philox_block(seed, stream, c)
+        b0, b1, b2, b3 = philox_block(seed, stream, c + 1)
+        w = _lanes(tl.join(a0, b0), tl.join(a1, b1), tl.join(a2, b2), tl.join(a3, b3))
     else:
-        cs = cbase + tl.arange(0, BLOCK // 4).to(tl.int64)
-    return cs
-
-
-@triton.jit
-def block_words(seed, stream, cbase, BLOCK: tl.constexpr, VEC: tl.constexpr):
-    """word(4 * cbase + k) for k < BLOCK, a 1-D tile (BLOCK % 32 == 0)."""
-    r0, r1, r2, r3 = philox_block(seed, stream, block_counters(cbase, BLOCK, VEC))
-    return tl.reshape(_lanes(r0, r1, r2, r3), (BLOCK, ))
+        r0, r1, r2, r3 = philox_block(seed, stream, cbase + tl.arange(0, BLOCK // 4).to(tl.int64))
+        w = _lanes(r0, r1, r2, r3)
+    return tl.reshape(w, (BLOCK, ))
 
 
 @triton.jit
