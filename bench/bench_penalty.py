@@ -13,7 +13,9 @@ Providers: "autograd penalty" (the penalty added to a loss and back-propagated i
 "python loop" (in-place ops per tensor), "torch._foreach" (foreach composition where torch
 has the ops: L1+L2 and the elementwise half of prox), "fastreg" (which also returns the
 penalty's value: the loop/foreach providers compute only the gradient, so the comparison
-favours them), and "copy (floor)": one flat copy moving the bytes the op must move (read w,
+favours them; its launch tables are warm, as in training, where the list does not change),
+"fastreg (cold tables)" (the tables built, and on a GPU uploaded, on every call), and
+"copy (floor)": one flat copy moving the bytes the op must move (read w,
 read grad, write grad = 12 bytes per weight; prox: read w, write w = 8).
 """
 
@@ -24,6 +26,7 @@ import torch
 
 import fastreg.penalty as P
 from _util import run
+from fastreg.ops import penalty as _ops
 
 L1, L2, GL, LR = 1e-5, 1e-4, 1e-3, 1e-4
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -96,7 +99,12 @@ def _providers(kind, ps):
         def fr():
             return P.accumulate_(ps, l1=L1, l2=L2)
 
-        return {"autograd penalty": autograd, "python loop": loop, "torch._foreach": foreach, "fastreg": fr}
+        def fr_cold():
+            _ops.clear_cache()  # the launch tables built (and, on a GPU, uploaded) again
+            return P.accumulate_(ps, l1=L1, l2=L2)
+
+        return {"autograd penalty": autograd, "python loop": loop, "torch._foreach": foreach,
+                "fastreg": fr, "fastreg (cold tables)": fr_cold}
 
     if kind == "group":
         def autograd():
@@ -113,7 +121,12 @@ def _providers(kind, ps):
         def fr():
             return P.accumulate_(ps, group_lasso=GL, groups="rows")
 
-        return {"autograd penalty": autograd, "python loop": loop, "fastreg": fr}
+        def fr_cold():
+            _ops.clear_cache()
+            return P.accumulate_(ps, group_lasso=GL, groups="rows")
+
+        return {"autograd penalty": autograd, "python loop": loop, "fastreg": fr,
+                "fastreg (cold tables)": fr_cold}
 
     # prox: sparse group lasso on rows
     def loop():
@@ -136,10 +149,16 @@ def _providers(kind, ps):
     def fr():
         P.prox_(ps, LR, l1=L1, group_lasso=GL, groups="rows")
 
-    return {"python loop": loop, "torch._foreach": foreach, "fastreg": fr}
+    def fr_cold():
+        _ops.clear_cache()
+        P.prox_(ps, LR, l1=L1, group_lasso=GL, groups="rows")
+
+    return {"python loop": loop, "torch._foreach": foreach, "fastreg": fr,
+            "fastreg (cold tables)": fr_cold}
 
 
-PROVIDERS = ["autograd penalty", "python loop", "torch._foreach", "fastreg", "copy (floor)"]
+PROVIDERS = ["autograd penalty", "python loop", "torch._foreach", "fastreg",
+             "fastreg (cold tables)", "copy (floor)"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -207,7 +226,109 @@ def interleaved(rounds=15, device="cpu"):
         print(f"| {kind} | {plist} | {b} | {a} | {f[0] / fl[0]:.2f}x, {f[1] / fl[1]:.2f}x |")
 
 
+def _load_revision(rev):
+    """fastreg.penalty as it was at git revision `rev`, on the current native build: its two
+    Python files executed as private modules (their torch.library ops made plain functions, the
+    op names being taken by the current ones). For before/after timings in one process."""
+    import subprocess
+    import sys
+    import types
+
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+    def source(path):
+        return subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True,
+                              check=True, cwd=root).stdout
+
+    class _Op:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, *a, **k):
+            return self.fn(*a, **k)
+
+        def register_fake(self, f):
+            return f
+
+        def register_autograd(self, *a, **k):
+            pass
+
+    def plain_op(*a, **k):
+        return _Op
+
+    ops_old = types.ModuleType(f"penalty_ops_{rev}")
+    ops_old.__dict__["_plain_op"] = plain_op
+    exec(compile(source("fastreg/ops/penalty.py").replace("@torch.library.custom_op(", "@_plain_op("),
+                 f"{rev}:fastreg/ops/penalty.py", "exec"), ops_old.__dict__)
+    sys.modules[ops_old.__name__] = ops_old
+    api = types.ModuleType(f"penalty_{rev}")
+    text = source("fastreg/penalty.py")
+    text = text.replace("from fastreg.ops import penalty as _ops", f"import {ops_old.__name__} as _ops")
+    text = text.replace("from fastreg.ops.penalty import", f"from {ops_old.__name__} import")
+    exec(compile(text, f"{rev}:fastreg/penalty.py", "exec"), api.__dict__)
+    return api
+
+
+def before_after(rev, rounds=31, device="cpu", clock="wall"):
+    """accumulate_ (L1+L2, and rows group lasso) of revision `rev` against the current code and
+    torch._foreach, round-robin in one process (medians and minima, ms).
+    `python bench/bench_penalty.py --before REV [rounds] [thread]`. clock "thread": the calling
+    thread's CPU time, which a loaded machine disturbs far less than wall time; run it with
+    OMP_NUM_THREADS=1 and torch's threads at 1 so that all the work is on that thread."""
+    import time
+
+    timer = time.thread_time if clock == "thread" else time.perf_counter
+    if clock == "thread":
+        torch.set_num_threads(1)
+
+    old = _load_revision(rev)
+    print(f"| work | list | torch._foreach | fastreg at {rev} | fastreg now (warm) | now, cold tables "
+          "| before ÷ now | foreach ÷ now |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    works = {"L1+L2": dict(l1=L1, l2=L2), "group rows": dict(group_lasso=GL, groups="rows")}
+    for plist in LISTS:
+        for work, kw in works.items():
+            ps = _params(plist, device)
+            grads = [p.grad for p in ps]
+            ws = [p.detach() for p in ps]
+
+            def foreach():
+                torch._foreach_add_(grads, torch._foreach_sign(ws), alpha=L1)
+                torch._foreach_add_(grads, ws, alpha=2 * L2)
+
+            def cold(kw=kw):
+                _ops.clear_cache()
+                P.accumulate_(ps, **kw)
+
+            provs = {"foreach": foreach if work == "L1+L2" else None,
+                     "before": lambda kw=kw: old.accumulate_(ps, **kw),
+                     "now": lambda kw=kw: P.accumulate_(ps, **kw), "cold": cold}
+            provs = {k: f for k, f in provs.items() if f is not None}
+            ts = {k: [] for k in provs}
+            for f in provs.values():
+                f()
+                f()
+            for _ in range(rounds):
+                for k, f in provs.items():
+                    t = timer()
+                    f()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    ts[k].append(timer() - t)
+            med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in ts.items()}
+            mn = {k: min(v) * 1e3 for k, v in ts.items()}
+            cell = lambda k: f"{med[k]:.3f} / {mn[k]:.3f}" if k in med else "—"  # noqa: E731
+            fe = f"{med['foreach'] / med['now']:.2f}x" if "foreach" in med else "—"
+            print(f"| {work} | {plist} | {cell('foreach')} | {cell('before')} | {cell('now')} | "
+                  f"{cell('cold')} | {med['before'] / med['now']:.2f}x | {fe} |")
+
+
 if __name__ == "__main__":
     import sys
 
-    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 15)
+    if len(sys.argv) > 2 and sys.argv[1] == "--before":
+        before_after(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 31,
+                     clock=sys.argv[4] if len(sys.argv) > 4 else "wall")
+    else:
+        interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 15)
