@@ -120,13 +120,18 @@ def via(request, monkeypatch):
 @pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
 @pytest.mark.parametrize("mask", ["seed", "bits"])
 def test_backward_regenerates_the_same_mask(backend, mask, gen, via):
+    """The backward's mask is the forward's: same seed and the same stream (a backward that
+    regenerated it from stream 0 passes only when the forward used stream 0)."""
     x = torch.randn(6, 37, generator=gen, dtype=torch.float32, requires_grad=True)
     g = torch.randn(6, 37, generator=gen)
+    stream = 5
     with fastreg.use_backend(backend):
-        out = fastreg.dropout(x, 0.6, seed=2024, mask=mask)
+        out = fastreg.dropout(x, 0.6, seed=2024, stream=stream, mask=mask)
         out.backward(g)
-    _, keep = D.dropout_reference(x.detach(), 2024, 0, 0.6)
+    _, keep = D.dropout_reference(x.detach(), 2024, stream, 0.6)
+    assert not torch.equal(keep, D.dropout_reference(x.detach(), 2024, 0, 0.6)[1])
     expected = (g * keep.float() * np.float32(1 / 0.4))
+    assert torch.equal(out.detach(), x.detach() * keep.float() * np.float32(1 / 0.4))
     assert torch.equal(x.grad, expected)
 
 
@@ -144,11 +149,13 @@ def test_dropout_add_forward_backward(backend, gen, via):
     x = torch.randn(4, 9, generator=gen, dtype=torch.float64, requires_grad=True)
     r = torch.randn(4, 9, generator=gen, dtype=torch.float64, requires_grad=True)
     g = torch.randn(4, 9, generator=gen, dtype=torch.float64)
-    with fastreg.use_backend(backend):
-        fastreg.dropout_add(x, r, 0.5, seed=3).backward(g)
-    m, _ = D.dropout_multipliers_reference(36, 3, 0, 0.5, torch.float64, "cpu")
-    assert torch.equal(x.grad, g * m.view(4, 9))
-    assert torch.equal(r.grad, g)
+    for stream in (0, 6):  # the backward's mask uses the forward's stream
+        x.grad = r.grad = None
+        with fastreg.use_backend(backend):
+            fastreg.dropout_add(x, r, 0.5, seed=3, stream=stream).backward(g)
+        m, _ = D.dropout_multipliers_reference(36, 3, stream, 0.5, torch.float64, "cpu")
+        assert torch.equal(x.grad, g * m.view(4, 9)), stream
+        assert torch.equal(r.grad, g)
 
 
 @pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
@@ -157,10 +164,13 @@ def test_gradcheck_float64(backend, gen, via):
     r = torch.randn(3, 11, generator=gen, dtype=torch.float64, requires_grad=True)
     with fastreg.use_backend(backend):
         for mask in ("seed", "bits"):
-            assert torch.autograd.gradcheck(lambda t: fastreg.dropout(t, 0.3, seed=5, mask=mask), (x,))
+            # stream != 0: the backward (and the double backward) must use the same stream
+            assert torch.autograd.gradcheck(
+                lambda t: fastreg.dropout(t, 0.3, seed=5, stream=3, mask=mask), (x,))
             assert torch.autograd.gradgradcheck(
-                lambda t: fastreg.dropout(t, 0.3, seed=5, mask=mask), (x,))
-        assert torch.autograd.gradcheck(lambda a, b: fastreg.dropout_add(a, b, 0.3, seed=5), (x, r))
+                lambda t: fastreg.dropout(t, 0.3, seed=5, stream=3, mask=mask), (x,))
+        assert torch.autograd.gradcheck(
+            lambda a, b: fastreg.dropout_add(a, b, 0.3, seed=5, stream=2), (x, r))
 
 
 @pytest.mark.parametrize("backend", ["numba", "triton"])
