@@ -7,6 +7,7 @@ per rank and each pytest test asserts one check. NCCL variants (marked gpu) need
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -436,6 +437,126 @@ def check_penalty_ddp(rank, world, device):
     assert torch.equal(va, vb)
 
 
+# ---------------------------------------------------------------- ReversibleSGD
+
+def _mlp(seed, device):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                               torch.nn.Linear(7, 3)).to(device)
+
+
+def _batches(T, device):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(T + 1, 8, 5, generator=g).to(device)  # the last one: validation
+    Y = torch.randn(T + 1, 8, 3, generator=g).to(device)
+    return X, Y
+
+
+def _reversible_run(model, fwd, X, Y, rows, T, ddp=None):
+    from fastreg.optim import ReversibleSGD
+
+    lr = torch.full((T,), 0.05, dtype=torch.float64, requires_grad=True)
+    opt = ReversibleSGD(model.parameters(), lr=lr, momentum=0.9)
+    w0 = [p.detach().clone() for p in model.parameters()]
+
+    def loss(t):
+        return torch.nn.functional.mse_loss(fwd(X[t, rows]), Y[t, rows])
+    for t in range(T):
+        opt.zero_grad()
+        loss(t).backward()
+        opt.step()
+    return opt, lr, w0, loss
+
+
+def check_reversible_ddp(rank, world, device):
+    """DDP: step after the gradient all-reduce; reverse(..., ddp=) restores w_0 bit for bit on
+    every rank, and the hypergradients equal a single-process run on the global batches."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    T = 6
+    X, Y = _batches(T, device)
+    rows = slice(4 * rank, 4 * rank + 4)
+    model = _mlp(0, device)
+    ddp = DDP(model)
+    opt, lr, w0, loss = _reversible_run(model, ddp, X, Y, rows, T)
+    wT = [p.detach().clone() for p in model.parameters()]
+    obj = opt.reverse(lambda: loss(T), loss, ddp=ddp)
+    for p, w in zip(model.parameters(), w0):
+        assert torch.equal(p.detach(), w), "w_0 not restored bit for bit"
+    for p in model.parameters():
+        a, b = _gather(p.detach())
+        assert torch.equal(a, b)
+    # the single-process run on the global batches (each rank runs it: same result)
+    ref = _mlp(0, device)
+    ropt, rlr, rw0, rloss = _reversible_run(ref, ref, X, Y, slice(0, 8), T)
+    for p, q in zip(model.parameters(), rw0):
+        assert torch.equal(p.detach(), q)
+    for p, w in zip(ref.parameters(), wT):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-6, atol=1e-7)
+    robj = ropt.reverse(lambda: rloss(T), rloss)
+    torch.testing.assert_close(obj, robj, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lr.grad, rlr.grad, rtol=1e-6, atol=1e-12)
+    for p, q in zip(model.parameters(), ref.parameters()):  # d objective / d w_0
+        rel = float((p.grad - q.grad).norm() / q.grad.norm())
+        assert rel <= 1e-6, rel
+    assert lr.grad.abs().min() > 0
+
+
+def check_reversible_ddp_divergence(rank, world, device):
+    """A rank whose state differs is named; a closure nondeterministic on one rank is caught on
+    every rank (no rank hangs)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    T = 4
+    X, Y = _batches(T, device)
+    rows = slice(4 * rank, 4 * rank + 4)
+    model = _mlp(1, device)
+    ddp = DDP(model)
+    opt, lr, w0, loss = _reversible_run(model, ddp, X, Y, rows, T)
+    sd = copy.deepcopy(opt.state_dict())  # torch's state dicts hold the live tensors
+    if rank == 1:
+        st = opt.state[next(iter(model.parameters()))]
+        st["v"][0] += 1
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] differs from rank 0"):
+        opt.reverse(lambda: loss(T), loss, ddp=ddp)
+    opt.load_state_dict(sd)  # per-rank state dicts restore a usable optimizer
+    opt.check_ranks(ddp)
+
+    def noisy(t):
+        out = loss(t)
+        return out * (1 + 1e-3) if (rank == 1 and t == 1) else out
+    with pytest.raises(RuntimeError, match=r"w_0 was not recovered bit for bit on rank\(s\)"):
+        opt.reverse(lambda: loss(T), noisy, ddp=ddp)
+
+
+def check_reversible_fsdp2(rank, world, device):
+    """FSDP2: step() on the local shards (uneven: 7 and 3 rows over 2 ranks) follows the
+    single-process run; per-rank state dicts round-trip; reverse refuses clearly."""
+    from torch.distributed.fsdp import fully_shard
+    from fastreg.optim import ReversibleSGD
+
+    T = 4
+    X, Y = _batches(T, device)
+    rows = slice(4 * rank, 4 * rank + 4)
+    model = _mlp(2, device)
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    opt, lr, w0, loss = _reversible_run(model, model, X, Y, rows, T)
+    ref = _mlp(2, device)
+    _reversible_run(ref, ref, X, Y, slice(0, 8), T)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-6, atol=1e-7)
+    sd = opt.state_dict()
+    opt2 = ReversibleSGD(model.parameters(), lr=lr, momentum=0.9)
+    opt2.load_state_dict(sd)
+    for p in model.parameters():
+        for k in ("w", "v", "head", "count"):
+            assert torch.equal(opt.state[p][k], opt2.state[p][k])
+    with pytest.raises(NotImplementedError, match="FSDP2"):
+        opt.reverse(lambda: loss(T), loss)
+
+
 SUITES = {
     "rng_penalty": [
         ("rng_default_same", check_rng_default_same),
@@ -449,6 +570,9 @@ SUITES = {
         ("penalty_errors", check_penalty_errors),
         ("penalty_fsdp2", check_penalty_fsdp2),
         ("penalty_ddp", check_penalty_ddp),
+        ("reversible_ddp", check_reversible_ddp),
+        ("reversible_ddp_divergence", check_reversible_ddp_divergence),
+        ("reversible_fsdp2", check_reversible_fsdp2),
     ],
 }
 
@@ -467,3 +591,19 @@ def _two_gpus():
 @pytest.mark.parametrize("name", [n for n, _ in SUITES["rng_penalty"]])
 def test_nccl(name):
     _result("rng_penalty", name, backend="nccl")
+
+
+def test_reversible_refuses_sparse_gradients():
+    """nn.Embedding(sparse=True): a clear TypeError naming the parameter, before any parameter
+    is stepped."""
+    from fastreg.optim import ReversibleSGD
+
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    lin = torch.nn.Linear(3, 1)
+    opt = ReversibleSGD(list(lin.parameters()) + list(emb.parameters()), lr=0.1, momentum=0.9)
+    before = [p.detach().clone() for p in lin.parameters()]
+    lin(emb(torch.tensor([1, 2, 3]))).sum().backward()
+    with pytest.raises(TypeError, match="sparse_coo gradient.*sparse=False"):
+        opt.step()
+    for p, b in zip(lin.parameters(), before):
+        assert torch.equal(p.detach(), b)

@@ -29,6 +29,24 @@ _HYPERS = ("lr", "momentum", "weight_decay")
 CODER_VERSION = 2
 
 
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
+def _data(p: torch.Tensor) -> torch.Tensor:
+    """The plain tensor the kernels read and write for parameter p: p.data, or the local shard
+    of a DTensor parameter (FSDP2), sharing its storage."""
+    d = p.data
+    if type(d) in _PLAIN:
+        return d
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(d, DTensor):
+        with torch.no_grad():
+            return d.to_local()
+    raise TypeError(f"ReversibleSGD: parameters must be plain tensors or DTensors, got a "
+                    f"{type(d).__module__}.{type(d).__qualname__}")
+
+
 class ReversibleOverflowError(OverflowError):
     """A value left the fixed-point range (or a gradient was not finite)."""
 
@@ -104,6 +122,9 @@ class ReversibleSGD(torch.optim.Optimizer):
                 raise ValueError(f"momentum must lie in (0, 1] and be at least 2^-{self.momentum_bits - 1} "
                                  f"(momentum_bits={self.momentum_bits}), got {x!r}")
         for pi, p in enumerate(group["params"]):
+            if p.layout is not torch.strided:
+                raise TypeError(f"params: {self._pname(gi, pi)} has layout {p.layout}; ReversibleSGD "
+                                "takes dense (strided) parameters")
             if p.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
                 raise TypeError(f"params: {self._pname(gi, pi)} has dtype {p.dtype}; ReversibleSGD "
                                 "takes float16, bfloat16, float32 or float64 parameters")
@@ -127,7 +148,7 @@ class ReversibleSGD(torch.optim.Optimizer):
         a parameter whose `.data` was replaced by one of another size, or a gradient of another
         size, is refused before they run."""
         n = st["w"].numel()
-        if p.numel() != n:
+        if p.numel() != n:  # p: the plain tensor or a DTensor's local shard
             raise ValueError(f"ReversibleSGD: {self._pname(gi, pi)} has {p.numel()} elements, but its "
                              f"state was made for {n} (was .data replaced?); build a new optimizer")
         if grad and p.grad is not None and p.grad.numel() != n:
@@ -138,7 +159,7 @@ class ReversibleSGD(torch.optim.Optimizer):
         if self._t != 0:
             raise RuntimeError("ReversibleSGD: parameter groups can only be added before the first step")
         with torch.no_grad():
-            x = p.detach().to(torch.float64).reshape(-1) * self.scale
+            x = _data(p).to(torch.float64).reshape(-1) * self.scale
             if not bool(torch.isfinite(x).all()) or bool((x.abs() >= 2.0**62).any()):
                 raise ReversibleOverflowError(
                     f"ReversibleSGD: {self._pname(gi, pi)} has values outside the fixed-point range "
@@ -148,13 +169,14 @@ class ReversibleSGD(torch.optim.Optimizer):
             st["w"] = w
             st["v"] = torch.zeros_like(w)
             st["head"] = torch.full_like(w, K.L)
-            st["count"] = torch.zeros(w.numel(), dtype=torch.int32, device=p.device)
-            st["spill"] = torch.zeros((0, w.numel()), dtype=torch.int32, device=p.device)
+            st["count"] = torch.zeros(w.numel(), dtype=torch.int32, device=w.device)
+            st["spill"] = torch.zeros((0, w.numel()), dtype=torch.int32, device=w.device)
             st["bound"] = 0
             self._write_param(p, w)
 
     def _write_param(self, p: torch.Tensor, w: torch.Tensor) -> None:
-        p.data.copy_((w.to(torch.float64) * self.inv_scale).view_as(p))
+        d = _data(p)
+        d.copy_((w.to(torch.float64) * self.inv_scale).view_as(d))
 
     # ------------------------------------------------------------ hyperparameters
     def _hyper(self, group: dict, name: str, t: int) -> float:
@@ -263,33 +285,57 @@ class ReversibleSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         t = self._t
+        grads = self._local_grads()  # all checked before any parameter changes
         if t == 0:
             self._checksums = {id(p): self._checksum(self.state[p])
                                for g in self.param_groups for p in g["params"]}
         consts = [self._step_consts(g, t) for g in self.param_groups]
         backend = self._backends()
+        k = 0
         for gi, group in enumerate(self.param_groups):
             alpha, n, _gamma, _omg, c1s, lam = consts[gi]
             for pi, p in enumerate(group["params"]):
                 st = self.state[p]
-                self._check_size(p, st, gi, pi)
+                p, grad = _data(p), grads[k]  # plain tensors (a DTensor's local shards)
+                k += 1
+                self._check_size(p, st, gi, pi, grad=False)
+                if grad is not None and grad.numel() != st["w"].numel():
+                    raise ValueError(f"ReversibleSGD: {self._pname(gi, pi)} has a gradient of "
+                                     f"{grad.numel()} elements for {st['w'].numel()} weights")
                 self._ensure_capacity(st)
-                g = self._flat(p.grad, p)
+                g = self._flat(grad, p)
                 out, copy = self._out_view(p)
                 code = K.fwd_step(backend(p), st["w"], st["v"], st["head"], st["count"],
                                   st["spill"], g, out, self.momentum_bits, n, alpha, c1s, lam,
                                   self.inv_scale)
                 if copy:
-                    p.data.copy_(out.view_as(p))
+                    p.copy_(out.view_as(p))
                 st["bound"] += 1
                 if code:
                     self._raise(code, gi, pi, t, "forward")
         self._t = t + 1
         return loss
 
+    def _local_grads(self) -> list:
+        """Every parameter's gradient as the kernels read it (None, a plain dense tensor, or a
+        DTensor gradient's local shard), in group order; sparse and other non-strided gradients
+        (nn.Embedding(sparse=True)) are refused, naming the parameter."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is not None and type(g) not in _PLAIN:
+                    g = _data(g)
+                if g is not None and g.layout is not torch.strided:
+                    raise TypeError(f"ReversibleSGD: {self._pname(gi, pi)} has a {g.layout} gradient; "
+                                    "only dense gradients can be stepped exactly (for an embedding, "
+                                    "use nn.Embedding(..., sparse=False))")
+                out.append(g)
+        return out
+
     # ------------------------------------------------------------ reverse
     def reverse(self, objective, closure: Callable[[int], torch.Tensor], *,
-                inputs: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
+                inputs: Iterable[torch.Tensor] | None = None, ddp=None) -> torch.Tensor:
         """Backward through training: restores w_0 exactly and accumulates hypergradients.
 
         objective: the scalar to differentiate (a tensor computed from the final
@@ -305,24 +351,45 @@ class ReversibleSGD(torch.optim.Optimizer):
         forward run's backward() calls accumulated into them too). The parameters'
         `.grad` is replaced by d objective / d w_0. Returns the objective's value. Raises RuntimeError when w_0
         is not recovered bit for bit (a nondeterministic closure).
+
+        ddp: the DistributedDataParallel module the forward run trained (step() after its
+            backward, i.e. after the gradient all-reduce). closure(t) and objective run the
+            same DDP forward; reverse runs them under ddp.no_sync() and averages, over
+            ddp.process_group, the recomputed gradients as DDP does (times 1/world size, then
+            summed: bit-identical to the forward run's), the Hessian-vector products and the
+            objective's gradients (each rank's objective is its share of the mean). Every rank
+            restores w_0; a rank whose state differs from rank 0's is named in the error.
+            docs/distributed.md.
         """
         self._check_ok()
         if not callable(closure):
             raise TypeError("closure must be a callable closure(t) returning the training loss of step t")
         params, where = self._params_where()
+        if any(type(p) not in _PLAIN for p in params):
+            raise NotImplementedError(
+                "ReversibleSGD.reverse: the parameters are tensor subclasses (DTensors from FSDP2's "
+                "fully_shard); step() and state dicts work on their local shards, but reverse needs "
+                "second derivatives through the training loss, which FSDP2 does not provide. Train "
+                "under DistributedDataParallel and pass reverse(..., ddp=model) for hypergradients")
+        dp = _DataParallel(ddp)
+        if dp.group is not None:
+            self._check_ranks(dp, "before reverse")
         for p, (gi, pi) in zip(params, where):
             self._check_size(p, self.state[p], gi, pi, grad=False)  # .grad is replaced at the end
         pids = {id(p) for p in params}
         T = self._t
         fixed_inputs = None if inputs is None else [x for x in inputs if id(x) not in pids]
 
-        with torch.enable_grad():
+        with torch.enable_grad(), dp.no_sync():
             obj = objective() if callable(objective) else objective
             if not isinstance(obj, torch.Tensor) or obj.numel() != 1:
                 raise ValueError("objective must be a scalar tensor (or a callable returning one)")
             metas = fixed_inputs if fixed_inputs is not None else _leaves(obj, pids)
             gr = torch.autograd.grad(obj, params + metas, allow_unused=True) if obj.requires_grad \
                 else [None] * (len(params) + len(metas))
+        if dp.group is not None:  # the mean over ranks of their objectives
+            red = dp.mean64(list(gr) + [obj.detach().reshape(())], list(params) + list(metas) + [obj])
+            gr, obj = red[:-1], red[-1].to(obj.dtype)
         dw = {id(p): (gr[i].detach().to(torch.float64).reshape(-1).clone() if gr[i] is not None
                       else torch.zeros(p.numel(), dtype=torch.float64, device=p.device))
               for i, p in enumerate(params)}
@@ -363,7 +430,7 @@ class ReversibleSGD(torch.optim.Optimizer):
             us = [restore(p, gi, T - 1, consts)[0] for p, (gi, pi) in zip(params, where)] if T else []
         for t in range(T - 1, -1, -1):
             consts_prev = consts_of(t - 1) if t > 0 else None
-            with torch.enable_grad():
+            with torch.enable_grad(), dp.no_sync():
                 loss = closure(t)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise ValueError(f"closure({t}) must return the scalar training loss of step {t}")
@@ -376,6 +443,9 @@ class ReversibleSGD(torch.optim.Optimizer):
                         gouts.append(u.to(g.dtype).view_as(g))
                 hv = torch.autograd.grad(outs, params + metas_t, grad_outputs=gouts, allow_unused=True) \
                     if outs else [None] * (len(params) + len(metas_t))
+            if dp.group is not None:  # the forward run's gradients, and the mean HVP
+                gs = dp.ddp_mean(gs, params)
+                hv = dp.mean64(hv, list(params) + list(metas_t))
             with torch.no_grad():
                 for m, hm in zip(metas_t, hv[len(params):]):
                     _acc(meta_acc, m, hm, -1.0)
@@ -409,12 +479,24 @@ class ReversibleSGD(torch.optim.Optimizer):
             ok = ok and bool((st["head"] == K.L).all()) and bool((st["count"] == 0).all())
             if not ok:
                 bad.append(self._pname(gi, pi))
+        if dp.group is not None:
+            bad_ranks = dp.ranks_where(bool(bad))
+            if bad_ranks:
+                self._broken = "w_0 was not recovered"
+                raise RuntimeError(
+                    f"ReversibleSGD.reverse: w_0 was not recovered bit for bit on rank(s) {bad_ranks} "
+                    f"of {dp.world}" + (" (here: " + ", ".join(bad) + ")" if bad else "")
+                    + ": the gradients recomputed by closure(t) and averaged over the ranks were not "
+                    "bit-identical to those of the forward run (a closure nondeterministic on some rank: "
+                    "different batches, random seeds, or nondeterministic kernels)")
+            self._check_ranks(dp, "after reverse")
         if bad:
             self._broken = "w_0 was not recovered"
             raise RuntimeError(
                 "ReversibleSGD.reverse: w_0 was not recovered bit for bit for " + ", ".join(bad)
                 + ": the gradients recomputed by closure(t) were not bit-identical to those of the forward run "
-                "(a nondeterministic closure: different batches, random seeds, or nondeterministic kernels)")
+                "(a nondeterministic closure: different batches, random seeds, or nondeterministic kernels;"
+                " under DistributedDataParallel, pass reverse(..., ddp=model))")
 
         # -- write the hypergradients
         with torch.no_grad():
@@ -436,6 +518,32 @@ class ReversibleSGD(torch.optim.Optimizer):
                 d = acc.to(m.dtype)
                 m.grad = d if m.grad is None else m.grad.add_(d)
         return obj.detach()
+
+    def _state_hash(self) -> int:
+        """A 63-bit hash of the whole optimizer state (steps, w, v and information buffers)."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(str(self._t).encode())
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state[p]
+                used = int(st["count"].max()) if st["count"].numel() else 0
+                for key in ("w", "v", "head", "count"):
+                    h.update(st[key].cpu().numpy().tobytes())
+                h.update(st["spill"][:used].cpu().numpy().tobytes())
+        return int.from_bytes(h.digest(), "little") >> 1
+
+    def _check_ranks(self, dp, when: str) -> None:
+        diverged = dp.ranks_differing(self._state_hash())
+        if diverged:
+            raise RuntimeError(
+                f"ReversibleSGD ({when}): the optimizer state of rank(s) {diverged} differs from rank "
+                f"0's; under DistributedDataParallel every rank must hold the same state (a rank that "
+                "stepped with other gradients, loaded another checkpoint, or changed its parameters)")
+
+    def check_ranks(self, ddp) -> None:
+        """Raise RuntimeError naming the ranks (of ddp.process_group) whose optimizer state
+        differs from rank 0's; one all-reduce."""
+        self._check_ranks(_DataParallel(ddp), "check_ranks")
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self):
@@ -492,7 +600,7 @@ class ReversibleSGD(torch.optim.Optimizer):
     def _check_loaded(self, s: dict, p: torch.Tensor, gi: int, pi: int) -> None:
         """A loaded state must fit its parameter and keep the coder's invariants: the kernels
         index the spill by count and write through raw pointers sized by w."""
-        n, where = p.numel(), self._pname(gi, pi)
+        n, where = _data(p).numel(), self._pname(gi, pi)
         for key, dt in (("w", torch.int64), ("v", torch.int64), ("head", torch.int64),
                         ("count", torch.int32)):
             t = s.get(key)
@@ -525,6 +633,82 @@ class ReversibleSGD(torch.optim.Optimizer):
                 info += float((32.0 * st["count"].to(torch.float64)
                                + torch.log2(st["head"].to(torch.float64)) - 31.0).sum())
         return dict(used_bits=used, allocated_bits=alloc, info_bits=info, numel=nel)
+
+
+class _DataParallel:
+    """What reverse needs of a DistributedDataParallel module: no_sync, the process group, and
+    the averages it computes (group is None without one: nothing is communicated)."""
+
+    def __init__(self, ddp):
+        self.ddp, self.group, self.world, self.rank = ddp, None, 1, 0
+        if ddp is None:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not isinstance(ddp, DistributedDataParallel):
+            raise TypeError(f"ddp must be the DistributedDataParallel module the forward run trained, "
+                            f"got {type(ddp).__name__}")
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = ddp.process_group
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+
+    def no_sync(self):
+        import contextlib
+
+        return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
+
+    def ddp_mean(self, gs, params):
+        """Gradients averaged as DDP averages them: each times 1/world in its dtype, then one
+        summing all-reduce per dtype (the sum of two terms is the same in any order)."""
+        out = list(gs)
+        by = {}
+        for i, (g, p) in enumerate(zip(gs, params)):
+            by.setdefault(p.dtype, []).append(i)
+        for dtype, ix in by.items():
+            flat = torch.cat([(gs[i].detach() if gs[i] is not None
+                               else torch.zeros_like(params[i])).reshape(-1).to(dtype)
+                              * (1.0 / self.world) for i in ix])
+            self.dist.all_reduce(flat, group=self.group)
+            at = 0
+            for i in ix:
+                n = params[i].numel()
+                out[i] = flat[at:at + n].view_as(params[i])
+                at += n
+        return out
+
+    def mean64(self, xs, like):
+        """float64 means over the ranks of the tensors xs (None as zeros of like's shape), in
+        one all-reduce; returns them (float64, like's shapes)."""
+        flat = torch.cat([(x.detach().to(torch.float64) if x is not None
+                           else torch.zeros(l.shape, dtype=torch.float64, device=l.device)).reshape(-1)
+                          for x, l in zip(xs, like)])
+        self.dist.all_reduce(flat, group=self.group)
+        flat /= self.world
+        out, at = [], 0
+        for l in like[:len(xs)]:
+            n = l.numel()
+            out.append(flat[at:at + n].view(l.shape))
+            at += n
+        return out
+
+    def _gather_ints(self, v: int) -> list:
+        t = torch.zeros(self.world, dtype=torch.int64, device=self._device())
+        t[self.rank] = v
+        self.dist.all_reduce(t, group=self.group)
+        return t.tolist()
+
+    def _device(self):
+        return next(self.ddp.module.parameters()).device
+
+    def ranks_where(self, flag: bool) -> list:
+        return [r for r, f in enumerate(self._gather_ints(int(flag))) if f]
+
+    def ranks_differing(self, h: int) -> list:
+        hs = self._gather_ints(h)
+        return [r for r, x in enumerate(hs) if x != hs[0]]
 
 
 def _check_hyper(h, name: str) -> None:
