@@ -36,6 +36,15 @@ bench: build
 		--benchmark-columns=median,iqr,rounds \
 		--benchmark-json=$(FASTREG_RESULTS_DIR)/last-run.json
 	$(BIN)/python bench/summary.py $(FASTREG_RESULTS_DIR)/last-run.json
+	$(BIN)/python bench/chart.py $(FASTREG_RESULTS_DIR)/last-run.json
+	$(MAKE) --no-print-directory docs
+
+# Generated pages: docs/benchmarks.md and README.md's benchmark table from the results JSON
+# (bench/history.py), docs/api.md from the docstrings (tools/gen_api.py).
+.PHONY: docs
+docs: build
+	$(BIN)/python bench/history.py $(FASTREG_RESULTS_DIR)
+	$(BIN)/python tools/gen_api.py
 
 gpu-check:
 	bash bench/gpu_check.sh
