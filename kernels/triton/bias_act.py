@@ -35,7 +35,12 @@ def _tile(R, C, start, seed_ptr, stream, threshold, scale_bits, COMPUTE_F64: tl.
     return offs, cols, inb, m, s
 
 
-@triton.jit
+# Value integers are never specialised (an int equal to 1 would become a constexpr, and
+# each value class a compile); the sizes R, C are, for their divisibility by 16.
+_RUNTIME_INTS = ["stream", "threshold", "scale_bits", "start"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def bias_act_fwd_kernel(x_ptr, b_ptr, out_ptr, seed_ptr, stream, threshold, scale_bits, start, R,
                         C, ACT: tl.constexpr, COMPUTE_F64: tl.constexpr, BLOCK_R: tl.constexpr,
                         BLOCK_C: tl.constexpr):
@@ -53,7 +58,7 @@ def bias_act_fwd_kernel(x_ptr, b_ptr, out_ptr, seed_ptr, stream, threshold, scal
     tl.store(out_ptr + offs, to_output(a * m, out_ptr.dtype.element_ty), mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def bias_act_bwd_kernel(g_ptr, saved_ptr, b_ptr, gx_ptr, part_ptr, seed_ptr, stream, threshold,
                         scale_bits, start, R, C, ACT: tl.constexpr, COMPUTE_F64: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):

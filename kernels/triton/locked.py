@@ -16,7 +16,7 @@ from fastreg.kernels.triton.rng import philox_word
 BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stream", "threshold", "scale_bits", "start"])
 def locked_fwd_kernel(x_ptr, out_ptr, seed_ptr, stream, threshold, scale_bits, start, DI, I, n,
                       COMPUTE_F64: tl.constexpr, BLOCK: tl.constexpr):
     """out = x * keep(start + o * I + k) * scale, DI = D * I."""
