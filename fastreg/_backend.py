@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-from fastreg import _native
+from fastreg import _launch, _native
 
 BACKENDS = ("numba", "triton", "cuda", "torch")
 class _State(threading.local):
@@ -172,11 +172,16 @@ def launch_kernel(t: torch.Tensor) -> bool:
 
 
 def launcher(kernel, direct: bool):
-    """The Triton kernel itself in the eager fast path; wrap_triton(kernel) inside a
-    triton_op, so that torch.compile records the launch."""
+    """The Triton kernel itself in the eager fast path (or, with FASTREG_FAST_LAUNCH=1 on a
+    GPU, fastreg._launch's direct launcher of its compiled forms); wrap_triton(kernel) inside
+    a triton_op, so that torch.compile records the launch."""
+    if direct:
+        if _launch.ENABLED and not _native.triton_interpreted():
+            return _launch.fast(kernel)
+        return kernel
     from torch.library import wrap_triton
 
-    return kernel if direct else wrap_triton(kernel)
+    return wrap_triton(kernel)
 
 
 def f64_bits(v: float) -> int:
