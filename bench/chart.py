@@ -1,7 +1,8 @@
 """Writes the benchmark chart of one pytest-benchmark results JSON as a PNG.
 
-Usage: python bench/chart.py RESULTS.json [OUT.png]
-(default OUT: docs/figures/bench-<device>.png, device "cpu" or the GPU's name)
+Usage: python bench/chart.py RESULTS.json [OUT.png | OUT_DIR]
+(default: docs/figures/bench-<device>.png, device "cpu" or the GPU's name, e.g. "h200";
+a directory as OUT gets bench-<device>.png inside it)
 
 Left panel: per op and size, fastreg's speed-up over torch eager and over torch.compile
 (their median over fastreg's; > 1 means fastreg is faster), on a log axis, with the copy
@@ -211,8 +212,10 @@ def main(argv: list[str]) -> None:
     if not os.path.exists(argv[0]):
         sys.exit(f"bench/chart.py: no benchmark results at {argv[0]}: did every benchmark skip?")
     data = load(argv[0])
-    out = argv[1] if len(argv) > 1 else os.path.join("docs", "figures",
-                                                     f"bench-{device_slug(data)}.png")
+    name = f"bench-{device_slug(data)}.png"
+    out = argv[1] if len(argv) > 1 else os.path.join("docs", "figures", name)
+    if os.path.isdir(out):
+        out = os.path.join(out, name)
     print(f"chart: {write_chart(data, out)}")
 
 

@@ -26,3 +26,6 @@ timeout 240 $PY -m pytest -q -m gpu bench -o python_files="bench_*.py" --benchma
   --benchmark-json="$FASTREG_RESULTS_DIR/gpu-last-run.json" 2>&1 | tail -5
 echo "== summary ($(($(date +%s) - t0)) s); gpu tests exit code: $tests_rc"
 $PY bench/summary.py "$FASTREG_RESULTS_DIR/gpu-last-run.json"
+# the chart: docs/figures/bench-<gpu>.png (the README embeds it), and a copy beside the JSON
+$PY bench/chart.py "$FASTREG_RESULTS_DIR/gpu-last-run.json"
+$PY bench/chart.py "$FASTREG_RESULTS_DIR/gpu-last-run.json" "$FASTREG_RESULTS_DIR"
