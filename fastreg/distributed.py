@@ -123,3 +123,45 @@ def _is_dtensor(t) -> bool:
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (a view sharing its storage), a plain tensor as it is."""
     return t.to_local() if _is_dtensor(t) else t
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """The sum over a group's ranks of a per-rank partial value; backward passes the gradient
+    through unchanged, so each rank's local terms receive d(sum)/d(term) once: right for a
+    global term (a KL, a penalty) that every rank adds to its loss, whose local shards' gradients
+    bypass the data-parallel gradient averaging."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        import torch.distributed as dist
+
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def sum_across_ranks(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of x over the ranks of `group` (one all-reduce), differentiable: see _SumAcrossRanks."""
+    return _SumAcrossRanks.apply(x, group)
+
+
+def dtensor_locals(*ts):
+    """(local tensors, process group) for DTensors of one 1-D mesh and the same placements, or
+    (ts, None) for plain tensors; a mix, or other meshes, raises."""
+    if not any(_is_dtensor(t) for t in ts):
+        return ts, None
+    if not all(_is_dtensor(t) for t in ts):
+        raise TypeError("fastreg: tensors mix DTensors and plain tensors")
+    mesh, pl = ts[0].device_mesh, ts[0].placements
+    if mesh.ndim != 1 or any(t.device_mesh != mesh or t.placements != pl for t in ts):
+        raise ValueError("fastreg: DTensors must share one 1-D device mesh and their placements, "
+                         f"got {[(t.device_mesh, t.placements) for t in ts]}")
+    from torch.distributed.tensor import Replicate
+
+    if type(pl[0]) is Replicate:  # every rank holds everything: nothing to sum
+        return tuple(t.to_local() for t in ts), None
+    return tuple(t.to_local() for t in ts), mesh.get_group()

@@ -557,6 +557,65 @@ def check_reversible_fsdp2(rank, world, device):
         opt.reverse(lambda: loss(T), loss)
 
 
+# ---------------------------------------------------------------- modules under FSDP2
+
+class _NoisyNet(torch.nn.Module):
+    def __init__(self, sigma_shape):
+        super().__init__()
+        from fastreg import nn as fnn
+
+        torch.manual_seed(4)
+        self.vd = fnn.VariationalDropoutLinear(6, 5, init_log_sigma2=-3.0)
+        self.dc = fnn.DropConnectLinear(5, 5, p=0.3, seed=12)
+        self.mn = fnn.MultiplicativeNoise(sigma_shape, init=0.2, seed=13)
+        self.out = torch.nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(self.mn(torch.tanh(self.dc(self.vd(x, seed=11)))))
+
+
+def check_modules_fsdp2(rank, world, device):
+    """VariationalDropoutLinear, DropConnectLinear and MultiplicativeNoise (learned sigma) train
+    under fully_shard like the single-process run (per-rank batches, same seeds); kl() and
+    sparsity() are the global values."""
+    from torch.distributed.fsdp import fully_shard
+    from fastreg.nn.variational import total_kl, total_sparsity
+
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(3, 2, 4, 6, generator=g).to(device)  # step, rank, rows, features
+    Y = torch.randn(3, 2, 4, 2, generator=g).to(device)
+    beta = 1e-3
+    model = _NoisyNet((5,)).to(device)
+    ref = _NoisyNet((5,)).to(device)
+    for m in (model.vd, model.dc, model.mn, model.out, model):
+        fully_shard(m)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ropt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for t in range(3):
+        opt.zero_grad()
+        data = torch.nn.functional.mse_loss(model(X[t, rank]), Y[t, rank])
+        kl = model.vd.kl()
+        assert type(kl) is torch.Tensor
+        (data + beta * kl).backward()
+        opt.step()
+        ropt.zero_grad()
+        rdata = sum(torch.nn.functional.mse_loss(ref(X[t, r]), Y[t, r]) for r in range(world))
+        rkl = ref.vd.kl()
+        (rdata / world + beta * rkl).backward()
+        ropt.step()
+        torch.testing.assert_close(kl.detach(), rkl.detach(), rtol=1e-6, atol=0)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+    with torch.no_grad():  # prune some weights, unevenly across the shards
+        ls = model.vd.log_sigma2.to_local()
+        ls[: ls.shape[0] - rank].fill_(4.0)
+        ref.vd.log_sigma2.copy_(model.vd.log_sigma2.full_tensor())
+    assert model.vd.sparsity() == ref.vd.sparsity() > 0
+    assert total_sparsity(model) == total_sparsity(ref)
+    torch.testing.assert_close(total_kl(model).detach(), total_kl(ref).detach(), rtol=1e-6, atol=0)
+
+
 SUITES = {
     "rng_penalty": [
         ("rng_default_same", check_rng_default_same),
@@ -573,6 +632,7 @@ SUITES = {
         ("reversible_ddp", check_reversible_ddp),
         ("reversible_ddp_divergence", check_reversible_ddp_divergence),
         ("reversible_fsdp2", check_reversible_fsdp2),
+        ("modules_fsdp2", check_modules_fsdp2),
     ],
 }
 

@@ -65,7 +65,8 @@ class VariationalDropoutLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.threshold, self.eps = float(threshold), float(eps)
-        self.stream = check_stream(stream, "nn.VariationalDropoutLinear")
+        check_stream(stream, "nn.VariationalDropoutLinear")
+        self.stream = int(stream)  # the op folds it at each call (fastreg.distributed)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.log_sigma2 = nn.Parameter(torch.full((out_features, in_features),
                                                   float(init_log_sigma2), **factory))
@@ -103,18 +104,46 @@ class VariationalDropoutLinear(nn.Module):
         var = F.linear(input * input, torch.exp(la) * (self.weight * self.weight))
         return vd_sample(mean, var, seed=seed, stream=self.stream, eps=self.eps)
 
+    def _local_log_alpha(self):
+        """(log alpha of the weights held here, process group to sum over or None): under
+        FSDP2 (DTensor parameters outside forward) the local shards'."""
+        from fastreg.distributed import dtensor_locals
+
+        (w, ls), group = dtensor_locals(self.weight, self.log_sigma2)
+        la = (ls - torch.log(w * w + 1e-8)).clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+        return la, group
+
     def kl(self) -> torch.Tensor:
         """KL(q || log-uniform prior) summed over the weights, by the paper's approximation
-        -KL ~ k1 sigmoid(k2 + k3 log alpha) - 0.5 log(1 + 1/alpha) - k1 (>= 0 here)."""
-        la = self.log_alpha()
+        -KL ~ k1 sigmoid(k2 + k3 log alpha) - 0.5 log(1 + 1/alpha) - k1 (>= 0 here).
+
+        Under FSDP2 (sharded DTensor parameters) the global sum, a plain tensor: one
+        all-reduce, whose backward gives each shard its own terms' gradient."""
+        la, group = self._local_log_alpha()
         neg_kl = K1 * torch.sigmoid(K2 + K3 * la) - 0.5 * F.softplus(-la) - K1
-        return -neg_kl.sum()
+        if group is None:
+            return -neg_kl.sum()
+        from fastreg.distributed import sum_across_ranks
+
+        return sum_across_ranks(-neg_kl.sum(), group)
+
+    @torch.no_grad()
+    def _pruned_counts(self):
+        la, group = self._local_log_alpha()
+        c = torch.tensor([float((~(la < self.threshold)).sum()), float(la.numel())],
+                         dtype=torch.float64, device=la.device)
+        if group is not None:  # one all-reduce (FSDP2)
+            import torch.distributed as dist
+
+            dist.all_reduce(c, group=group)
+        return int(c[0]), int(c[1])
 
     @torch.no_grad()
     def sparsity(self) -> float:
-        """Fraction of weights pruned in eval mode (log alpha >= threshold)."""
-        mask = self.mask()
-        return int((~mask).sum()) / mask.numel()
+        """Fraction of weights pruned in eval mode (log alpha >= threshold); under FSDP2 over
+        the full weight (one all-reduce)."""
+        pruned, total = self._pruned_counts()
+        return pruned / total if total else 0.0
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -133,7 +162,7 @@ def total_sparsity(model: nn.Module) -> float:
     pruned = total = 0
     for m in model.modules():
         if isinstance(m, VariationalDropoutLinear):
-            mask = m.mask()
-            pruned += int((~mask).sum())
-            total += mask.numel()
+            a, b = m._pruned_counts()
+            pruned += a
+            total += b
     return pruned / total if total else 0.0
