@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Mutation testing (mutmut 3) of some of fastreg's Python files against the tests that cover them.
+#
+#   tests/mutate.sh "fastreg/penalty.py" "tests/test_penalty.py tests/test_penalty_gaps.py" [-k expr]
+#
+# mutmut rewrites the files it mutates, so it runs on a scratch copy of the tree
+# (build/mutate/<name>/, kept between runs: mutmut resumes where it stopped), never on the
+# working tree. The copy holds fastreg/ with kernels/ inside it (the editable install maps
+# fastreg.kernels to the working tree's kernels/; in the copy it is found next to the mutants)
+# and the native extension already built. Results: `mutmut results` / `mutmut show NAME` in
+# that folder; survivors are listed at the end. Low priority (nice): the machine is shared.
+set -euo pipefail
+FILES=${1:?files to mutate, e.g. fastreg/penalty.py}
+TESTS=${2:?tests to run, e.g. tests/test_penalty.py}
+shift 2
+EXTRA=("$@")  # further pytest arguments (a -k selection of the fast tests)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+NAME=$(echo "$FILES" | tr ' /' '__' | sed 's/\.py//g')
+WORK=${MUTATE_DIR:-$ROOT/build/mutate}/$NAME
+mkdir -p "$WORK"
+cd "$WORK"
+# the tree as it is now (mutants/ is rebuilt from it when a source file changed)
+rm -rf fastreg tests bench
+cp -r "$ROOT/fastreg" fastreg
+rm -rf fastreg/kernels && cp -r "$ROOT/kernels" fastreg/kernels
+cp -r "$ROOT/tests" tests
+mkdir bench && cp "$ROOT"/bench/*.py bench/  # some tests use bench/_util.py
+cp "$ROOT/pyproject.toml" .
+find fastreg tests -name __pycache__ -prune -exec rm -rf {} +
+{
+  echo "[mutmut]"
+  echo "source_paths = fastreg"
+  printf 'only_mutate =\n'; for f in $FILES; do echo "    $f"; done
+  printf 'also_copy =\n    tests\n    bench\n    pyproject.toml\n'
+  printf 'pytest_add_cli_args_test_selection =\n'; for t in $TESTS; do echo "    $t"; done
+  printf 'pytest_add_cli_args =\n    -x\n    -q\n    -p\n    no:cacheprovider\n'
+  for a in "${EXTRA[@]}"; do echo "    $a"; done
+} > setup.cfg
+export PYTHONPATH="$WORK/mutants" FASTREG_TEST_SEED=${FASTREG_TEST_SEED:-id}
+nice -n 10 "$PY" -m mutmut run --max-children "${MUTATE_JOBS:-1}" || true
+"$PY" -m mutmut results

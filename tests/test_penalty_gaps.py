@@ -1,0 +1,70 @@
+"""Penalty family: values the other penalty tests do not pin down (sparsity's fractions with
+explicit groups and "cols", the activity penalty's float64 value, nn.ActivityPenalty(l2=...))."""
+
+import pytest
+import torch
+
+import fastreg
+import fastreg.penalty as P
+
+
+def test_sparsity_values_explicit_groups_cols_and_whole_tensors():
+    a = torch.tensor([[0.0, 1.5, 0.0],
+                      [0.0, 0.0, 0.0],
+                      [0.0, -2.0, 0.0],
+                      [0.0, 0.0, 3.0]])  # 12 weights, 9 zeros; cols 0 all zero, col 1, 2 not
+    b = torch.tensor([0.0, 0.25, 0.0, 0.0, -1.0])  # 5 weights, 3 zeros
+    # whole tensors as groups (groups=None): neither is all zero
+    got = P.sparsity([a, b])
+    assert got == {"weights": 12 / 17, "groups": 0.0, "zero_groups": 0, "num_groups": 2}
+    got = P.sparsity([a, torch.zeros(3)])
+    assert got == {"weights": 12 / 15, "groups": 0.5, "zero_groups": 1, "num_groups": 2}
+    # "cols": a has 3 columns (col 0 zero); a vector is one column, i.e. one group
+    got = P.sparsity([a, b], groups="cols")
+    assert got == {"weights": 12 / 17, "groups": 1 / 4, "zero_groups": 1, "num_groups": 4}
+    # "rows": a's rows 1 zero of 4; b's elements are its rows: 3 zero of 5
+    got = P.sparsity([a, b], groups="rows")
+    assert got == {"weights": 12 / 17, "groups": 4 / 9, "zero_groups": 4, "num_groups": 9}
+    # explicit index tensors, one per tensor: a in groups {0: col 0 + row 1, 1: the rest}
+    ga = torch.ones(4, 3, dtype=torch.int64)
+    ga[:, 0] = 0
+    ga[1, :] = 0
+    gb = torch.tensor([2, 0, 2, 1, 0])  # groups 0 (0.25, -1), 1 (0), 2 (0, 0)
+    got = P.sparsity([a, b], groups=[ga, gb])
+    assert got == {"weights": 12 / 17, "groups": 3 / 5, "zero_groups": 3, "num_groups": 5}
+    # param-group dicts carry their own groups
+    got = P.sparsity([{"params": [a], "groups": "cols"}, {"params": [b], "groups": gb}])
+    assert got == {"weights": 12 / 17, "groups": 3 / 6, "zero_groups": 3, "num_groups": 6}
+
+
+@pytest.mark.parametrize("backend", ["numba", None])
+def test_activity_penalty_value_is_float64_for_float64(gen, backend):
+    """The value of a float64 activation is computed in float64: about 1e-15 relative to the
+    float64 sum, where float32 arithmetic would be off by about 1e-7."""
+    x = (torch.randn(3, 5001, generator=gen, dtype=torch.float64) * 3).transpose(0, 1)
+    l1, l2 = 0.3, 0.7
+    with fastreg.use_backend(backend):
+        _, v = fastreg.activity_penalty(x, l1=l1, l2=l2, return_value=True)
+    want = l1 * x.abs().sum() + l2 * (x * x).sum()
+    assert v.dtype == torch.float64
+    assert abs(float(v) - float(want)) <= 1e-12 * float(want)
+
+
+def test_nn_activity_penalty_l2(gen):
+    """nn.ActivityPenalty(l2=...): identity forward, gradient + 2 l2 x, last_value = l2 |x|^2."""
+    x = torch.randn(4, 33, generator=gen, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(4, 33, generator=gen, dtype=torch.float64)
+    m = fastreg.nn.ActivityPenalty(l2=0.25)
+    assert m.last_value is None and "l1=0.0, l2=0.25" in repr(m)
+    y = m(x)
+    assert torch.equal(y, x.detach())
+    y.backward(gy)
+    xd = x.detach()
+    torch.testing.assert_close(x.grad, gy + 0.5 * xd, rtol=1e-14, atol=1e-14)
+    want = 0.25 * float((xd * xd).sum())
+    assert abs(float(m.last_value) - want) <= 1e-12 * want
+    # l1 and l2 together
+    m2 = fastreg.nn.ActivityPenalty(l1=0.1, l2=0.25)
+    x.grad = None
+    m2(x).backward(gy)
+    torch.testing.assert_close(x.grad, gy + 0.1 * torch.sign(xd) + 0.5 * xd, rtol=1e-14, atol=1e-14)
