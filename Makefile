@@ -31,6 +31,14 @@ build: $(EDITABLE)
 test: build
 	$(BIN)/python -m pytest -q tests
 
+# optuna: the Bayesian-optimisation peer of bench/experiments/hypergradient_vs_bo.py, an
+# optional dependency of the experiments (pyproject: experiments), installed once (the stamp)
+BENCH_EXTRAS := $(VENV)/.bench-extras-installed
+$(BENCH_EXTRAS): | $(DEPS)
+	$(BIN)/python -m pip install -q optuna
+	touch $@
+
+bench: $(BENCH_EXTRAS)
 bench: build
 	$(BIN)/python -m pytest -q bench -o python_files="bench_*.py" --benchmark-only \
 		--benchmark-columns=median,iqr,rounds \
