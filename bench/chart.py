@@ -76,7 +76,8 @@ def speedups(data) -> list[dict]:
                 "op": o, "size": size,
                 "vs_eager": med[EAGER] / f if EAGER in med else None,
                 "vs_compile": med[COMPILE] / f if COMPILE in med else None,
-                "floor_vs_eager": med[EAGER] / med[FLOOR] if EAGER in med and FLOOR in med else None,
+                "floor_vs_eager": (med[EAGER] / med[FLOOR]
+                                   if EAGER in med and FLOOR in med else None),
                 "fastreg_s": f,
             })
     return out

@@ -210,7 +210,8 @@ def machine_lines(name: str, data: dict) -> list[str]:
     lines = [
         f"- machine: {fr.get('gpu') or 'no GPU'}; CPU {cpu.get('brand_raw', '?')}, "
         f"{cpu.get('count', '?')} cores{' (AVX-512)' if avx512 else ''}, "
-        f"{cpu.get('hz_advertised_friendly', '?')}; {mi.get('system', '?')} {mi.get('release', '')}",
+        f"{cpu.get('hz_advertised_friendly', '?')}; "
+        f"{mi.get('system', '?')} {mi.get('release', '')}",
         f"- date: {(data.get('datetime') or '?')[:19].replace('T', ' ')} UTC; "
         f"commit {ci.get('id', '?')[:8]}{' (with uncommitted changes)' if ci.get('dirty') else ''}",
     ]

@@ -31,7 +31,8 @@ def _transformer(out):
     assert m, "the run did not stop early"
     stopped, best = int(m.group(1)), int(m.group(3))
     assert best < stopped < 30
-    assert float(re.search(r"test accuracy with the restored weights: ([\d.]+)", out).group(1)) > 0.8
+    acc = re.search(r"test accuracy with the restored weights: ([\d.]+)", out)
+    assert acc and float(acc.group(1)) > 0.8
 
 
 def _variational(out):

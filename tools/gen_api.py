@@ -4,8 +4,8 @@ Usage: python tools/gen_api.py [--check]
 --check exits 1 (and writes nothing) when docs/api.md differs from what it would write.
 
 The public API is what NAMESPACES lists: each namespace's `__all__` where it has one, else
-its functions and classes without a leading underscore that it (or a submodule) defines. Classes get their
-constructor's signature and the public methods they define themselves.
+its functions and classes without a leading underscore that it (or a submodule)
+defines. Classes get their constructor's signature and the public methods they define.
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ def render() -> str:
                 for mn, m in _methods(obj):
                     if isinstance(m, property):
                         d = own_doc(m.fget) if m.fget else None
-                        parts.append(f"- `{mn}` (property)" + (f": {d.splitlines()[0]}" if d else ""))
+                        first = f": {d.splitlines()[0]}" if d else ""
+                        parts.append(f"- `{mn}` (property){first}")
                     else:
                         d = own_doc(m)
                         sig = signature(m)
