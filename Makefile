@@ -7,12 +7,22 @@ DEPS   := $(VENV)/.deps-installed
 EDITABLE := $(VENV)/.fastreg-editable
 export FASTREG_RESULTS_DIR ?= bench/results
 
-.PHONY: venv build test test-fast bench gpu-check clean
+.PHONY: venv build tritons test test-fast bench gpu-check clean
+
+# Supported stacks (pyproject.toml): torch 2.11 / Triton 3.6 through torch 2.15 / Triton 3.9.
+# The venv gets torch 2.14.1 (with its Triton 3.8.0): the newest this machine's pip allows.
+TORCH_SPEC    := torch>=2.11,<=2.14.1
+# `make test` also runs the Triton kernels under the interpreter with the oldest and the newest
+# supported Triton, and compiles them ahead of time with both (tests/test_zz_triton_compile.py):
+# each is a `pip install --target` folder, put first on PYTHONPATH in front of the venv's.
+TRITON_OLDEST := 3.6.0
+TRITON_NEWEST := 3.9.0
+TRITON_STAMPS := $(VENV)/triton-$(TRITON_OLDEST)/.installed $(VENV)/triton-$(TRITON_NEWEST)/.installed
 
 $(DEPS): Makefile pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q 'torch>=2.6,<=2.14.1' numba numpy pybind11 ninja setuptools wheel \
+	$(BIN)/python -m pip install -q '$(TORCH_SPEC)' numba numpy pybind11 ninja setuptools wheel \
 		pytest pytest-benchmark scikit-learn matplotlib
 	touch $@
 
@@ -28,17 +38,36 @@ $(EDITABLE): $(DEPS) setup.py pyproject.toml
 build: $(EDITABLE)
 	$(BIN)/python setup.py -q build_ext --inplace
 
-test: build
-	$(BIN)/python -m pytest -q tests
-
-# optuna: the Bayesian-optimisation peer of bench/experiments/hypergradient_vs_bo.py, an
-# optional dependency of the experiments (pyproject: experiments), installed once (the stamp)
-BENCH_EXTRAS := $(VENV)/.bench-extras-installed
-$(BENCH_EXTRAS): | $(DEPS)
-	$(BIN)/python -m pip install -q optuna
+# One Triton per folder, installed once (the stamp); order-only on the venv so that an edit
+# of the Makefile does not reinstall them.
+$(VENV)/triton-%/.installed: | $(DEPS)
+	rm -rf $(VENV)/triton-$*
+	$(BIN)/python -m pip install -q --target $(VENV)/triton-$* --no-deps triton==$*
 	touch $@
 
-bench: $(BENCH_EXTRAS)
+tritons: $(TRITON_STAMPS)
+
+# The Triton-backend tests (marker triton_backend), interpreted, with the Triton installed in
+# $(VENV)/triton-$(1) first on the path; tests/test_triton_stack.py asserts that the Triton
+# imported is FASTREG_EXPECT_TRITON.
+triton_subset = PYTHONPATH=$(CURDIR)/$(VENV)/triton-$(1)$${PYTHONPATH:+:$$PYTHONPATH} \
+	TRITON_INTERPRET=1 FASTREG_EXPECT_TRITON=$(1) sh -c '$(BIN)/python -c "import triton; \
+	print(\"Triton-backend tests, interpreted, with triton\", triton.__version__, \
+	\"from\", triton.__file__)" && $(BIN)/python -m pytest -q -m triton_backend tests'
+
+# The whole suite with the venv's Triton, then the Triton-backend tests with the oldest and
+# the newest supported Triton. All three run even when one fails (CI shows every failure);
+# make fails if any did.
+test: build tritons
+	@status=0; \
+	$(BIN)/python -m pytest -q tests || status=1; \
+	for v in $(TRITON_OLDEST) $(TRITON_NEWEST); do $(call triton_subset,$$v) || status=1; done; \
+	exit $$status
+
+# One of them alone, e.g. `make test-triton-3.6.0`.
+test-triton-%: $(VENV)/triton-%/.installed build
+	$(call triton_subset,$*)
+
 bench: build
 	$(BIN)/python -m pytest -q bench -o python_files="bench_*.py" --benchmark-only \
 		--benchmark-columns=median,iqr,rounds \

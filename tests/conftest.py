@@ -5,6 +5,7 @@ here, at collection, unless the caller chose already.
 """
 
 import atexit
+import inspect
 import os
 import shutil
 import tempfile
@@ -38,13 +39,51 @@ import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    import triton_launches  # noqa: E402
+import triton_launches  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":
     triton_launches.install()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    triton_launches.CURRENT_TEST = item.nodeid  # launches are counted per test
+    try:
+        return (yield)
+    finally:
+        triton_launches.CURRENT_TEST = None
+
+
+def pytest_report_header(config):
+    import triton
+
+    return f"triton {triton.__version__} from {os.path.dirname(triton.__file__)}, " \
+           f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}"
+
+
+def _runs_the_triton_backend(item) -> bool:
+    """Whether a test runs Triton kernels, so that `make test` reruns it with the oldest and
+    the newest supported Triton (marker triton_backend): a test parametrised by backend runs
+    Triton iff its backend is "triton"; any other test iff its source names Triton. The
+    ahead-of-time compile files compile with every Triton themselves. test_zz_triton_compile
+    checks that every test that launched a kernel in the full run carries the marker."""
+    if item.path.name in ("test_triton_compile.py", "test_zz_triton_compile.py"):
+        return False
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "backend" in params:
+        return params["backend"] == "triton"
+    fn = getattr(item, "function", None)
+    try:
+        return fn is not None and "triton" in inspect.getsource(fn).lower()
+    except (OSError, TypeError):
+        return False
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _runs_the_triton_backend(item):
+            item.add_marker(pytest.mark.triton_backend)
+            triton_launches.MARKED.add(item.nodeid)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
