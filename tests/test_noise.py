@@ -436,3 +436,41 @@ def test_gpu_opcheck_compile_and_cpu_agreement():
     assert torch.autograd.gradcheck(lambda a, b: fastreg.multiplicative_noise(a, b, seed=3),
                                     (x[:4, :5].detach().requires_grad_(),
                                      s[:5].detach().requires_grad_()))
+
+
+# ---------------------------------------------------------------- float64 and gradient values
+def _eps_of(backend, shape, dist, seed, stream):
+    """The backend's own eps (float32, as the spec makes it): 0 + 1 * eps is exact."""
+    with fastreg.use_backend(backend):
+        return fastreg.input_noise(torch.zeros(shape), 1.0, dist=dist, seed=seed,
+                                   stream=stream).double()
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch", "triton"])
+def test_float64_values_and_gradients(backend, gen):
+    """float64 inputs are computed in float64 around the float32 eps: forward, grad_x and
+    grad_sigma against float64 arithmetic on the backend's own eps at ~1e-12 (float32
+    arithmetic would be off by ~1e-7). The additive noise's grad_x is grad itself."""
+    shape = (3, 5, 37)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    s = torch.rand(5, 1, generator=gen, dtype=torch.float64) + 0.1
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    for dist in DISTS_ALL:
+        eps = _eps_of(backend, shape, dist, 7, 2)
+        for additive in (False, True):
+            f = fastreg.input_noise if additive else fastreg.multiplicative_noise
+            xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
+            with fastreg.use_backend(backend):
+                y = f(xr, sr, dist=dist, seed=7, stream=2)
+                y.backward(g)
+            if additive:
+                want, gx, gs = x + s * eps, g, (g * eps).sum((0, 2)).view(5, 1)
+                assert torch.equal(xr.grad, g)
+            else:
+                want, gx, gs = x * (1 + s * eps), g * (1 + s * eps), (g * x * eps).sum((0, 2)).view(5, 1)
+                torch.testing.assert_close(xr.grad, gx, rtol=1e-13, atol=1e-15)
+            torch.testing.assert_close(y, want, rtol=1e-13, atol=1e-14, msg=f"{dist} {additive}")
+            torch.testing.assert_close(sr.grad, gs, rtol=1e-12, atol=1e-12, msg=f"{dist} {additive}")
+
+
+DISTS_ALL = ("gaussian", "uniform")
