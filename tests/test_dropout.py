@@ -402,3 +402,56 @@ def test_huge_page_allocation_is_plain_memory():
     a = _alloc.empty_like_numpy(np.zeros((5, 7), dtype=np.float64))
     assert a.shape == (5, 7) and a.dtype == np.float64
     assert _alloc.empty_numpy(0, np.float32).shape == (0,)
+
+
+# ---------------------------------------------------------------- public API details
+def test_set_backend_and_forced_backend(monkeypatch):
+    """set_backend(name) forces a backend for this thread and forced_backend() reports it;
+    set_backend(None) returns to choosing by device, where FASTREG_BACKEND is read again."""
+    monkeypatch.delenv("FASTREG_BACKEND", raising=False)
+    x = torch.randn(50)
+    try:
+        assert fastreg.forced_backend() is None
+        fastreg.set_backend("torch")
+        assert fastreg.forced_backend() == "torch"
+        with fastreg.use_backend("numba"):
+            assert fastreg.forced_backend() == "numba"
+        assert fastreg.forced_backend() == "torch"
+        # the forced backend really runs: "cuda" is not implemented for dropout
+        fastreg.set_backend("cuda")
+        with pytest.raises(RuntimeError, match="not implemented"):
+            fastreg.dropout(x, 0.5, seed=1)
+        fastreg.set_backend(None)
+        assert fastreg.forced_backend() is None
+        assert torch.equal(fastreg.dropout(x, 0.5, seed=1), D.dropout_reference(x, 1, 0, 0.5)[0])
+        monkeypatch.setenv("FASTREG_BACKEND", "triton")
+        assert fastreg.forced_backend() == "triton"
+        monkeypatch.setenv("FASTREG_BACKEND", " ")
+        assert fastreg.forced_backend() is None
+        fastreg.set_backend("numba")  # the thread's choice wins over the environment
+        monkeypatch.setenv("FASTREG_BACKEND", "torch")
+        assert fastreg.forced_backend() == "numba"
+    finally:
+        fastreg.set_backend(None)
+
+
+def test_module_mask_bits_and_fixed_seed(gen):
+    """nn.Dropout(mask="bits") saves the packed mask and gives the same values and gradient as
+    mask="seed"; nn.Dropout(seed=s) uses the same mask on every call (that of dropout(seed=s))."""
+    x = torch.randn(7, 19, generator=gen, requires_grad=True)
+    g = torch.randn(7, 19, generator=gen)
+    m = fastreg.nn.Dropout(0.4, mask="bits", seed=123)
+    assert repr(m) == "Dropout(p=0.4, inplace=False, mask=bits)"
+    y = m(x)
+    ref, keep = D.dropout_reference(x.detach(), 123, 0, 0.4)
+    assert torch.equal(y, ref)
+    y.backward(g)
+    assert torch.equal(x.grad, g * keep.float() * np.float32(1 / 0.6))
+    from helpers import saved_bytes
+
+    assert saved_bytes(lambda: m(x)) == (x.numel() + 7) // 8  # the packed mask only
+    assert torch.equal(m(x), y)  # a fixed seed: the same mask every call
+    s = fastreg.nn.Dropout(0.4, seed=123)
+    assert torch.equal(s(x), y) and torch.equal(s(x), y)
+    free = fastreg.nn.Dropout(0.4)
+    assert not torch.equal(free(x), free(x))
