@@ -124,7 +124,8 @@ def measure() -> dict:
 def table(res) -> str:
     lines = [f"accumulate_ on {N_LAYERS} x ({D},{D}) + {N_LAYERS} x ({D},) float32, CPU "
              f"({os.cpu_count()} cores), 1 thread per process; medians of {ROUNDS}",
-             f"{'case':34} {'single ms':>10} {'FSDP2 2 ranks ms':>17} {'ratio':>6} {'collectives':>12}"]
+             f"{'case':34} {'single ms':>10} {'FSDP2 2 ranks ms':>17} {'ratio':>6} "
+             f"{'collectives':>12}"]
     for name, r in res.items():
         lines.append(f"{name:34} {r['single_ms']:10.3f} {r['fsdp2_ms']:17.3f} "
                      f"{r['fsdp2_ms'] / r['single_ms']:6.2f} {r['collectives']:12d}")
