@@ -579,15 +579,43 @@ def _local_kernels(rs, grads=None, lr=None):
         if local_groups and r.mode == MODE_EXPLICIT:  # a replicated tensor: the full index
             gidx.append(r.idx)
     ws = [r.w for r, _ in pairs]
+    gs = [g for _, g in pairs] if grads is not None else None
     with torch.no_grad():
-        if grads is not None:
-            gs = [g for _, g in pairs]
+        done, out = _local_onepass(ws, gs, coefs, modes, lr)
+        if done:
+            return out.to(torch.float64).cpu() if gs is not None else None
+        if gs is not None:
             out = _ops._run_accumulate(ws, gs, coefs, modes, gidx, [0] * len(ws))
             torch._C._increment_version(gs)
             return out.to(torch.float64).cpu()
         _ops._run_prox(ws, lr, coefs, modes, gidx)
         torch._C._increment_version(ws)
     return None
+
+
+def _local_onepass(ws, gs, coefs, modes, lr):
+    """The one-pass host/CUDA launch of the plain eager path for local shards with one strength
+    triple and a named or no grouping (FSDP2's usual call), where it applies: (True, value or
+    None); (False, None) otherwise."""
+    if len(set(zip(coefs[0::3], coefs[1::3], coefs[2::3]))) != 1 or len(set(modes)) != 1 \
+            or modes[0] == MODE_EXPLICIT:
+        return False, None
+    tensors = ws + (gs or [])
+    if (len(set(map(_DTYPE, tensors))) != 1 or ws[0].dtype not in _FLOAT_PAIR
+            or len(set(map(_DEVICE, tensors))) != 1 or not all(map(_IS_CONTIGUOUS, tensors))
+            or not _ops.host_onepass_ok(ws[0].device, "accumulate_" if lr is None else "prox_")):
+        return False, None
+    l1, l2, gl = coefs[:3]
+    shapes = tuple(map(_SHAPE, ws)) if gl > 0.0 else tuple(map(_NUMEL, ws))
+    if gs is not None:
+        out = _ops.host_onepass("accumulate", shapes, map(_DATA_PTR, ws), map(_DATA_PTR, gs),
+                                ws[0].dtype, l1, l2, gl, modes[0], device=ws[0].device)
+        torch._C._increment_version(gs)
+        return True, out
+    _ops.host_onepass("prox", shapes, map(_DATA_PTR, ws), None, ws[0].dtype, l1, l2, gl,
+                      modes[0], lr, device=ws[0].device)
+    torch._C._increment_version(ws)
+    return True, None
 
 
 def _local_grads(rs):
