@@ -282,7 +282,7 @@ def _fwd_impl(x, sigma, seed, stream, dist, additive, direct):
             _backend.launcher(tk.noise_fwd_kernel, direct)[tk.grid(n)](
                 x.contiguous(), sigma.contiguous(), out, sizes, sstr, seed, stream, 0, n,
                 NDIM=ndim, SCALAR=sigma.numel() == 1, DIST=dist, ADDITIVE=additive,
-                COMPUTE_F64=x.dtype == torch.float64, BLOCK=tk.BLOCK)
+                COMPUTE_F64=x.dtype == torch.float64, BLOCK=tk.BLOCK, IDX32=n < 2**31)
         return out
     return noise_reference(x, sigma, seed, stream, dist, additive)
 
@@ -321,7 +321,7 @@ def _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, di
                 grad.contiguous(), xx, sigma.contiguous(), gx, gsb, sizes, sstr, seed, stream,
                 0, n, NDIM=ndim, SCALAR=sigma.numel() == 1, DIST=dist, ADDITIVE=additive,
                 NEED_GX=need_gx, GS_MODE=mode, COMPUTE_F64=cd == torch.float64,
-                BLOCK=tk.BLOCK)
+                BLOCK=tk.BLOCK, IDX32=n < 2**31)
         if not need_gs:
             gs = sigma.new_empty(0)
         elif mode == 3:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from fastreg.kernels.triton.convert import to_output
-from fastreg.kernels.triton.rng import box_muller, philox_block, uniform_from_word
+from fastreg.kernels.triton.rng import box_muller_fast, philox_block, uniform_from_word
 
 BLOCK = 1024
 
@@ -43,8 +43,8 @@ def eps_tile(seed, stream, counters, DIST: tl.constexpr):
     r0, r1, r2, r3 = philox_block(seed, stream, counters)
     lane = tl.arange(0, 4)[None, :]
     if DIST == 0:
-        za, zb = box_muller(uniform_from_word(r0), uniform_from_word(r1))
-        zc, zd = box_muller(uniform_from_word(r2), uniform_from_word(r3))
+        za, zb = box_muller_fast(uniform_from_word(r0), uniform_from_word(r1))
+        zc, zd = box_muller_fast(uniform_from_word(r2), uniform_from_word(r3))
         return tl.where(lane == 0, za[:, None],
                         tl.where(lane == 1, zb[:, None],
                                  tl.where(lane == 2, zc[:, None], zd[:, None])))
@@ -54,37 +54,51 @@ def eps_tile(seed, stream, counters, DIST: tl.constexpr):
 
 
 @triton.jit
-def sigma_offset(offs, sizes_ptr, sstr_ptr, NDIM: tl.constexpr):
-    so = tl.zeros_like(offs)
-    rem = offs
-    for dd in tl.static_range(NDIM):
-        sz = tl.load(sizes_ptr + (NDIM - 1 - dd))
-        st = tl.load(sstr_ptr + (NDIM - 1 - dd))
-        so += (rem % sz) * st
-        rem = rem // sz
+def sigma_offset(offs, sizes_ptr, sstr_ptr, NDIM: tl.constexpr, IDX32: tl.constexpr = False):
+    """sigma's offset for element offsets offs. IDX32 (numel < 2^31, set by the launcher):
+    the divisions run in 32 bits, several times cheaper than 64-bit ones on a GPU."""
+    if IDX32:
+        so = tl.zeros_like(offs).to(tl.int32)
+        rem = offs.to(tl.int32)
+        for dd in tl.static_range(NDIM):
+            sz = tl.load(sizes_ptr + (NDIM - 1 - dd)).to(tl.int32)
+            st = tl.load(sstr_ptr + (NDIM - 1 - dd)).to(tl.int32)
+            so += (rem % sz) * st
+            rem = rem // sz
+        so = so.to(tl.int64)
+    else:
+        so = tl.zeros_like(offs)
+        rem = offs
+        for dd in tl.static_range(NDIM):
+            sz = tl.load(sizes_ptr + (NDIM - 1 - dd))
+            st = tl.load(sstr_ptr + (NDIM - 1 - dd))
+            so += (rem % sz) * st
+            rem = rem // sz
     return so
 
 
 @triton.jit
-def _load_sigma(sig_ptr, offs, inb, sizes_ptr, sstr_ptr, NDIM: tl.constexpr, SCALAR: tl.constexpr):
+def _load_sigma(sig_ptr, offs, inb, sizes_ptr, sstr_ptr, NDIM: tl.constexpr, SCALAR: tl.constexpr,
+                IDX32: tl.constexpr):
     if SCALAR:
         so = tl.zeros_like(offs)
         s = tl.load(sig_ptr + so)
     else:
-        so = sigma_offset(offs, sizes_ptr, sstr_ptr, NDIM)
+        so = sigma_offset(offs, sizes_ptr, sstr_ptr, NDIM, IDX32)
         s = tl.load(sig_ptr + so, mask=inb, other=0.0)
     return s, so
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stream", "start"])
 def noise_fwd_kernel(x_ptr, sig_ptr, out_ptr, sizes_ptr, sstr_ptr, seed_ptr, stream, start, n,
                      NDIM: tl.constexpr, SCALAR: tl.constexpr, DIST: tl.constexpr,
-                     ADDITIVE: tl.constexpr, COMPUTE_F64: tl.constexpr, BLOCK: tl.constexpr):
+                     ADDITIVE: tl.constexpr, COMPUTE_F64: tl.constexpr, BLOCK: tl.constexpr,
+                     IDX32: tl.constexpr = False):
     """out = x * (1 + sigma * eps), or x + sigma * eps with ADDITIVE."""
     offs, rows = _tile(tl.program_id(0), BLOCK)
     inb = offs < n
     z = eps_tile(tl.load(seed_ptr), stream, rows + start // 4, DIST)
-    s, so = _load_sigma(sig_ptr, offs, inb, sizes_ptr, sstr_ptr, NDIM, SCALAR)
+    s, so = _load_sigma(sig_ptr, offs, inb, sizes_ptr, sstr_ptr, NDIM, SCALAR, IDX32)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0)
     if COMPUTE_F64:
         x = x.to(tl.float64)
@@ -100,11 +114,11 @@ def noise_fwd_kernel(x_ptr, sig_ptr, out_ptr, sizes_ptr, sstr_ptr, seed_ptr, str
     tl.store(out_ptr + offs, to_output(y, out_ptr.dtype.element_ty), mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stream", "start"])
 def noise_bwd_kernel(g_ptr, x_ptr, sig_ptr, gx_ptr, gs_ptr, sizes_ptr, sstr_ptr, seed_ptr, stream,
                      start, n, NDIM: tl.constexpr, SCALAR: tl.constexpr, DIST: tl.constexpr,
                      ADDITIVE: tl.constexpr, NEED_GX: tl.constexpr, GS_MODE: tl.constexpr,
-                     COMPUTE_F64: tl.constexpr, BLOCK: tl.constexpr):
+                     COMPUTE_F64: tl.constexpr, BLOCK: tl.constexpr, IDX32: tl.constexpr = False):
     """gx = g * (1 + sigma * eps) (NEED_GX) and the sigma gradient (GS_MODE, module doc)."""
     pid = tl.program_id(0)
     offs, rows = _tile(pid, BLOCK)
@@ -117,7 +131,7 @@ def noise_bwd_kernel(g_ptr, x_ptr, sig_ptr, gx_ptr, gs_ptr, sizes_ptr, sstr_ptr,
     else:
         g = g.to(tl.float32)
     if NEED_GX:
-        s, so = _load_sigma(sig_ptr, offs, inb, sizes_ptr, sstr_ptr, NDIM, SCALAR)
+        s, so = _load_sigma(sig_ptr, offs, inb, sizes_ptr, sstr_ptr, NDIM, SCALAR, IDX32)
         s = s.to(g.dtype)
         tl.store(gx_ptr + offs, to_output(g * (1.0 + s * z), gx_ptr.dtype.element_ty), mask=inb)
     if GS_MODE != 0:
@@ -128,7 +142,7 @@ def noise_bwd_kernel(g_ptr, x_ptr, sig_ptr, gx_ptr, gs_ptr, sizes_ptr, sstr_ptr,
         if GS_MODE == 1:
             tl.store(gs_ptr + offs, d.to(gs_ptr.dtype.element_ty), mask=inb)
         elif GS_MODE == 2:
-            so2 = sigma_offset(offs, sizes_ptr, sstr_ptr, NDIM)
+            so2 = sigma_offset(offs, sizes_ptr, sstr_ptr, NDIM, IDX32)
             tl.atomic_add(gs_ptr + so2, d.to(gs_ptr.dtype.element_ty), mask=inb)
         else:
             tl.store(gs_ptr + pid, tl.sum(tl.sum(d, axis=1), axis=0).to(gs_ptr.dtype.element_ty))

@@ -96,6 +96,53 @@ def box_muller(ua, ub):
 
 
 @triton.jit
+def _log_fast(x):
+    """Natural log of a positive normal float32: Cephes logf, about 1 ulp (the polynomial
+    of kernels/numba/noise.py). libm's logf compiles to about 40 instructions with its
+    range and special-case handling, none of which a uniform in (0, 1) needs."""
+    b = x.to(tl.int32, bitcast=True)
+    e = (b >> 23) - 126
+    m = ((b & 0x007FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)  # [0.5, 1)
+    small = m < 0.70710678118654752440
+    e = tl.where(small, e - 1, e)
+    m = tl.where(small, m + m - 1.0, m - 1.0)
+    fe = e.to(tl.float32)
+    z = m * m
+    y = ((((((((7.0376836292e-2 * m - 1.1514610310e-1) * m + 1.1676998740e-1) * m
+               - 1.2420140846e-1) * m + 1.4249322787e-1) * m - 1.6668057665e-1) * m
+            + 2.0000714765e-1) * m - 2.4999993993e-1) * m + 3.3333331174e-1) * m * z
+    y = y + -2.12194440e-4 * fe
+    y = y - 0.5 * z
+    return m + y + 0.693359375 * fe
+
+
+@triton.jit
+def _sincos_fast(a):
+    """(sin a, cos a) for float32 a in [0, 2 pi]: Cephes sinf/cosf with a Cody-Waite
+    reduction by pi/2, about 1 ulp, one shared reduction for both."""
+    q = (a * 0.63661977236758134308 + 0.5).to(tl.int32)
+    fq = q.to(tl.float32)
+    r = ((a - fq * 1.5703125) - fq * 4.837512969970703125e-4) - fq * 7.54978995489188216e-8
+    z = r * r
+    s = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * r + r
+    c = (((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z
+         - 0.5 * z + 1.0)
+    odd = (q & 1) != 0
+    sn = tl.where(odd, c, s)
+    cs = tl.where(odd, s, c)
+    return sn * (1.0 - (q & 2).to(tl.float32)), cs * (1.0 - ((q + 1) & 2).to(tl.float32))
+
+
+@triton.jit
+def box_muller_fast(ua, ub):
+    """box_muller with the polynomial log, sin and cos above: the normals agree with the
+    libm form to a few ulp (docs/rng.md), as the Numba noise kernels' do."""
+    rho = tl.sqrt(-2.0 * _log_fast(ua))
+    sn, cs = _sincos_fast(6.2831854820251465 * ub)
+    return rho * cs, rho * sn
+
+
+@triton.jit
 def philox_normal(seed, stream, index):
     """z(i) for a tensor of int64 indices (Box-Muller on the lane pairs of one counter)."""
     idx = index.to(tl.uint64, bitcast=True)
