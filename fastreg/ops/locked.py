@@ -108,10 +108,9 @@ def _locked_impl(x, seed, stream, p, dim, direct):
 
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if n > 0 and _backend.launch_kernel(x):
-            _, D, I = _odi(x.shape, dim)
-            _backend.launcher(tk.locked_fwd_kernel, direct)[tk.grid(n)](
-                x.contiguous(), out, seed, stream, keep_threshold(p), dropout_scale_bits(p), 0, D * I, I,
-                n, COMPUTE_F64=x.dtype == torch.float64, BLOCK=tk.BLOCK)
+            O, D, I = _odi(x.shape, dim)
+            tk.launch(lambda k: _backend.launcher(k, direct), x.contiguous(), out, seed, stream,
+                      keep_threshold(p), dropout_scale_bits(p), O, D, I)
         return out
     return locked_dropout_reference(x, seed, stream, p, dim)
 

@@ -7,11 +7,12 @@ j recompute it; Philox is cheap next to the memory traffic on a GPU). Offsets ar
 64-bit. `scale` arrives as the bits of a float64, as in kernels/triton/dropout.py.
 """
 
+import torch
 import triton
 import triton.language as tl
 
 from fastreg.kernels.triton.convert import to_output
-from fastreg.kernels.triton.rng import philox_word
+from fastreg.kernels.triton.rng import block_words, philox_word
 
 BLOCK = 1024
 
@@ -37,3 +38,73 @@ def locked_fwd_kernel(x_ptr, out_ptr, seed_ptr, stream, threshold, scale_bits, s
 
 def grid(n):
     return (triton.cdiv(n, BLOCK),)
+
+
+# ---------------------------------------------------------------- long rows
+# When the rows are long (I >= ROWS_MIN_I, I % 4 == 0), a program takes BLOCK_K
+# consecutive k of one o and ROWS consecutive d: the keep words of its BLOCK_K mask
+# indices come four per Philox call (rng.block_words), once for all ROWS rows, and the
+# index arithmetic is per program (no per-element 64-bit division). Full k-blocks load
+# and store unmasked (128-bit when I is a multiple of 16, as Triton specialises it).
+
+ROWS_BLOCK_K = 1024
+ROWS = 8
+ROWS_MIN_I = 512
+
+
+@triton.jit
+def _rows_body(x_ptr, out_ptr, m, o, d0, d1, D, I, k0, rem, BLOCK_K: tl.constexpr,
+               FULL: tl.constexpr):
+    offs = tl.arange(0, BLOCK_K)
+    for d in range(d0, d1):
+        rb = (o * D + d) * I + k0
+        if FULL:
+            x = tl.load(x_ptr + rb + offs)
+            tl.store(out_ptr + rb + offs, to_output(x.to(m.dtype) * m, out_ptr.dtype.element_ty))
+        else:
+            inb = offs < rem
+            x = tl.load(x_ptr + rb + offs, mask=inb, other=0.0)
+            tl.store(out_ptr + rb + offs, to_output(x.to(m.dtype) * m, out_ptr.dtype.element_ty),
+                     mask=inb)
+
+
+@triton.jit(do_not_specialize=["stream", "threshold", "scale_bits", "start"])
+def locked_rows_kernel(x_ptr, out_ptr, seed_ptr, stream, threshold, scale_bits, start, D, I, nkb,
+                       ndc, COMPUTE_F64: tl.constexpr, VEC: tl.constexpr, BLOCK_K: tl.constexpr,
+                       ROWS: tl.constexpr):
+    """out = x * keep(start + o * I + k) * scale for rows d of a (O, D, I) view; program
+    (o, d-chunk, k-block) = divmod of the program id by (ndc, nkb). start % 4 == 0."""
+    pid = tl.program_id(0)
+    kb = pid % nkb
+    rest = pid // nkb
+    o = (rest // ndc).to(tl.int64)
+    d0 = (rest % ndc) * ROWS
+    d1 = tl.minimum(d0 + ROWS, D)
+    k0 = kb.to(tl.int64) * BLOCK_K
+    t = tl.cast(threshold, tl.int64)
+    w = block_words(tl.load(seed_ptr), stream, (start + o * I + k0) // 4, BLOCK_K, VEC)
+    keep = (w >= tl.minimum(t, 0xFFFFFFFF).to(tl.uint32)) & (t <= 0xFFFFFFFF)
+    s = tl.cast(scale_bits, tl.int64).to(tl.float64, bitcast=True)
+    if not COMPUTE_F64:
+        s = s.to(tl.float32)
+    m = tl.where(keep, s, s * 0)
+    if k0 + BLOCK_K <= I:
+        _rows_body(x_ptr, out_ptr, m, o, d0, d1, D, I, k0, BLOCK_K, BLOCK_K, True)
+    else:
+        _rows_body(x_ptr, out_ptr, m, o, d0, d1, D, I, k0, I - k0, BLOCK_K, False)
+
+
+def launch(wrap, x, out, seed, stream, threshold, scale_bits, O, D, I):
+    """Launch the kernel that suits the (O, D, I) view; wrap(kernel) gives the callable
+    (the kernel itself, or wrap_triton(kernel) under torch.compile)."""
+    f64 = x.dtype == torch.float64
+    if I >= ROWS_MIN_I and I % 4 == 0:
+        nkb = triton.cdiv(I, ROWS_BLOCK_K)
+        ndc = triton.cdiv(D, ROWS)
+        wrap(locked_rows_kernel)[(O * ndc * nkb,)](
+            x, out, seed, stream, threshold, scale_bits, 0, D, I, nkb, ndc, COMPUTE_F64=f64,
+            VEC=8 if x.element_size() == 2 else 4, BLOCK_K=ROWS_BLOCK_K, ROWS=ROWS)
+    else:
+        n = O * D * I
+        wrap(locked_fwd_kernel)[grid(n)](x, out, seed, stream, threshold, scale_bits, 0, D * I, I, n,
+                                         COMPUTE_F64=f64, BLOCK=BLOCK)
