@@ -184,12 +184,26 @@ def test_valid_direct_calls_still_run(name, backend):
     op has, and the public op and its *_cpu op agree."""
     args, scalars, cpu = _specs()[name]
     op = getattr(OPS, name)
+    refs = {}
+    if backend != "torch":  # the values at the edges: the reference's
+        with fastreg.use_backend("torch"):
+            refs = {(arg, v): _outputs(_call(op, args, **{arg: v})) for arg, kind in scalars.items()
+                    for v in _edge_values(kind, arg, args)}
     with fastreg.use_backend(backend):
         base = _outputs(_call(op, args))
         for arg, kind in scalars.items():
             for v in _edge_values(kind, arg, args):
                 out = _outputs(_call(op, args, **{arg: v}))
                 assert out[0].shape == base[0].shape, (arg, v)
+                for a, r in zip(out, refs.get((arg, v), ())):
+                    # a few float32 ulp of the normals, times sqrt(1e30) at eps = 1e30
+                    torch.testing.assert_close(a, r, rtol=2e-5, atol=1e-5, equal_nan=True,
+                                               msg=f"{name} {arg}={v}")
+                if kind == "p" and v == 1e-300:  # keeps everything, scale 1: as p = 0
+                    zero = _outputs(_call(op, args, **{arg: 0.0}))
+                    assert all(torch.equal(a, b) for a, b in zip(out, zero)), name
+                if kind == "stream" and v == MAX_STREAM:  # another stream: other random numbers
+                    assert not torch.equal(out[0], _outputs(_call(op, args, stream=0))[0]), name
     assert base[0].shape == ((4, 3) if name == "dropconnect_linear" else (4, 8))
     if backend == "numba" and cpu is not None:
         for a, b in zip(base, _outputs(_call(getattr(OPS, cpu), args))):
