@@ -37,6 +37,9 @@ find fastreg tests -name __pycache__ -prune -exec rm -rf {} +
   printf 'pytest_add_cli_args =\n    -x\n    -q\n    -p\n    no:cacheprovider\n'
   for a in "${EXTRA[@]}"; do echo "    $a"; done
 } > setup.cfg
+# mutants/ must exist before Python starts: a PYTHONPATH entry missing at start-up is cached as
+# absent, and the tests would then import the working tree's fastreg (no mutant ever hit)
+mkdir -p mutants
 export PYTHONPATH="$WORK/mutants" FASTREG_TEST_SEED=${FASTREG_TEST_SEED:-id}
 nice -n 10 "$PY" -m mutmut run --max-children "${MUTATE_JOBS:-1}" || true
 "$PY" -m mutmut results

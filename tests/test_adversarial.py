@@ -45,7 +45,9 @@ SHAPES_FAST = [(), (1,), (7, 13), (3, 5, 11), (PARALLEL_MIN * 2 + 37,)]
 SHAPES_TRITON = [(), (1,), (7, 13), (3, 5, 11), (1029,)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# the fast backends: the "torch" backend is the reference itself (test_reference_obeys_definition
+# checks it against the definition)
+@pytest.mark.parametrize("backend", ["numba", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 def test_matches_reference(backend, dtype, layout, gen):

@@ -5,6 +5,7 @@ from fastreg import _native
 from fastreg.ops import rng
 
 CPU_BACKENDS = ["torch", "numba", "triton", "host"]
+FAST_BACKENDS = CPU_BACKENDS[1:]
 
 
 def test_known_answer_random123():
@@ -28,7 +29,7 @@ def test_words_kat_every_backend(backend):
     assert w.tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)  # against "torch", the reference
 @pytest.mark.parametrize("start", [0, 3, 2**32 - 7, 2**32 + 1, 2**40 + 2, 2**62 - 100])
 def test_words_bit_identical(backend, start):
     seed, stream = 0x123456789ABCDEF, 2**33 + 5
@@ -39,7 +40,7 @@ def test_words_bit_identical(backend, start):
     assert int(ref.min()) >= 0 and int(ref.max()) < 2**32
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)  # against "torch", the reference
 def test_uniforms_bit_identical(backend):
     ref = rng.uniforms(101, 7, 3, start=2**32 - 50, backend="torch")
     got = rng.uniforms(101, 7, 3, start=2**32 - 50, backend=backend)
