@@ -88,3 +88,21 @@ gpu-check:
 
 clean:
 	rm -rf build fastreg/_C*.so $(EDITABLE)
+
+# Mutation testing (mutmut 3), not part of `make test`: the Python files of one family (or the
+# files a change touched) against the tests that cover them, on a scratch copy in build/mutate/.
+#   make mutate FILES=fastreg/penalty.py TESTS="tests/test_penalty.py tests/test_penalty_gaps.py"
+#   make mutate FILES=fastreg/ops/dropout.py TESTS=tests/test_dropout.py PYTEST_ARGS='-k "not triton"'
+# Survivors and why they are harmless: docs/testing.md.
+MUTMUT := $(VENV)/.mutmut-installed
+FILES ?= fastreg/penalty.py
+TESTS ?= tests/test_penalty.py tests/test_penalty_gaps.py tests/test_penalty_activity.py
+PYTEST_ARGS ?=
+
+$(MUTMUT): $(DEPS)
+	$(BIN)/python -m pip install -q 'mutmut>=3.8,<4'
+	touch $@
+
+.PHONY: mutate
+mutate: build $(MUTMUT)
+	PYTHON=$(BIN)/python bash tests/mutate.sh "$(FILES)" "$(TESTS)" $(PYTEST_ARGS)
