@@ -177,7 +177,7 @@ def _fwd_impl(x, bias, seed, stream, act, p, direct):
             _backend.launcher(tk.bias_act_fwd_kernel, direct)[tk.grid(R, C)](
                 x.contiguous(), bias.contiguous(), out, seed, stream, keep_threshold(p),
                 dropout_scale_bits(p), 0, R, C, ACT=act, COMPUTE_F64=x.dtype == torch.float64,
-                BLOCK_R=tk.BLOCK_R, BLOCK_C=tk.BLOCK_C)
+                BLOCK_R=tk.BLOCK_R, BLOCK_C=tk.BLOCK_C, ALIGNED=C % 4 == 0)
         return out
     return bias_act_dropout_reference(x, bias, seed, stream, act, p)
 
@@ -202,7 +202,8 @@ def _bwd_impl(grad, saved, bias, seed, stream, act, p, direct):
             _backend.launcher(tk.bias_act_bwd_kernel, direct)[tk.grid(R, C)](
                 grad.contiguous(), sv, bias.contiguous(), gx, part, seed, stream,
                 keep_threshold(p), dropout_scale_bits(p), 0, R, C, ACT=act,
-                COMPUTE_F64=cd == torch.float64, BLOCK_R=tk.BLOCK_R, BLOCK_C=tk.BLOCK_C)
+                COMPUTE_F64=cd == torch.float64, BLOCK_R=tk.BLOCK_R, BLOCK_C=tk.BLOCK_C,
+                ALIGNED=C % 4 == 0)
         return gx, part.sum(0).to(bias.dtype)
     return bias_act_dropout_bwd_reference(grad, saved, bias, seed, stream, act, p)
 
