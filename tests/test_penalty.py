@@ -738,3 +738,17 @@ def test_cuda_warm_call_one_launch_no_copy(gen, kw):
     for c, p in zip(cpu, ps):
         c.grad = p.grad.cpu()
     assert float(P.accumulate_(cpu, **kw)) == pytest.approx(float(P.accumulate_(ps, **kw)), rel=1e-5)
+
+
+@pytest.mark.parametrize("kw", CACHE_CASES, ids=["l1l2", "rows", "cols"])
+def test_gpu_item_size_through_host_build(gen, host_cache, monkeypatch, kw):
+    """The GPU's smaller items (ITEM_GPU), run through the host build of the same tables: many
+    items per tensor, the value summed over all of them, still the reference."""
+    monkeypatch.setattr(ops, "ITEM", ops.ITEM_GPU)
+    ps = _cache_list(gen)
+    ps.append(torch.nn.Parameter(torch.randn(3 * ops.ITEM_GPU + 5, generator=gen)))
+    ps[-1].grad = torch.randn(ps[-1].shape, generator=gen)
+    _check_call(ps, kw, [p.grad.clone() for p in ps])
+    (launch,) = list(ops._LAUNCHES.values())
+    if "groups" not in kw:  # (row items take up to 8 ITEM elements of short groups)
+        assert launch.vals.numel() > len(ps) + 3
