@@ -212,8 +212,60 @@ def compile_one(spec: dict, target: int) -> dict:
     return row
 
 
+def _example_args(spec: dict) -> dict:
+    """Arguments of the record's types: small CPU tensors, ints of the right width."""
+    import torch
+    import triton.language as tl
+
+    dtypes = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16,
+              "bf16": torch.bfloat16, "i64": torch.int64, "i32": torch.int32, "u8": torch.uint8,
+              "i8": torch.int8, "i16": torch.int16, "u1": torch.bool}
+    args = {}
+    for name, ty in spec["types"].items():
+        if ty.startswith("*"):
+            args[name] = torch.zeros(64, dtype=dtypes[ty[1:]])
+        elif ty == "constexpr":
+            args[name] = _decode(tl, spec["constexprs"][name])
+        elif ty == "u1":
+            args[name] = True
+        elif ty in ("fp32", "fp64"):
+            args[name] = 0.5
+        else:
+            args[name] = 2**40 + 16 if ty in ("i64", "u64") else 48
+    return args
+
+
+def torch_access_analysis(spec: dict) -> dict:
+    """torch.compile's view of a wrap_triton launch: torch lowers the kernel to TTIR with
+    this Triton's internals to find the tensors it writes. torch swallows a failure there
+    (it then assumes every tensor is written: extra copies in every compiled graph), so it
+    is run here without the safety net. Without a GPU, Triton's driver is a stub that only
+    names the target."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    class _NoGPU:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(_NoGPU())
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    kern = getattr(importlib.import_module(spec["module"]), spec["name"])
+    try:
+        module, _ = tkw.generate_ttir(kern, _example_args(spec), {})
+        functions = tkw.ttir_to_functions(module)
+        assert functions, "torch found no function in the TTIR"
+    except Exception as e:  # noqa: BLE001 - reported, the caller judges
+        return {"torch_ttir": f"{type(e).__name__}: {str(e)[-400:]}"}
+    return {"torch_ttir": "ok"}
+
+
 def worker(items: list[tuple[str, dict]], targets) -> list[dict]:
-    """Compile each (label, spec) for every target in this process's Triton."""
+    """Compile each (label, spec) for every target in this process's Triton; for the
+    "launched" items, also torch's analysis of the kernel (torch_access_analysis)."""
     import triton
 
     triton.knobs.nvidia.dump_ptxas_log = True
@@ -227,6 +279,10 @@ def worker(items: list[tuple[str, dict]], targets) -> list[dict]:
             except Exception as e:  # noqa: BLE001 - reported per row, the caller judges
                 row["error"] = f"{type(e).__name__}: {str(e)[-600:]}"
             rows.append(row)
+    for label, s in items:
+        if label == "launched":
+            rows.append({"triton": triton.__version__, "kernel": s["name"], "variant": label,
+                         "target": "torch", "spec": s, **torch_access_analysis(s)})
     return rows
 
 
@@ -286,7 +342,10 @@ def table(rows: list[dict]) -> str:
     head = ("triton", "target", "kernel", "dtype", "constexprs", "variant", "regs", "spill",
             "ld128", "st128", "ld<128", "st<128", "narrow kinds", "lib ld")
     lines = []
+    torch_rows = [r for r in rows if r["target"] == "torch"]
     for r in rows:
+        if r["target"] == "torch":
+            continue
         if "error" in r:
             lines.append((r["triton"], r["target"], r["kernel"], _dtypes(r["spec"]),
                           _constexprs(r["spec"]), r["variant"], "ERROR", "", "", "", "", "",
@@ -300,7 +359,12 @@ def table(rows: list[dict]) -> str:
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h)
               for i, h in enumerate(head)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
-    return "\n".join([fmt.format(*head)] + [fmt.format(*l) for l in lines])
+    out = [fmt.format(*head)] + [fmt.format(*l) for l in lines]
+    if torch_rows:
+        out += ["", "torch's TTIR analysis of wrap_triton launches (torch_access_analysis):"]
+        out += [f"  triton {r['triton']}  {r['kernel']}: {r['torch_ttir'].splitlines()[-1][:100]}"
+                for r in torch_rows]
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -322,11 +386,11 @@ def main(argv=None) -> int:
         items = plan(json.load(f))
     stacks = {s: (None if s == "env" else s) for s in args.stack or ["env"]}
     rows = [r for rs in run_stacks(items, stacks, targets).values() for r in rs]
-    print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    return 1 if any("error" in r for r in rows) else 0
+    print(table(rows))
+    return 1 if any("error" in r or r.get("torch_ttir", "ok") != "ok" for r in rows) else 0
 
 
 if __name__ == "__main__":
