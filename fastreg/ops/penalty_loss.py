@@ -74,6 +74,8 @@ def _scale(geo, device):
 
 def terms(spec, ws):
     """(n, 3) float64: |w_i|_1, |w_i|^2 and the group term of each tensor (differentiable)."""
+    if not torch.is_grad_enabled():
+        return _terms_nograd(spec, ws)
     rows = []
     for w, geo in zip(ws, spec.geometry):
         w64 = w.reshape(-1).to(torch.float64)
@@ -82,6 +84,26 @@ def terms(spec, ws):
         if geo is None:
             ag = torch.zeros((), dtype=torch.float64, device=w.device)
         else:
+            ag = (_scale(geo, w.device) * _group_sum(geo, w64 * w64).sqrt()).sum()
+        rows.append(torch.stack([a1, a2, ag]))
+    return torch.stack(rows)
+
+
+def _terms_nograd(spec, ws):
+    """terms() for the forward: norms that accumulate in float64 without a float64 copy of w
+    (the copy made the forward cost more than the plain-torch penalty's forward and backward)."""
+    norm = torch.linalg.vector_norm
+    rows = []
+    for w, geo in zip(ws, spec.geometry):
+        w = w.detach()
+        a1 = norm(w, 1, dtype=torch.float64)
+        a2 = norm(w, 2, dtype=torch.float64).square()
+        if geo is None:
+            ag = torch.zeros((), dtype=torch.float64, device=w.device)
+        elif geo[0] == "block":
+            ag = geo[3] * norm(w.reshape(geo[1]), 2, dim=(0, 2), dtype=torch.float64).sum()
+        else:
+            w64 = w.reshape(-1).to(torch.float64)
             ag = (_scale(geo, w.device) * _group_sum(geo, w64 * w64).sqrt()).sum()
         rows.append(torch.stack([a1, a2, ag]))
     return torch.stack(rows)
