@@ -12,6 +12,12 @@ Run as a script for an interleaved table (all providers in one process, rounds a
 medians) and, with --profile OP, a cProfile of one fastreg case:
 
     .venv/bin/python bench/bench_host.py [--rounds 15] [--only dropout] [--profile "dropout fwd+bwd"]
+
+By default the script runs torch on one thread and times with the calling thread's CPU
+clock (--clock thread): host cost is CPU work, and on a shared machine the wall clock also
+counts the time other processes hold the core (it varied 3-10x between runs here). At 2^12
+everything runs on the calling thread (Numba's serial drivers; torch with one thread), so
+the thread clock sees all of it. --clock wall --threads 0 gives the plain wall-clock figures.
 """
 
 from __future__ import annotations
@@ -178,24 +184,25 @@ def test_host(benchmark, provider, case, device):
 
 
 # ---------------------------------------------------------------- interleaved script
-def _time_block(fn, calls: int, device: str) -> float:
-    import time
-
+def _time_block(fn, calls: int, device: str, clock) -> float:
     from _util import sync
 
     sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(calls):
         fn()
     sync(device)
-    return (time.perf_counter() - t0) / calls * 1e6
+    return (clock() - t0) / calls * 1e6
 
 
-def interleaved(device: str = "cpu", rounds: int = 15, calls: int = 100, only: str | None = None):
+def interleaved(device: str = "cpu", rounds: int = 15, calls: int = 100, only: str | None = None,
+                clock=None):
     """{case: {provider: median us per call}}: every round times each provider of a case once,
     one after the other, so a load change hits all providers alike."""
     import statistics
+    import time
 
+    clock = clock or time.perf_counter
     table = {}
     for case, fns in cases(device).items():
         if only and only not in case:
@@ -208,7 +215,7 @@ def interleaved(device: str = "cpu", rounds: int = 15, calls: int = 100, only: s
         for _ in range(rounds):
             for p in PROVIDERS:
                 with stub_kernels(device) if "stubbed" in p else contextlib.nullcontext():
-                    times[p].append(_time_block(fns[p], calls, device))
+                    times[p].append(_time_block(fns[p], calls, device, clock))
         table[case] = {p: statistics.median(v) for p, v in times.items()}
     return table
 
@@ -224,7 +231,11 @@ def _main(argv):
     ap.add_argument("--only", default=None, help="substring of the case names to run")
     ap.add_argument("--profile", default=None, help="a case name: cProfile its fastreg call")
     ap.add_argument("--json", default=None, help="write the table to this file")
+    ap.add_argument("--clock", choices=("thread", "wall"), default="thread")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.profile:
         import cProfile
         import pstats
@@ -239,8 +250,11 @@ def _main(argv):
         pr.disable()
         pstats.Stats(pr).sort_stats("tottime").print_stats(30)
         return
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    table = interleaved(a.device, a.rounds, a.calls, a.only)
+    import time
+
+    clock = time.thread_time if a.clock == "thread" else time.perf_counter
+    table = interleaved(a.device, a.rounds, a.calls, a.only, clock)
+    print(f"us per call, {a.clock} clock, torch threads {torch.get_num_threads()}")
     print(f"{'case (2^12 f32, ' + a.device + ')':44s} {'fastreg':>9s} {'stubbed':>9s} "
           f"{'torch':>9s} {'fr/torch':>9s}")
     for case, row in table.items():

@@ -10,6 +10,7 @@ reference and runs everywhere. "triton" on CPU tensors needs TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import struct
 import threading
@@ -158,6 +159,19 @@ def eager_fast_path(*tensors) -> bool:
         if type(t) not in _PLAIN:
             return False
     return True
+
+
+_NUMBA_MODULES: dict = {}
+
+
+def numba_module(family: str):
+    """fastreg.kernels.numba.<family>, imported on first use (Numba loads only when a CPU op
+    runs) and then looked up in a dict: an import statement in a hot function costs about a
+    microsecond per call."""
+    mod = _NUMBA_MODULES.get(family)
+    if mod is None:
+        mod = _NUMBA_MODULES[family] = importlib.import_module("fastreg.kernels.numba." + family)
+    return mod
 
 
 def launch_kernel(t: torch.Tensor) -> bool:

@@ -81,7 +81,7 @@ def _check_op_tensors(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tens
 # ---------------------------------------------------------------- Numba (opaque inner op)
 def _adversarial_numba_impl(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor,
                             step: float, eps: float, lo: float, hi: float) -> torch.Tensor:
-    from fastreg.kernels.numba import adversarial as nb
+    nb = _backend.numba_module("adversarial")
 
     ct = compute_dtype(x.dtype)
     # float16/bfloat16: Numba has no such arrays; convert around the kernel

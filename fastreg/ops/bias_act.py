@@ -31,8 +31,8 @@ from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scal
 from fastreg._validate import (check_float_tensor, check_op_code, check_op_like,
                                check_op_probability, check_op_rng, check_probability,
                                compute_dtype)
-from fastreg.ops.dropout import dropout_multipliers_reference
-from fastreg.ops.noise import _eager_fast_path
+from fastreg.ops.dropout import _kernel_scalars, dropout_multipliers_reference
+from fastreg.ops.noise import _eager_fast_path, _nthreads
 
 BACKENDS = ("numba", "triton")
 ACTIVATIONS = (None, "relu", "gelu")
@@ -102,8 +102,7 @@ def _check_saved(grad: Tensor, saved: Tensor, bias: Tensor, act: int, op: str) -
 
 
 def _numba_fwd(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: float) -> Tensor:
-    from fastreg.kernels.numba import bias_act as nb
-    from fastreg.ops.dropout import _kernel_scalars
+    nb = _backend.numba_module("bias_act")
 
     cd = compute_dtype(x.dtype)
     xa = _alloc.numpy_in(x, cd)
@@ -130,9 +129,7 @@ def _numba_bwd(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: 
                p: float) -> tuple[Tensor, Tensor]:
     import numpy as np
 
-    from fastreg.kernels.numba import bias_act as nb
-    from fastreg.ops.dropout import _kernel_scalars
-    from fastreg.ops.noise import _nthreads
+    nb = _backend.numba_module("bias_act")
 
     cd = compute_dtype(grad.dtype)
     ga = _alloc.numpy_in(grad, cd)

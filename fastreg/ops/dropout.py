@@ -94,8 +94,10 @@ def _check_scalars(x: Tensor, seed: Tensor, stream: int, p: float, op: str) -> N
 
 
 def _numba_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
-               with_bits: bool) -> tuple[Tensor, Tensor]:
-    from fastreg.kernels.numba import dropout as nb
+               with_bits: bool, op_result: bool = True) -> tuple[Tensor, Tensor]:
+    """(out, bits); without bits, an empty tensor as the op returns, or None for the eager
+    path (op_result=False), which never reads it."""
+    nb = _backend.numba_module("dropout")
 
     xa = _numba_in(x)
     out, oa = _alloc.out_like(x, compute_dtype(x.dtype))
@@ -105,7 +107,7 @@ def _numba_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
         nb.dropout_fwd_bits(xa, oa, bits.numpy(), int(seed), stream, t, scale, 0)
         return _alloc.as_dtype(out, x.dtype), bits
     nb.dropout_fwd(xa, oa, int(seed), stream, t, scale, 0)
-    return _alloc.as_dtype(out, x.dtype), torch.empty(0, dtype=torch.uint8)
+    return _alloc.as_dtype(out, x.dtype), torch.empty(0, dtype=torch.uint8) if op_result else None
 
 
 @torch.library.custom_op("fastreg::dropout_fwd_cpu", mutates_args=(), device_types="cpu")
@@ -122,7 +124,7 @@ def _(x, seed, stream, p, with_bits):
 
 
 def _numba_add(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
-    from fastreg.kernels.numba import dropout as nb
+    nb = _backend.numba_module("dropout")
 
     cd = compute_dtype(x.dtype)
     xa, ra = _alloc.numpy_in(x, cd), _alloc.numpy_in(residual, cd)
@@ -160,7 +162,7 @@ def _check_bits(grad: Tensor, bits: Tensor, op: str) -> None:
 
 
 def _numba_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
-    from fastreg.kernels.numba import dropout as nb
+    nb = _backend.numba_module("dropout")
 
     ga = _numba_in(grad)
     out, oa = _alloc.out_like(grad, compute_dtype(grad.dtype))
@@ -190,7 +192,7 @@ def _fwd_impl(x, seed, stream, p, with_bits, direct):
     n = x.numel()
     if backend == "numba":
         if direct:
-            return _numba_fwd(x, seed, stream, p, with_bits)
+            return _numba_fwd(x, seed, stream, p, with_bits, False)
         return torch.ops.fastreg.dropout_fwd_cpu(x, seed, stream, p, with_bits)
     if backend == "triton":
         from fastreg.kernels.triton import dropout as tk

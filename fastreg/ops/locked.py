@@ -34,7 +34,7 @@ from fastreg._seed import (check_seed, check_stream, dropout_scale_bits, keep_th
                            seed_tensor)
 from fastreg._validate import (check_float_tensor, check_op_probability, check_op_rng,
                                check_probability, compute_dtype)
-from fastreg.ops.dropout import dropout_multipliers_reference
+from fastreg.ops.dropout import _kernel_scalars, dropout_multipliers_reference
 from fastreg.ops.noise import _eager_fast_path
 
 BACKENDS = ("numba", "triton")
@@ -70,8 +70,7 @@ def _check_dim(x: Tensor, dim: int, op: str) -> None:
 
 # ---------------------------------------------------------------- Numba (CPU)
 def _numba_locked(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> Tensor:
-    from fastreg.kernels.numba import locked as nb
-    from fastreg.ops.dropout import _kernel_scalars
+    nb = _backend.numba_module("locked")
 
     _check_dim(x, dim, "locked_dropout_cpu")
     cd = compute_dtype(x.dtype)

@@ -148,8 +148,7 @@ def _np_layout(x: Tensor, sigma: Tensor):
 def _nthreads(n: int) -> int:
     """The thread count the kernels split n elements over: one below SERIAL_BELOW, where the
     by_size drivers run their serial copy (waking the pool costs more than the work)."""
-    from fastreg.kernels.numba import noise as nb
-
+    nb = _backend.numba_module("noise")
     return nb.numba.get_num_threads() if n >= nb.SERIAL_BELOW else 1
 
 
@@ -184,7 +183,7 @@ def _check_bwd_tensors(grad: Tensor, x: Tensor, sigma: Tensor, additive: bool, n
 
 def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
                additive: bool) -> Tensor:
-    from fastreg.kernels.numba import noise as nb
+    nb = _backend.numba_module("noise")
 
     cd = compute_dtype(x.dtype)
     xa = _np_in(x, cd)
@@ -212,7 +211,7 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
                additive: bool, need_gx: bool, need_gs: bool) -> tuple[Tensor, Tensor]:
     import numpy as np
 
-    from fastreg.kernels.numba import noise as nb
+    nb = _backend.numba_module("noise")
 
     cd = compute_dtype(grad.dtype)
     n = grad.numel()

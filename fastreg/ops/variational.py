@@ -81,7 +81,7 @@ def _check_scalars(ref: Tensor, ref_name: str, seed: Tensor, stream: int, eps: f
 
 
 def _vd_sample_cpu_impl(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
-    from fastreg.kernels.numba import variational as nb
+    nb = _backend.numba_module("variational")
 
     ma, va = _np(mu), _np(var)
     out, oa = _alloc.out_like(mu, compute_dtype(mu.dtype))
@@ -108,7 +108,7 @@ def _(mu, var, seed, stream, eps):
 
 def _vd_sample_grad_var_cpu_impl(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
                                  eps: float) -> Tensor:
-    from fastreg.kernels.numba import variational as nb
+    nb = _backend.numba_module("variational")
 
     ga, va = _np(grad), _np(var)
     out, oa = _alloc.out_like(grad, compute_dtype(grad.dtype))
