@@ -180,6 +180,11 @@ def main():
     ap.add_argument("--budget", type=float, default=30.0, help="training-run equivalents per method")
     ap.add_argument("--T", type=int, default=100)
     args = ap.parse_args()
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        sys.exit("hypergradient_vs_bo.py needs optuna (the Bayesian-optimisation peer): `make bench` "
+                 "installs it, or `pip install optuna`")
     torch.set_num_threads(1)
     data = digits(torch.float32)
     t0 = time.perf_counter()
