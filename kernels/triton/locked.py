@@ -53,19 +53,23 @@ ROWS_MIN_I = 512
 
 
 @triton.jit
-def _rows_body(x_ptr, out_ptr, m, o, d0, d1, D, I, k0, rem, BLOCK_K: tl.constexpr,
+def _rows_body(x_ptr, out_ptr, m, o, d0, D, I, k0, rem, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
                FULL: tl.constexpr):
     offs = tl.arange(0, BLOCK_K)
-    for d in range(d0, d1):
-        rb = (o * D + d) * I + k0
-        if FULL:
-            x = tl.load(x_ptr + rb + offs)
-            tl.store(out_ptr + rb + offs, to_output(x.to(m.dtype) * m, out_ptr.dtype.element_ty))
-        else:
-            inb = offs < rem
-            x = tl.load(x_ptr + rb + offs, mask=inb, other=0.0)
-            tl.store(out_ptr + rb + offs, to_output(x.to(m.dtype) * m, out_ptr.dtype.element_ty),
-                     mask=inb)
+    # constant trip count with a guard: Triton 3.6's interpreter rejects tensor loop bounds
+    for dd in range(0, ROWS):
+        d = d0 + dd
+        if d < D:
+            rb = (o * D + d) * I + k0
+            if FULL:
+                x = tl.load(x_ptr + rb + offs)
+                tl.store(out_ptr + rb + offs,
+                         to_output(x.to(m.dtype) * m, out_ptr.dtype.element_ty))
+            else:
+                inb = offs < rem
+                x = tl.load(x_ptr + rb + offs, mask=inb, other=0.0)
+                tl.store(out_ptr + rb + offs,
+                         to_output(x.to(m.dtype) * m, out_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit(do_not_specialize=["stream", "threshold", "scale_bits", "start"])
@@ -79,7 +83,6 @@ def locked_rows_kernel(x_ptr, out_ptr, seed_ptr, stream, threshold, scale_bits, 
     rest = pid // nkb
     o = (rest // ndc).to(tl.int64)
     d0 = (rest % ndc) * ROWS
-    d1 = tl.minimum(d0 + ROWS, D)
     k0 = kb.to(tl.int64) * BLOCK_K
     t = tl.cast(threshold, tl.int64)
     w = block_words(tl.load(seed_ptr), stream, (start + o * I + k0) // 4, BLOCK_K, VEC)
@@ -89,9 +92,9 @@ def locked_rows_kernel(x_ptr, out_ptr, seed_ptr, stream, threshold, scale_bits, 
         s = s.to(tl.float32)
     m = tl.where(keep, s, s * 0)
     if k0 + BLOCK_K <= I:
-        _rows_body(x_ptr, out_ptr, m, o, d0, d1, D, I, k0, BLOCK_K, BLOCK_K, True)
+        _rows_body(x_ptr, out_ptr, m, o, d0, D, I, k0, BLOCK_K, BLOCK_K, ROWS, True)
     else:
-        _rows_body(x_ptr, out_ptr, m, o, d0, d1, D, I, k0, I - k0, BLOCK_K, False)
+        _rows_body(x_ptr, out_ptr, m, o, d0, D, I, k0, I - k0, BLOCK_K, ROWS, False)
 
 
 def launch(wrap, x, out, seed, stream, threshold, scale_bits, O, D, I):
