@@ -676,16 +676,19 @@ def test_cached_bit_identical_to_uncached(gen, host_cache, monkeypatch, dtype, k
 _REAL_ONEPASS = P._onepass
 
 
-def test_value_summed_in_fixed_order(gen, host_cache):
+def test_value_summed_in_fixed_order(gen, host_cache, monkeypatch):
     """The value is the per-item values summed in penalty.h's order (256 strided lanes, then a
-    pairwise tree), the order the CUDA kernel's last block uses."""
-    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(300000,), (70000,), (5, 5)]]
+    pairwise tree), the order the CUDA kernel's last block uses. Checked on the float64 sum the
+    host entry returns (float32 would hide the order), with hundreds of items."""
+    monkeypatch.setattr(ops, "ITEM", 64)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(50000,), (7000,), (5, 5)]]
     for p in ps:
         p.grad = torch.zeros_like(p)
     v = P.accumulate_(ps, l1=0.3, l2=0.7)
     (launch,) = list(ops._LAUNCHES.values())
+    total = launch.accumulate()  # the same launch again: the same per-item values
     vals = launch.vals.tolist()
-    assert len(vals) > 3
+    assert len(vals) > 3 * 256
     lanes = [0.0] * 256
     for i, x in enumerate(vals):
         lanes[i % 256] += x
@@ -694,6 +697,7 @@ def test_value_summed_in_fixed_order(gen, host_cache):
         for lane in range(h):
             lanes[lane] += lanes[lane + h]
         h //= 2
+    assert total == lanes[0]
     assert torch.equal(v, torch.tensor(lanes[0], dtype=torch.float32))
 
 
