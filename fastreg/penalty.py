@@ -761,7 +761,9 @@ def _loss_strength(v, name, n, device):
             raise ValueError(f"fastreg.penalty.loss: {name} must be a number, a 0-dim tensor or a "
                              f"1-D tensor with one entry per tensor of params ({n}), got shape "
                              f"{tuple(v.shape)}")
-        if not (bool(torch.isfinite(v).all()) and bool((v >= 0).all())):
+        # a data-dependent check: eager only (torch.compile traces without reading values)
+        if not torch.compiler.is_compiling() and not (
+                bool(torch.isfinite(v).all()) and bool((v >= 0).all())):
             raise ValueError(f"fastreg.penalty.loss: {name} must be finite and >= 0")
         v64 = v.to(device=device, dtype=torch.float64)
         return v64.expand(n) if v.dim() == 0 else v64
@@ -791,6 +793,10 @@ def loss(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torch.Tenso
     all tensors); double backward (Hessian-vector products) is supported and is exact away
     from w = 0 for the L1 term and from all-zero groups for the group term, where the
     subgradient 0 and a zero Hessian are used (fastreg/ops/penalty_loss.py).
+    Under torch.compile the penalty is traced as torch ops (no graph break; the compiler fuses
+    them) with the same subgradients, instead of calling the fused kernels; the strengths'
+    value checks (finite, >= 0) run in eager mode only, and index-tensor groups (read when
+    the call is set up) break the graph: use named groups there.
     """
     from fastreg.ops import penalty_loss as PL
 
@@ -830,7 +836,13 @@ def loss(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torch.Tenso
     else:
         specs = [_group_spec(groups, w, "loss", "groups") for w in ws]
     modes = [m for m, _ in specs]
-    gl_vals = cg.detach().tolist()
+    compiling = torch.compiler.is_compiling()
+    if isinstance(group_lasso, torch.Tensor):  # (values unread under torch.compile)
+        gl_vals = [0.0] * n if compiling else cg.detach().tolist()
+    elif isinstance(group_lasso, (list, tuple)):
+        gl_vals = [float(g) for g in group_lasso]
+    else:
+        gl_vals = [float(group_lasso)] * n
     for i, (m, g) in enumerate(zip(modes, gl_vals)):
         # a None in a per-tensor list opts that tensor out of the group term
         if g > 0.0 and m == MODE_NONE and not isinstance(groups, (list, tuple)):
@@ -838,5 +850,8 @@ def loss(params, *, l1=0.0, l2=0.0, group_lasso=0.0, groups=None) -> torch.Tenso
                              "('rows', 'cols', 'filters', 'channels' or an index tensor)")
     out_dtype = torch.float64 if any(w.dtype == torch.float64 for w in ws) else torch.float32
     spec = PL.Spec(ws, modes, [e for _, e in specs], out_dtype)
+    if compiling:
+        # traced as torch ops (inductor fuses the reductions), with the eager path's subgradients
+        return PL.traced_loss(spec, c1, c2, cg, ws)
     return PL.PenaltyLoss.apply(spec, c1, c2, cg, *ws)
 

@@ -109,6 +109,22 @@ def _terms_nograd(spec, ws):
     return torch.stack(rows)
 
 
+def traced_loss(spec, l1, l2, gl, ws):
+    """P as torch ops, for torch.compile: subgradient 0 at w = 0 (torch's sign) and for an
+    all-zero group (a guarded square root), as on the eager path."""
+    total = torch.zeros((), dtype=torch.float64, device=l1.device)
+    for i, (w, geo) in enumerate(zip(ws, spec.geometry)):
+        w64 = w.reshape(-1).to(torch.float64)
+        sq = w64 * w64
+        total = total + l1[i] * w64.abs().sum() + l2[i] * sq.sum()
+        if geo is not None:
+            gs = _group_sum(geo, sq)
+            pos = gs > 0
+            nrm = torch.where(pos, torch.where(pos, gs, 1.0).sqrt(), 0.0)
+            total = total + gl[i] * (_scale(geo, w.device) * nrm).sum()
+    return total.to(spec.out_dtype)
+
+
 def fused_grads(spec, ws, c1, c2, cg):
     """dP/dw for strengths c1, c2, cg (Python float lists) through the fused penalty kernels:
     one pass over all tensors, each gradient written into a fresh buffer (init=1)."""
