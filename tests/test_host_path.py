@@ -2,8 +2,6 @@
 fastreg._launch's direct launcher (its logic on a CPU against a fake Triton; its bits on a GPU)."""
 
 import inspect
-import math
-import os
 
 import numpy as np
 import pytest
@@ -136,8 +134,7 @@ def test_cached_sigma_made_under_inference_mode_can_be_saved_for_backward(gen):
     xg = x.clone().requires_grad_(True)
     y = fastreg.gaussian_dropout(xg, p, seed=1)
     (gx,) = torch.autograd.grad(y.sum(), (xg,))
-    sigma = math.sqrt(p / (1 - p))
-    assert torch.allclose(gx * x, y.detach(), rtol=1e-6, atol=1e-6) and sigma > 0
+    assert torch.allclose(gx * x, y.detach(), rtol=1e-6, atol=1e-6)  # y = x * (1 + sigma eps)
 
 
 # ---------------------------------------------------------------- the direct launcher, CPU
@@ -340,9 +337,10 @@ def test_gpu_direct_launch_is_bit_identical_to_the_standard_launch(dtype, monkey
 
 @pytest.mark.gpu
 def test_gpu_compile_still_traces_with_the_direct_launcher_on(monkeypatch):
-    monkeypatch.setattr(_launch, "ENABLED", True)
     x = torch.randn(1000, device="cuda")
-    f = torch.compile(lambda t: fastreg.dropout(t, 0.3, seed=3), fullgraph=True)
     monkeypatch.setattr(_launch, "ENABLED", False)
-    assert torch.equal(f(x), fastreg.dropout(x, 0.3, seed=3))
-    assert os.environ.get("TRITON_INTERPRET", "0") != "1"
+    want = fastreg.dropout(x, 0.3, seed=3)
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: fastreg.dropout(t, 0.3, seed=3), fullgraph=True)
+    assert torch.equal(f(x), want)  # traced through the ops (wrap_triton), not the fast path
