@@ -219,11 +219,19 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
     xa = _np_in(x, cd) if (need_gs and not additive) else ga
     sa = _np_in(sigma, cd)
     mode = 0 if not need_gs else min(_gs_mode(n, sigma), 2)
-    gx_t = _alloc.empty((n if need_gx else 0,), cd)
-    gs_t = _alloc.empty((n if mode == 1 else 0,), cd)
+    nparts = _nthreads(n)
+    # the kernel writes gx only if need_gx, gs only in mode 1 and part only in mode 2: the
+    # others are shared placeholders, which saves three allocations per call
+    gx_t = _alloc.empty((n,), cd) if need_gx else None
+    gs_t = _alloc.empty((n,), cd) if mode == 1 else None
+    if mode == 2:
+        part = np.zeros((nparts, sigma.numel()), dtype=np.float64)
+    else:
+        part = _unused_part(nparts)
+    unused = _unused_array(cd)
     sizes, sstr = _np_layout(grad, sigma)
-    part = np.zeros((_nthreads(n), sigma.numel() if mode == 2 else 1), dtype=np.float64)
-    nb.noise_bwd(ga, xa, sa, gx_t.numpy(), gs_t.numpy(), part, sizes, sstr, int(seed), stream,
+    nb.noise_bwd(ga, xa, sa, unused if gx_t is None else gx_t.numpy(),
+                 unused if gs_t is None else gs_t.numpy(), part, sizes, sstr, int(seed), stream,
                  dist, additive, need_gx, mode, _np_one(cd), 0)
     if need_gx:
         gx_t = _alloc.as_dtype(gx_t, grad.dtype).view(grad.shape)
@@ -236,6 +244,18 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
     else:
         gs_t = sigma.new_empty(0)
     return gx_t, gs_t
+
+
+@functools.lru_cache(maxsize=None)
+def _unused_part(nparts: int):
+    import numpy as np
+
+    return np.zeros((nparts, 1), dtype=np.float64)  # partitions the work; never written
+
+
+@functools.lru_cache(maxsize=None)
+def _unused_array(cd: torch.dtype):
+    return torch.empty(0, dtype=cd).numpy()
 
 
 @torch.library.custom_op("fastreg::noise_bwd_cpu", mutates_args=(), device_types="cpu")
