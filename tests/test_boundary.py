@@ -11,7 +11,6 @@ import torch
 import fastreg
 import fastreg.penalty as P
 from fastreg import _boundary, _native
-from fastreg.ops import penalty as pops
 from fastreg.ops import reversible as rops
 
 
@@ -156,7 +155,7 @@ def test_reversible_params_refused(kind):
     from fastreg.optim import ReversibleSGD
 
     make, word = KINDS[kind]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=word):
         ReversibleSGD([torch.nn.Parameter(torch.randn(3)), make()], lr=0.1, momentum=0.9)
 
 
@@ -167,7 +166,6 @@ def test_reversible_sparse_grad_refused(backend):
     if backend == "cpp" and _native.native() is None:
         pytest.skip("fastreg._C not built")
     emb = torch.nn.Embedding(10, 3, sparse=True)
-    before = emb.weight.detach().clone()
     opt = ReversibleSGD(emb.parameters(), lr=0.1, momentum=0.9, backend=backend)
     before = emb.weight.detach().clone()
     emb(torch.tensor([1, 2])).sum().backward()
