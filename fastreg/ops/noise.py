@@ -479,11 +479,10 @@ def _sigma_tensor(sigma, input: Tensor, op: str):
             else:
                 raise ValueError(f"fastreg.{op}: sigma must be on input's device ({input.device}),"
                                  f" got {sigma.device}")
-        try:
-            shape = torch.broadcast_shapes(sigma.shape, input.shape)
-        except RuntimeError:
-            shape = None
-        if shape != input.shape:
+        # broadcasting sigma over input leaves input's shape iff each of sigma's dims, aligned
+        # from the right, is 1 or input's (torch.broadcast_shapes says the same at ~10 us)
+        ss, xs = sigma.shape, input.shape
+        if len(ss) > len(xs) or any(a != 1 and a != b for a, b in zip(reversed(ss), reversed(xs))):
             raise ValueError(f"fastreg.{op}: sigma must broadcast over input without changing its "
                              f"shape: sigma.shape={tuple(sigma.shape)}, "
                              f"input.shape={tuple(input.shape)}")
