@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from fastreg.kernels.triton.convert import rounded, to_output
-from fastreg.kernels.triton.rng import block_words
+from fastreg.kernels.triton.rng import block_words, philox_block
 
 BLOCK = 2048  # 16 elements per thread at Triton's default 4 warps: set-up amortised
 
@@ -44,6 +44,46 @@ def _keep(seed_ptr, stream, threshold, cbase, BLOCK: tl.constexpr, VEC: tl.const
     t = threshold.to(tl.int64)
     w = block_words(tl.load(seed_ptr), stream, cbase, BLOCK, VEC)
     return (w >= tl.minimum(t, 0xFFFFFFFF).to(tl.uint32)) & (t <= 0xFFFFFFFF)
+
+
+@triton.jit
+def _keep_bytes(seed_ptr, stream, threshold, cbase, BLOCK: tl.constexpr):
+    """keep as a 1-D tile (8 elements per thread, VEC 8) and the packed bytes, built from
+    the words of each thread's two counters without a reshape (which goes through shared
+    memory)."""
+    t = threshold.to(tl.int64)
+    t32 = tl.minimum(t, 0xFFFFFFFF).to(tl.uint32)
+    ok = t <= 0xFFFFFFFF
+    seed = tl.load(seed_ptr)
+    c = cbase + (tl.arange(0, BLOCK // 8) * 2).to(tl.int64)
+    a0, a1, a2, a3 = philox_block(seed, stream, c)
+    b0, b1, b2, b3 = philox_block(seed, stream, c + 1)
+    ka0 = (a0 >= t32) & ok
+    ka1 = (a1 >= t32) & ok
+    ka2 = (a2 >= t32) & ok
+    ka3 = (a3 >= t32) & ok
+    kb0 = (b0 >= t32) & ok
+    kb1 = (b1 >= t32) & ok
+    kb2 = (b2 >= t32) & ok
+    kb3 = (b3 >= t32) & ok
+    keep = tl.reshape(tl.join(tl.join(tl.join(ka0, kb0), tl.join(ka2, kb2)),
+                              tl.join(tl.join(ka1, kb1), tl.join(ka3, kb3))), (BLOCK, ))
+    byte = (ka0.to(tl.int32) | (ka1.to(tl.int32) << 1) | (ka2.to(tl.int32) << 2)
+            | (ka3.to(tl.int32) << 3) | (kb0.to(tl.int32) << 4) | (kb1.to(tl.int32) << 5)
+            | (kb2.to(tl.int32) << 6) | (kb3.to(tl.int32) << 7))
+    return keep, byte
+
+
+@triton.jit
+def _store_bytes(bits_ptr, byte, base, rem, BLOCK: tl.constexpr, FULL: tl.constexpr):
+    bo = tl.arange(0, BLOCK // 8)
+    ptr = bits_ptr + base // 8 + bo
+    if FULL:
+        tl.store(ptr, byte.to(tl.uint8))
+    else:
+        # bits past n stay 0: keep the low max(0, min(8, rem - 8k)) bits of byte k
+        valid = tl.minimum(tl.maximum(rem - bo * 8, 0), 8).to(tl.int32)
+        tl.store(ptr, (byte & ((1 << valid) - 1)).to(tl.uint8), mask=bo * 8 < rem)
 
 
 @triton.jit
@@ -89,12 +129,18 @@ def _store(ptr, offs, v, rem, FULL: tl.constexpr):
 def _fwd_block(x_ptr, out_ptr, bits_ptr, seed_ptr, stream, threshold, scale, start, base, rem,
                WITH_BITS: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
                FULL: tl.constexpr):
-    keep = _keep(seed_ptr, stream, threshold, (start + base) // 4, BLOCK, VEC)
     offs = tl.arange(0, BLOCK)
+    if WITH_BITS and VEC == 8:
+        keep, byte = _keep_bytes(seed_ptr, stream, threshold, (start + base) // 4, BLOCK)
+    else:
+        keep = _keep(seed_ptr, stream, threshold, (start + base) // 4, BLOCK, VEC)
     x = _load(x_ptr + base, offs, rem, FULL)
     y = x.to(scale.dtype) * tl.where(keep, scale, scale * 0)
     _store(out_ptr + base, offs, to_output(y, out_ptr.dtype.element_ty), rem, FULL)
-    if WITH_BITS:
+    if WITH_BITS and VEC == 8:
+        _store_bytes(bits_ptr, byte, base, rem, BLOCK, FULL)
+    elif WITH_BITS:
+        # 4 elements per thread: a byte spans two threads (packed through a reshape)
         if not FULL:
             keep = keep & (offs < rem)  # bits past n stay 0
         _store_bits(bits_ptr, keep, base, rem, BLOCK, FULL)
