@@ -455,3 +455,27 @@ def test_module_mask_bits_and_fixed_seed(gen):
     assert torch.equal(s(x), y) and torch.equal(s(x), y)
     free = fastreg.nn.Dropout(0.4)
     assert not torch.equal(free(x), free(x))
+
+
+@pytest.mark.parametrize("mask", ["seed", "bits"])
+def test_backward_every_dtype_and_the_numba_kernels_run(mask, gen, via, monkeypatch):
+    """Backward in every dtype, bit for bit the reference (the scale in the compute dtype: a
+    float32 scale would be off by ~1e-8 in float64), and on CPU the Numba kernels really run
+    (falling back to the reference would give the same values, unnoticed)."""
+    from fastreg.kernels.numba import dropout as nb
+
+    calls = []
+    for name in ("dropout_fwd", "dropout_fwd_bits", "dropout_bits_apply"):
+        kernel = getattr(nb, name)
+        monkeypatch.setattr(nb, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
+    p = 0.3  # 1 / 0.7 is not exact in float32
+    for dtype in DTYPES:
+        x = torch.randn(5, 41, generator=gen).to(dtype).requires_grad_()
+        g = torch.randn(5, 41, generator=gen).to(dtype)
+        fastreg.dropout(x, p, seed=77, stream=2, mask=mask).backward(g)
+        m, _ = D.dropout_multipliers_reference(x.numel(), 77, 2, p, dtype, "cpu")
+        want = (g.reshape(-1).to(m.dtype) * m).to(dtype).view(5, 41)
+        assert torch.equal(x.grad, want), dtype
+    fwd = "dropout_fwd_bits" if mask == "bits" else "dropout_fwd"
+    bwd = "dropout_bits_apply" if mask == "bits" else "dropout_fwd"
+    assert calls.count(fwd) >= len(DTYPES) and calls.count(bwd) >= len(DTYPES), calls
