@@ -59,8 +59,9 @@ triton_subset = PYTHONPATH=$(CURDIR)/$(VENV)/triton-$(1)$${PYTHONPATH:+:$$PYTHON
 # the newest supported Triton. All three run even when one fails (CI shows every failure);
 # make fails if any did.
 test: build tritons
-	@status=0; \
+	@status=0; rm -f build/triton-static-summary.txt; \
 	$(BIN)/python -m pytest -q tests || status=1; \
+	cat build/triton-static-summary.txt 2>/dev/null; \
 	for v in $(TRITON_OLDEST) $(TRITON_NEWEST); do $(call triton_subset,$$v) || status=1; done; \
 	exit $$status
 

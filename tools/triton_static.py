@@ -264,8 +264,8 @@ def torch_access_analysis(spec: dict) -> dict:
 
 
 def worker(items: list[tuple[str, dict]], targets) -> list[dict]:
-    """Compile each (label, spec) for every target in this process's Triton; for the
-    "launched" items, also torch's analysis of the kernel (torch_access_analysis)."""
+    """Compile each (label, spec) for every target in this process's Triton; for the first
+    item of each kernel, also torch's analysis of the kernel (torch_access_analysis)."""
     import triton
 
     triton.knobs.nvidia.dump_ptxas_log = True
@@ -279,10 +279,12 @@ def worker(items: list[tuple[str, dict]], targets) -> list[dict]:
             except Exception as e:  # noqa: BLE001 - reported per row, the caller judges
                 row["error"] = f"{type(e).__name__}: {str(e)[-600:]}"
             rows.append(row)
+    first = {}
     for label, s in items:
-        if label == "launched":
-            rows.append({"triton": triton.__version__, "kernel": s["name"], "variant": label,
-                         "target": "torch", "spec": s, **torch_access_analysis(s)})
+        first.setdefault(s["name"], (label, s))
+    for label, s in first.values():
+        rows.append({"triton": triton.__version__, "kernel": s["name"], "variant": label,
+                     "target": "torch", "spec": s, **torch_access_analysis(s)})
     return rows
 
 
@@ -367,6 +369,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def summary(rows: list[dict]) -> str:
+    """Per Triton, target and kernel: compiles, failures, most registers, spill bytes, and
+    for fp32 on aligned tensors with n % 16 == 0 whether every 32-bit access is 128-bit."""
+    acc = {}
+    for r in rows:
+        if r["target"] == "torch":
+            continue
+        a = acc.setdefault((r["triton"], r["target"], r["kernel"]),
+                           {"n": 0, "err": 0, "regs": 0, "spill": 0, "v4": set()})
+        a["n"] += 1
+        if "error" in r:
+            a["err"] += 1
+            continue
+        a["regs"] = max(a["regs"], r["regs"])
+        a["spill"] += r["spill_stores"] + r["spill_loads"]
+        data = {t for t in r["spec"]["types"].values() if t.startswith("*")} - {"*i64", "*u8"}
+        if r["variant"] == "aligned" and data and data <= {"*fp32", "*i32"}:
+            a["v4"].add("yes" if not (r["ld32_narrow"] or r["st32_narrow"]) else "no")
+    lines = [f"{'triton':<7} {'target':<6} {'kernel':<27} {'compiled':>8} {'failed':>6} "
+             f"{'max regs':>8} {'spill B':>7}  fp32 aligned all 128-bit"]
+    for (tv, tg, k), a in sorted(acc.items()):
+        v4 = "/".join(sorted(a["v4"])) or "-"
+        lines.append(f"{tv:<7} {tg:<6} {k:<27} {a['n'] - a['err']:>8} {a['err']:>6} "
+                     f"{a['regs']:>8} {a['spill']:>7}  {v4}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("specs", nargs="?", help="launch records (JSON list); stdin with --worker")
@@ -390,6 +419,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     print(table(rows))
+    print()
+    print(summary(rows))
     return 1 if any("error" in r or r.get("torch_ttir", "ok") != "ok" for r in rows) else 0
 
 
