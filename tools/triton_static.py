@@ -371,7 +371,8 @@ def table(rows: list[dict]) -> str:
 
 def summary(rows: list[dict]) -> str:
     """Per Triton, target and kernel: compiles, failures, most registers, spill bytes, and
-    for fp32 on aligned tensors with n % 16 == 0 whether every 32-bit access is 128-bit."""
+    for fp32 on aligned tensors with n % 16 == 0 the 128-bit (v4) and narrower 32-bit
+    global accesses in the PTX."""
     acc = {}
     for r in rows:
         if r["target"] == "torch":
@@ -386,11 +387,12 @@ def summary(rows: list[dict]) -> str:
         a["spill"] += r["spill_stores"] + r["spill_loads"]
         data = {t for t in r["spec"]["types"].values() if t.startswith("*")} - {"*i64", "*u8"}
         if r["variant"] == "aligned" and data and data <= {"*fp32", "*i32"}:
-            a["v4"].add("yes" if not (r["ld32_narrow"] or r["st32_narrow"]) else "no")
+            a["v4"].add((r["ld128"], r["st128"], r["ld32_narrow"] + r["st32_narrow"]))
     lines = [f"{'triton':<7} {'target':<6} {'kernel':<27} {'compiled':>8} {'failed':>6} "
-             f"{'max regs':>8} {'spill B':>7}  fp32 aligned all 128-bit"]
+             f"{'max regs':>8} {'spill B':>7}  fp32, aligned, n % 16 == 0"]
     for (tv, tg, k), a in sorted(acc.items()):
-        v4 = "/".join(sorted(a["v4"])) or "-"
+        v4 = (f"{min(x[0] for x in a['v4'])}/{min(x[1] for x in a['v4'])} v4 ld/st (fewest), "
+              f"{max(x[2] for x in a['v4'])} narrow 32-bit (most)") if a["v4"] else "-"
         lines.append(f"{tv:<7} {tg:<6} {k:<27} {a['n'] - a['err']:>8} {a['err']:>6} "
                      f"{a['regs']:>8} {a['spill']:>7}  {v4}")
     return "\n".join(lines)
