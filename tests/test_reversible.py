@@ -393,20 +393,21 @@ def test_noncontiguous_params_and_explicit_inputs(explicit):
     p = torch.nn.Parameter(torch.randn(7, 5, generator=g).t())  # a non-contiguous view
     q = torch.nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64))
     meta = torch.rand(5, 7, generator=g, requires_grad=True)
+    meta2 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)  # a second one, for q
     A = torch.randn(5, 7, generator=g)
     opt = ReversibleSGD([{"params": [p]}, {"params": [q], "lr": 0.05}], lr=0.1, momentum=0.8)
     p0, q0 = p.detach().clone(), q.detach().clone()
 
     def loss(t):
-        return ((p - A * (t + 1)) ** 2 * meta).sum() + (q.float() ** 4).sum() * 0.1
+        return ((p - A * (t + 1)) ** 2 * meta).sum() + (q ** 4).sum() * meta2
 
     for t in range(T):
         opt.zero_grad()
         loss(t).backward()
         opt.step()
     assert not p.is_contiguous()
-    meta.grad = None
-    opt.reverse(lambda: (p**2).sum() + q.sum(), loss, inputs=[meta] if explicit else None)
+    meta.grad = meta2.grad = None
+    opt.reverse(lambda: (p**2).sum() + q.sum(), loss, inputs=[meta, meta2] if explicit else None)
     assert torch.equal(p.detach(), p0) and torch.equal(q.detach(), q0)
     # float64 unrolled autograd of the same update (meta only touches p: q's group is separate)
     gamma = opt.quantized_momentum(0)
@@ -418,6 +419,13 @@ def test_noncontiguous_params_and_explicit_inputs(explicit):
         w = w + 0.1 * v
     want, = torch.autograd.grad((w**2).sum(), m)
     torch.testing.assert_close(meta.grad.double(), want, rtol=1e-4, atol=1e-6)
+    m2 = meta2.detach().clone().requires_grad_()
+    w, v = q0.clone(), torch.zeros(5, dtype=torch.float64)
+    for t in range(T):
+        v = gamma * v - (1 - gamma) * 4 * w**3 * m2
+        w = w + 0.05 * v
+    want2, = torch.autograd.grad(w.sum(), m2)
+    torch.testing.assert_close(meta2.grad, want2, rtol=1e-6, atol=1e-9)
 
 
 def test_params_are_on_the_grid_and_training_works():
