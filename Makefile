@@ -69,7 +69,14 @@ test: build tritons
 test-triton-%: $(VENV)/triton-%/.installed build
 	$(call triton_subset,$*)
 
-bench: build
+# optuna: the Bayesian-optimisation peer of bench/experiments/hypergradient_vs_bo.py, an
+# optional dependency of the experiments (pyproject: experiments), installed once (the stamp)
+BENCH_EXTRAS := $(VENV)/.bench-extras-installed
+$(BENCH_EXTRAS): | $(DEPS)
+	$(BIN)/python -m pip install -q optuna
+	touch $@
+
+bench: build $(BENCH_EXTRAS)
 	$(BIN)/python -m pytest -q bench -o python_files="bench_*.py" --benchmark-only \
 		--benchmark-columns=median,iqr,rounds \
 		--benchmark-json=$(FASTREG_RESULTS_DIR)/last-run.json
