@@ -68,3 +68,20 @@ def test_nn_activity_penalty_l2(gen):
     x.grad = None
     m2(x).backward(gy)
     torch.testing.assert_close(x.grad, gy + 0.1 * torch.sign(xd) + 0.5 * xd, rtol=1e-14, atol=1e-14)
+
+
+def test_value_defaults_dtype_and_explicit_groups():
+    """penalty.value: 0 with the default strengths, a 0-dim float32, and each term by hand
+    (explicit group index tensors included; |g| counts a group's elements)."""
+    a = torch.tensor([[3.0, -4.0], [0.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([2.0, -2.0, 1.0])
+    v = P.value([a, b])
+    assert v.dtype == torch.float32 and v.dim() == 0 and float(v) == 0.0
+    assert float(P.value([a, b], l1=0.5)) == 0.5 * (8 + 5)
+    assert float(P.value([a, b], l2=0.25)) == 0.25 * (26 + 9)
+    ga = torch.tensor([[0, 0], [1, 1]])  # rows: norms 5 and 1, two elements each
+    gb = torch.tensor([0, 0, 2])  # groups {2, -2} (norm sqrt 8), {} (empty), {1}
+    want = 0.1 * (2**0.5 * 5 + 2**0.5 * 1) + 0.1 * (2**0.5 * 8**0.5 + 1.0)
+    got = P.value([a, b], group_lasso=0.1, groups=[ga, gb])
+    assert abs(float(got) - want) <= 1e-6 * want
+    assert float(P.value([], l1=1.0)) == 0.0
