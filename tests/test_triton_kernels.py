@@ -105,7 +105,8 @@ for case in json.load(sys.stdin):
         out[f"{mod}.{name} {values} sm_{cc}"] = {
             "ld": sorted(set(re.findall(r"ld\.global[.\w]*", ptx))),
             "st": sorted(set(re.findall(r"st\.global[.\w]*", ptx))),
-            "fma": sorted(set(re.findall(r"\bfma\.rn\.f\d\d", ptx)))}
+            "fma": sorted(set(re.findall(r"\bfma\.rn\.f\d\d", ptx))),
+            "mul": sorted(set(re.findall(r"\bmul\.rn\.f\d\d", ptx)))}
     except Exception as e:  # reported by the test, with the kernel named
         out[f"{mod}.{name} {values} sm_{cc}"] = {"error": str(e)[-600:]}
 print(json.dumps(out))
@@ -150,13 +151,18 @@ def test_dropout_family_compiles_to_128_bit_access_for_sm80_and_sm90():
         assert "ld.global.v4.b32" in r["ld"] and "st.global.v4.b32" in r["st"], (key, r)
 
 
-def test_dropout_add_product_is_rounded_before_the_add():
-    """The CPU backends and torch round x * m, then add: an FMA on the GPU would round
-    once and differ in the last bit (test_gpu_bit_identical_to_cpu)."""
-    cases = [["dropout", "dropout_add_fwd_kernel", _dropout_values(dt, 4096), 90]
-             for dt in ("fp32", "fp64", "bf16")]
+def test_products_are_rounded_before_the_add():
+    """The CPU backends and torch round x * m (and vd_sample's s * z), then add: an FMA on
+    the GPU would round once and differ in the last bit (test_gpu_bit_identical_to_cpu).
+    Thresholds past 2^31 arrive as u32 and 2^32 as i64: each must keep the product apart."""
+    cases = [["dropout", "dropout_add_fwd_kernel", _dropout_values(dt, 4096, threshold=t), 90]
+             for dt in ("fp32", "fp64", "bf16") for t in (429496730, 3 << 30, 1 << 32)]
+    cases += [["variational", "vd_sample_fwd_kernel",
+               {"mu_ptr": "*" + dt, "var_ptr": "*" + dt, "out_ptr": "*" + dt, "seed_ptr": "*i64",
+                "stream": 0, "eps_bits": 4472406533629990549, "n": 4096, "F64": dt == "fp64",
+                "BLOCK": 1024}, cc] for dt in ("fp32", "fp64") for cc in (80, 90)]
     for key, r in _compile(cases).items():
-        assert not r["fma"], (key, r)
+        assert not r["fma"] and r["mul"], (key, r)
 
 
 def _dns(k):

@@ -50,6 +50,9 @@ def pgd_kernel(x_ptr, x0_ptr, g_ptr, out_ptr, n, step_bits, eps_bits, lo_bits, h
     lo = _scalar(lo_bits, F64)
     hi = _scalar(hi_bits, F64)
     g = tl.load(g_ptr + offs, mask=m, other=0.0)
+    if g.dtype.primitive_bitwidth == 16:
+        # exact widening; some interpreters compare 16-bit floats by their raw bits
+        g = g.to(tl.float32)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(s.dtype)
     d = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(s.dtype)
     v = x + s * d

@@ -1,4 +1,4 @@
-"""Stores that round the same way on every backend, and a rounding barrier.
+"""Stores that round the same way on every backend, and a product that is never fused.
 
 Triton's interpreter converts float32 to bfloat16 by truncation, while GPUs (and
 torch, Numba via torch) round to nearest even. Under the interpreter `to_output`
@@ -31,14 +31,17 @@ def to_output(y, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def rounded(v, zero):
-    """v itself, but opaque to the compiler: a product passed through here is rounded
-    before a following add instead of being fused into one FMA (one rounding on the
-    GPU against two on the CPU backends and in torch). `zero` is a runtime integer
-    scalar that is always 0 but that the compiler cannot know; the xor costs one
-    integer instruction per element."""
-    if v.dtype == tl.float64:
-        out = (v.to(tl.int64, bitcast=True) ^ zero.to(tl.int64)).to(tl.float64, bitcast=True)
+def mul_rn(a, b):
+    """a * b rounded to the nearest even, never contracted with a following add into an
+    FMA (one rounding on the GPU against two on the CPU backends and in torch). Compiled,
+    it is PTX mul.rn, which the compiler may not fuse; the interpreter (numpy) never fuses,
+    so there it is the plain product. float32 or float64 operands of one dtype."""
+    if INTERPRETED:
+        out = a * b
+    elif a.dtype == tl.float64:
+        out = tl.inline_asm_elementwise("mul.rn.f64 $0, $1, $2;", "=d,d,d", [a, b],
+                                        dtype=tl.float64, is_pure=True, pack=1)
     else:
-        out = (v.to(tl.int32, bitcast=True) ^ zero.to(tl.int32)).to(tl.float32, bitcast=True)
+        out = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                        dtype=tl.float32, is_pure=True, pack=1)
     return out

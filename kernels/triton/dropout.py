@@ -18,7 +18,7 @@ and is rounded to the compute dtype here, as the other backends do.
 import triton
 import triton.language as tl
 
-from fastreg.kernels.triton.convert import rounded, to_output
+from fastreg.kernels.triton.convert import mul_rn, to_output
 from fastreg.kernels.triton.rng import block_words, philox_block
 
 BLOCK = 2048  # 16 elements per thread at Triton's default 4 warps: set-up amortised
@@ -165,11 +165,10 @@ def dropout_fwd_kernel(x_ptr, out_ptr, bits_ptr, seed_ptr, stream, threshold, sc
 def _add_block(x_ptr, r_ptr, out_ptr, seed_ptr, stream, threshold, scale, start, base, rem,
                VEC: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr):
     keep = _keep(seed_ptr, stream, threshold, (start + base) // 4, BLOCK, VEC)
-    zero = threshold.to(tl.int64) >> 33  # t <= 2^32: always 0, unknown to the compiler
     offs = tl.arange(0, BLOCK)
     x = _load(x_ptr + base, offs, rem, FULL).to(scale.dtype)
     r = _load(r_ptr + base, offs, rem, FULL).to(scale.dtype)
-    y = r + rounded(x * tl.where(keep, scale, scale * 0), zero)
+    y = r + mul_rn(x, tl.where(keep, scale, scale * 0))
     _store(out_ptr + base, offs, to_output(y, out_ptr.dtype.element_ty), rem, FULL)
 
 

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from fastreg.kernels.triton.adversarial import store_rounded
+from fastreg.kernels.triton.convert import mul_rn
 from fastreg.kernels.triton.rng import box_muller, philox_block, uniform_from_word
 
 BLOCK = 1024
@@ -56,7 +57,7 @@ def vd_sample_fwd_kernel(mu_ptr, var_ptr, out_ptr, seed_ptr, stream, eps_bits, n
     mu = tl.load(mu_ptr + offs, mask=m, other=0.0).to(eps.dtype)
     var = tl.load(var_ptr + offs, mask=m, other=0.0).to(eps.dtype)
     s = _sqrt(var + eps, F64)
-    store_rounded(out_ptr + offs, mu + s * z.to(eps.dtype), m)
+    store_rounded(out_ptr + offs, mu + mul_rn(s, z.to(eps.dtype)), m)
 
 
 @triton.jit(do_not_specialize=["stream", "eps_bits"])
