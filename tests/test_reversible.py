@@ -930,8 +930,6 @@ def test_add_param_group_after_construction():
     assert bool((late[1] != 0).all())
 
 
-@pytest.mark.xfail(strict=True, reason="add_param_group after the first step raises but leaves "
-                   "the group (without state) in param_groups: step() then fails with KeyError")
 def test_add_param_group_after_a_step_is_refused_cleanly():
     p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
     opt = ReversibleSGD([p], lr=0.1, momentum=0.9)
@@ -941,3 +939,22 @@ def test_add_param_group_after_a_step_is_refused_cleanly():
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))]})
     assert len(opt.param_groups) == 1  # nothing half-added: the optimizer carries on
     opt.step()
+
+
+def test_a_refused_group_leaves_the_optimizer_as_it_was():
+    """A group refused part-way (its second parameter is bad) leaves no group and no state
+    behind: the first parameter is not trained by a group without hyperparameter checks."""
+    p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    opt = ReversibleSGD([p], lr=0.1, momentum=0.9)
+    good = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[1\].*dtype"):
+        opt.add_param_group({"params": [good, torch.nn.Parameter(torch.ones(2, dtype=torch.int64),
+                                                                 requires_grad=False)]})
+    assert len(opt.param_groups) == 1 and good not in opt.state
+    p.grad = torch.ones(5, dtype=torch.float64)
+    opt.step()
+
+
+def test_meta_parameter_is_refused_by_name():
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\].*meta"):
+        ReversibleSGD([torch.nn.Parameter(torch.empty(4, device="meta"))], lr=0.1, momentum=0.9)

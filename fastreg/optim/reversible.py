@@ -110,9 +110,19 @@ class ReversibleSGD(torch.optim.Optimizer):
         return self._t
 
     def add_param_group(self, param_group: dict) -> None:
+        if self._t != 0:
+            raise RuntimeError("ReversibleSGD: parameter groups can only be added before the first step")
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        gi = len(self.param_groups) - 1
+        try:
+            self._set_up_group(len(self.param_groups) - 1)
+        except BaseException:
+            # refused as a whole: no half-added group (without state) is left for step()
+            for p in self.param_groups.pop()["params"]:
+                self.state.pop(p, None)
+            raise
+
+    def _set_up_group(self, gi: int) -> None:
+        group = self.param_groups[gi]
         for name in _HYPERS:
             _check_hyper(group[name], name)
         m = group["momentum"]
@@ -122,6 +132,9 @@ class ReversibleSGD(torch.optim.Optimizer):
                 raise ValueError(f"momentum must lie in (0, 1] and be at least 2^-{self.momentum_bits - 1} "
                                  f"(momentum_bits={self.momentum_bits}), got {x!r}")
         for pi, p in enumerate(group["params"]):
+            if p.device.type == "meta":
+                raise TypeError(f"params: {self._pname(gi, pi)} is a meta tensor (no data); "
+                                "ReversibleSGD needs parameters with values")
             if p.layout is not torch.strided:
                 raise TypeError(f"params: {self._pname(gi, pi)} has layout {p.layout}; ReversibleSGD "
                                 "takes dense (strided) parameters")
