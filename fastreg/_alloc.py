@@ -70,12 +70,39 @@ def empty_numpy(shape, np_dtype):
 # about 3 us; each torch method call on the way (.to, .contiguous, .view, from_numpy, ...)
 # costs 0.5-1 us, so these do the fewest: no conversion when the tensor is already contiguous
 # in the compute dtype, and outputs allocated as tensors whose numpy view the kernel fills.
+class _ArrayInterface:
+    __slots__ = ("__array_interface__", )
+
+
+_TYPESTR = {torch.float64: "<f8", torch.float32: "<f4", torch.float16: "<f2", torch.int64: "<i8",
+            torch.int32: "<i4", torch.int16: "<i2", torch.int8: "|i1", torch.uint8: "|u1",
+            torch.bool: "|b1"}
+
+
+def np_view(t: torch.Tensor):
+    """1-D numpy array over a contiguous CPU tensor's memory, which the caller keeps alive.
+
+    Unlike Tensor.numpy(), it leaves the storage resizable: FSDP2 frees an unsharded
+    parameter by resizing its storage to 0, which fails once .numpy() has seen it. It is
+    also cheaper (about 0.7 us against 1.1 us for .detach().numpy())."""
+    n = t.numel()
+    if n == 0:
+        return t.detach().numpy().reshape(-1)  # no memory to free; numpy refuses a NULL pointer
+    a = _ArrayInterface()
+    a.__array_interface__ = {"data": (t.data_ptr(), False), "shape": (n, ),
+                             "typestr": _TYPESTR[t.dtype], "version": 3}
+    import numpy as np
+
+    return np.asarray(a)
+
+
 def numpy_in(t: torch.Tensor, dtype: torch.dtype):
     """1-D numpy view of t's elements in logical row-major order, as `dtype` (a copy only when
-    t is not contiguous or has another dtype). Shares t's memory otherwise: read-only use."""
+    t is not contiguous or has another dtype). Shares t's memory otherwise: read-only use,
+    while the caller holds t."""
     if t.dtype == dtype and t.is_contiguous():
-        return t.detach().numpy().reshape(-1)
-    return t.detach().to(dtype).contiguous().numpy().reshape(-1)
+        return np_view(t)
+    return t.detach().to(dtype).contiguous().numpy().reshape(-1)  # a fresh copy: .numpy() is fine
 
 
 def out_like(t: torch.Tensor, dtype: torch.dtype):

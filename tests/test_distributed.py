@@ -574,10 +574,12 @@ class _NoisyNet(torch.nn.Module):
         return self.out(self.mn(torch.tanh(self.dc(self.vd(x, seed=11)))))
 
 
-def check_modules_fsdp2(rank, world, device):
+def check_modules_fsdp2(rank, world, device, parent_only=False):
     """VariationalDropoutLinear, DropConnectLinear and MultiplicativeNoise (learned sigma) train
     under fully_shard like the single-process run (per-rank batches, same seeds); kl() and
-    sparsity() are the global values."""
+    sparsity() are the global values. parent_only: only the whole model is sharded, so FSDP2
+    frees the layers' unsharded parameters (by resizing their storage) after the CPU kernels
+    have read them."""
     from torch.distributed.fsdp import fully_shard
     from fastreg.nn.variational import total_kl, total_sparsity
 
@@ -587,7 +589,7 @@ def check_modules_fsdp2(rank, world, device):
     beta = 1e-3
     model = _NoisyNet((5,)).to(device)
     ref = _NoisyNet((5,)).to(device)
-    for m in (model.vd, model.dc, model.mn, model.out, model):
+    for m in (model, ) if parent_only else (model.vd, model.dc, model.mn, model.out, model):
         fully_shard(m)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ropt = torch.optim.SGD(ref.parameters(), lr=0.1)
@@ -633,6 +635,7 @@ SUITES = {
         ("reversible_ddp_divergence", check_reversible_ddp_divergence),
         ("reversible_fsdp2", check_reversible_fsdp2),
         ("modules_fsdp2", check_modules_fsdp2),
+        ("modules_fsdp2_parent_only", lambda r, w, d: check_modules_fsdp2(r, w, d, parent_only=True)),
     ],
 }
 

@@ -13,23 +13,6 @@ from fastreg._validate import check_probability
 from fastreg.ops.noise import DISTS, gaussian_dropout, multiplicative_noise
 
 
-def _fsdp_safe(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """t, or a copy of it when module is sharded by FSDP2's fully_shard: the Numba kernels view
-    their inputs through numpy, which marks the storage non-resizable, and FSDP2 frees an
-    unsharded parameter by resizing its storage to 0 after forward."""
-    if _is_fsdp(type(module)):
-        return t.clone()
-    return t
-
-
-def _is_fsdp(cls) -> bool:
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return issubclass(cls, FSDPModule)
-
-
 class GaussianDropout(nn.Module):
     """input * (1 + sigma * eps), eps ~ N(0, 1), sigma = sqrt(p / (1 - p)) in training;
     the identity in eval. Saves nothing per element for backward.
@@ -90,7 +73,7 @@ class MultiplicativeNoise(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return input
-        return multiplicative_noise(input, _fsdp_safe(self, self.sigma), dist=self.dist,
+        return multiplicative_noise(input, self.sigma, dist=self.dist,
                                     seed=self.seed)
 
     def extra_repr(self) -> str:
@@ -138,7 +121,7 @@ class DropConnectLinear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         from fastreg.ops.locked import dropconnect_linear
 
-        return dropconnect_linear(input, _fsdp_safe(self, self.weight), self.bias, self.p,
+        return dropconnect_linear(input, self.weight, self.bias, self.p,
                                   self.training, seed=self.seed)
 
     def extra_repr(self) -> str:
