@@ -39,3 +39,15 @@ def run_without_interpreter(script: str, timeout: int = 300):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def layout_of(t):
+    """t's strides on its dims of size > 1: the memory layout. (A size-1 dim's stride is
+    arbitrary; torch.empty_like copies it, a contiguous result of the same layout may differ.)"""
+    return tuple(s for s, n in zip(t.stride(), t.shape) if n != 1)
+
+
+def assert_layout_like(out, x):
+    """out is laid out as torch.empty_like(x) (docs/layout.md)."""
+    assert out.shape == x.shape
+    assert layout_of(out) == layout_of(torch.empty_like(x)), (out.stride(), x.stride())

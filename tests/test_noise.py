@@ -8,7 +8,7 @@ import torch
 import fastreg
 from fastreg.ops import noise as N
 from fastreg.ops import rng
-from helpers import saved_bytes, views
+from helpers import assert_layout_like, saved_bytes, views
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # per-dtype tolerances: eps is float32 on every backend and agrees to a few ulp
@@ -118,7 +118,10 @@ def test_forward_matches_reference(backend, dtype, gen):
                 with fastreg.use_backend(backend):
                     m = fastreg.multiplicative_noise(xv, sigma, dist=dist, seed=seed, stream=4)
                     a = fastreg.input_noise(xv, sigma, dist=dist, seed=seed, stream=4)
-                assert m.dtype == dtype and m.shape == x.shape and m.is_contiguous()
+                assert m.dtype == dtype and m.shape == x.shape
+                # laid out as torch.empty_like(xv) (docs/layout.md), values as contiguous
+                assert_layout_like(m, xv)
+                assert_layout_like(a, xv)
                 torch.testing.assert_close(m, ref_m, rtol=rtol, atol=atol, msg=f"{shape} {name}")
                 torch.testing.assert_close(a, ref_a, rtol=rtol, atol=atol, msg=f"{shape} {name}")
 

@@ -14,7 +14,7 @@ from fastreg.nn.variational import K1, K2, K3, total_kl, total_sparsity
 from fastreg.ops import rng
 from fastreg.ops import variational as V
 from fastreg.kernels.numba.variational import BLOCK
-from helpers import run_without_interpreter, saved_bytes
+from helpers import assert_layout_like, run_without_interpreter, saved_bytes
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 BACKENDS = ["numba", "triton", "torch"]
@@ -59,7 +59,10 @@ def test_forward_and_grad_var_match_reference(backend, dtype, layout, gen):
         with fastreg.use_backend(backend):
             out = V.vd_sample(mu, var, seed=seed, stream=stream)
             gv = torch.ops.fastreg.vd_sample_grad_var(g, var, st, stream, 1e-8)
-        assert out.dtype == dtype and out.shape == mu.shape and out.is_contiguous()
+        assert out.dtype == dtype and out.shape == mu.shape
+        # laid out as torch.empty_like(mu), grad_var as its gradient (docs/layout.md)
+        assert_layout_like(out, mu)
+        assert_layout_like(gv, g)
         z = _z(backend, mu.numel(), seed, stream)
         torch.testing.assert_close(out, V.vd_sample_reference(mu, var, seed, stream, 1e-8, z=z),
                                    rtol=rtol, atol=atol)

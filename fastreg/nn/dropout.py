@@ -18,6 +18,7 @@ class Dropout(nn.Module):
     API compatibility and saves no memory over inplace=False.
     Each call draws a fresh seed from torch's default generator for the input's
     device, unless `seed` is given (then every call uses the same mask).
+    Its output keeps the input's dense layout (channels_last stays channels_last).
     """
 
     def __init__(self, p: float = 0.5, inplace: bool = False, *, mask: str = "seed", seed=None):

@@ -3,7 +3,10 @@
     fgsm(x, grad, eps)            = clamp(x + eps * sign(grad), lo, hi)
     pgd_step(x, x0, grad, s, eps) = clamp(proj_{||v - x0||_inf <= eps}(x + s * sign(grad)), lo, hi)
 
-Each is one pass over memory (read x, [x0,] grad; write out) on every backend.
+Each is one pass over memory (read x, [x0,] grad; write out) on every backend. The result
+is laid out as torch.empty_like(x): the Numba kernel walks a permuted dense x (channels_last)
+in memory order when grad (and x0) share its strides; otherwise the kernels compute in logical
+order and copy once (fastreg/_layout.py).
 sign(0) = 0 and, as torch.sign does, sign(NaN) = 0: a NaN gradient takes no step.
 A NaN in x or x0 propagates to the output (torch.maximum/minimum/clamp semantics).
 
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 from torch.library import triton_op, wrap_triton
 
-from fastreg import _alloc, _backend, _native
+from fastreg import _alloc, _backend, _layout, _native
 from fastreg._validate import (check_float_tensor, check_op_like, check_op_nonneg, check_same,
                                compute_dtype)
 
@@ -84,23 +87,43 @@ def _adversarial_numba_impl(x: torch.Tensor, x0: torch.Tensor | None, grad: torc
     nb = _backend.numba_module("adversarial")
 
     ct = compute_dtype(x.dtype)
+    # grad keeps its precision (a float64 1e-50 must stay positive); halves widen exactly
+    gt = grad.dtype if grad.dtype in _NUMPY_FLOATS else torch.float32
+    if not x.is_contiguous() and _same_dense_layout(x, x0, grad):
+        # no random numbers: a permuted dense x (channels_last, ...) is walked in memory order
+        out = torch.empty_like(x, dtype=ct)
+        npt = np.float64 if ct == torch.float64 else np.float32
+        oa, xa = _layout.memory_numpy(out), _layout.memory_numpy(x.to(ct))
+        ga = _layout.memory_numpy(grad.to(gt))
+        if x0 is None:
+            nb.fgsm(xa, ga, oa, npt(step), npt(lo), npt(hi))
+        else:
+            nb.pgd_step(xa, _layout.memory_numpy(x0.to(ct)), ga, oa, npt(step), npt(eps),
+                        npt(lo), npt(hi))
+        return _alloc.as_dtype(out, x.dtype)
     # float16/bfloat16: Numba has no such arrays; convert around the kernel
     # (same rounding as the reference: compute in float32, round once at the end).
     out, oa = _alloc.out_like(x, ct)
     if oa.size:
         xa = _alloc.numpy_in(x, ct)
-        # grad keeps its precision (a float64 1e-50 must stay positive); halves widen exactly
-        ga = _alloc.numpy_in(grad, grad.dtype if grad.dtype in _NUMPY_FLOATS else torch.float32)
+        ga = _alloc.numpy_in(grad, gt)
         npt = np.float64 if ct == torch.float64 else np.float32
         if x0 is None:
             nb.fgsm(xa, ga, oa, npt(step), npt(lo), npt(hi))
         else:
             nb.pgd_step(xa, _alloc.numpy_in(x0, ct), ga, oa, npt(step), npt(eps), npt(lo),
                         npt(hi))
-    return _alloc.as_dtype(out, x.dtype)
+    return _layout.like(x, _alloc.as_dtype(out, x.dtype))
 
 
 _NUMPY_FLOATS = (torch.float32, torch.float64)
+
+
+def _same_dense_layout(x, x0, grad) -> bool:
+    """x is dense and non-overlapping, and grad (and x0) have its strides."""
+    st = x.stride()
+    return (grad.stride() == st and (x0 is None or x0.stride() == st)
+            and _layout.permuted_dense(x))
 
 
 def _adversarial_numba_op(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor,
@@ -117,7 +140,7 @@ _adversarial_numba = torch.library.custom_op(
 
 @_adversarial_numba.register_fake
 def _(x, x0, grad, step, eps, lo, hi):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _layout.empty_out(x)
 
 
 def _plain(*ts) -> bool:
@@ -142,7 +165,8 @@ def _pgd_triton(x, x0, grad, step, eps, lo, hi):
         # The interpreter cannot be traced (wrap_triton hands back the plain Python
         # kernel): while tracing CPU tensors, record the reference, which computes
         # the same values. Compiled Triton on CUDA is traced as a kernel call.
-        return pgd_step_reference(x, x0, grad, step, eps, lo, hi)
+        return _layout.like(x, pgd_step_reference(x, x0, grad, step, eps, lo, hi))
+    xin = x
     x = x.contiguous()
     grad = grad.contiguous()
     x0c = x if x0 is None else x0.contiguous()
@@ -153,7 +177,7 @@ def _pgd_triton(x, x0, grad, step, eps, lo, hi):
         wrap_triton(pgd_kernel)[grid](x, x0c, grad, out, n, _backend.f64_bits(step), _backend.f64_bits(eps),
                                       _backend.f64_bits(lo), _backend.f64_bits(hi), HAS_X0=x0 is not None,
                                       F64=x.dtype == torch.float64, BLOCK=_BLOCK)
-    return out
+    return _layout.like(xin, out)
 
 
 # ---------------------------------------------------------------- the public op
@@ -169,7 +193,7 @@ def _pgd_step_op(x: torch.Tensor, x0: torch.Tensor | None, grad: torch.Tensor, s
         return torch.ops.fastreg.adversarial_numba(x, x0, grad, step, eps, lo, hi)
     if backend == "triton":
         return _pgd_triton(x, x0, grad, step, eps, lo, hi)
-    return pgd_step_reference(x, x0, grad, step, eps, lo, hi)
+    return _layout.like(x, pgd_step_reference(x, x0, grad, step, eps, lo, hi))
 
 
 def _setup_context(ctx, inputs, output):
@@ -198,7 +222,7 @@ def _pgd_step(x, x0, grad, step, eps, lo, hi):
     if backend == "triton":
         return _pgd_triton(x, x0, grad, step, eps, lo, hi)
     with torch.no_grad():
-        return pgd_step_reference(x, x0, grad, step, eps, lo, hi)
+        return _layout.like(x, pgd_step_reference(x, x0, grad, step, eps, lo, hi))
 
 
 # ---------------------------------------------------------------- validation + public API
@@ -249,7 +273,8 @@ def fgsm(x: torch.Tensor, grad: torch.Tensor, eps: float, *, clamp=None) -> torc
     x: float tensor of any shape and strides; grad: the loss gradient w.r.t. x (same
     shape and device, any float dtype: only its sign is read). eps >= 0.
     clamp: None, or (lo, hi) with either side None for unbounded (e.g. (0, 1) for images).
-    The result is contiguous, has x's dtype, and does not require grad.
+    The result is laid out as torch.empty_like(x) (channels_last stays channels_last), has
+    x's dtype, and does not require grad.
     """
     op = "fgsm"
     check_float_tensor(x, "x", op)
@@ -267,7 +292,8 @@ def pgd_step(x: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, step: float,
 
     x: the current iterate; x0: the clean input (same shape, dtype and device);
     grad: the loss gradient w.r.t. x (same shape and device). step, eps >= 0.
-    The result is contiguous, has x's dtype, and does not require grad.
+    The result is laid out as torch.empty_like(x) (channels_last stays channels_last), has
+    x's dtype, and does not require grad.
     """
     op = "pgd_step"
     check_float_tensor(x, "x", op)

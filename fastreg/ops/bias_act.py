@@ -271,6 +271,9 @@ def bias_act_dropout(input: Tensor, bias: Tensor, *, activation: str | None = "r
     activation: "relu", "gelu" (erf form) or None. training=False (or p=0) gives
     act(input + bias) with no dropout, still fused. The mask is fastreg.dropout's
     for (seed, stream) at input's logical index.
+    The result is contiguous whatever input's strides: input is a (..., C) activation of a
+    linear layer, whose memory layout (unlike a convolution's channels_last) torch keeps
+    contiguous itself; a permuted input is read in logical order.
     """
     op = "bias_act_dropout"
     check_float_tensor(input, "input", op)

@@ -13,8 +13,11 @@ The pattern every elementwise family follows:
 * Backward regenerates the mask from (seed, stream): dropout is linear in its
   input, so its backward is the same op applied to the gradient. mask="bits"
   saves a 1-bit packed mask instead (bit b of byte k is element 8k + b).
-* Inputs of any strides are read in logical row-major order (made contiguous);
-  outputs are contiguous.
+* Inputs of any strides are read in logical row-major order; outputs (and gradients) are
+  laid out as torch.empty_like(input): a channels_last or permuted dense input gives a result
+  in its layout with the values of the op on input.contiguous() (fastreg/_layout.py). The
+  Numba kernels walk such an input in memory order; the other paths compute in logical
+  order and copy once. Packed bit masks stay in logical order.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from fastreg import _alloc, _backend
+from fastreg import _alloc, _backend, _layout
 from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scale_bits,
                            keep_threshold, seed_tensor)
 from fastreg._validate import (check_float_tensor, check_op_like, check_op_probability,
@@ -99,15 +102,42 @@ def _numba_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
     path (op_result=False), which never reads it."""
     nb = _backend.numba_module("dropout")
 
+    if not x.is_contiguous() and not with_bits:
+        out = _numba_fwd_memory_order(nb, x, seed, stream, p)
+        if out is not None:
+            return out, torch.empty(0, dtype=torch.uint8) if op_result else None
     xa = _numba_in(x)
     out, oa = _alloc.out_like(x, compute_dtype(x.dtype))
     t, scale = _kernel_scalars(p, x.dtype)
     if with_bits:
         bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
         nb.dropout_fwd_bits(xa, oa, bits.numpy(), int(seed), stream, t, scale, 0)
-        return _alloc.as_dtype(out, x.dtype), bits
+        return _layout.like(x, _alloc.as_dtype(out, x.dtype)), bits
     nb.dropout_fwd(xa, oa, int(seed), stream, t, scale, 0)
-    return _alloc.as_dtype(out, x.dtype), torch.empty(0, dtype=torch.uint8) if op_result else None
+    out = _layout.like(x, _alloc.as_dtype(out, x.dtype))
+    return out, torch.empty(0, dtype=torch.uint8) if op_result else None
+
+
+def _numba_fwd_memory_order(nb, x: Tensor, seed: Tensor, stream: int, p: float,
+                            residual: Tensor | None = None) -> Tensor | None:
+    """dropout (or dropout_add) of a permuted dense x (channels_last, a transpose) walked in
+    memory order, the result in x's layout; None when x is not dense (or residual is not laid
+    out as x): the caller then computes in logical order."""
+    dims = _layout.memory_dims(tuple(x.shape), tuple(x.stride()))
+    if dims is None or (residual is not None and residual.stride() != x.stride()):
+        return None
+    cd = compute_dtype(x.dtype)
+    xs = x if x.dtype == cd else x.to(cd)  # .to keeps a dense layout
+    out = torch.empty_like(xs)
+    t, scale = _kernel_scalars(p, x.dtype)
+    if residual is None:
+        nb.dropout_fwd_strided(_layout.memory_numpy(xs), _layout.memory_numpy(out), int(seed),
+                               stream, t, scale, *dims)
+    else:
+        rs = residual if residual.dtype == cd else residual.to(cd)
+        nb.dropout_add_fwd_strided(_layout.memory_numpy(xs), _layout.memory_numpy(rs),
+                                   _layout.memory_numpy(out), int(seed), stream, t, scale, *dims)
+    return _alloc.as_dtype(out, x.dtype)
 
 
 @torch.library.custom_op("fastreg::dropout_fwd_cpu", mutates_args=(), device_types="cpu")
@@ -120,18 +150,22 @@ def _dropout_fwd_cpu(x: Tensor, seed: Tensor, stream: int, p: float,
 @_dropout_fwd_cpu.register_fake
 def _(x, seed, stream, p, with_bits):
     nbits = (x.numel() + 7) // 8 if with_bits else 0
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(nbits, dtype=torch.uint8)
+    return _layout.empty_out(x), x.new_empty(nbits, dtype=torch.uint8)
 
 
 def _numba_add(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
     nb = _backend.numba_module("dropout")
 
+    if not x.is_contiguous():
+        out = _numba_fwd_memory_order(nb, x, seed, stream, p, residual)
+        if out is not None:
+            return out
     cd = compute_dtype(x.dtype)
     xa, ra = _alloc.numpy_in(x, cd), _alloc.numpy_in(residual, cd)
     out, oa = _alloc.out_like(x, cd)
     t, scale = _kernel_scalars(p, x.dtype)
     nb.dropout_add_fwd(xa, ra, oa, int(seed), stream, t, scale, 0)
-    return _alloc.as_dtype(out, x.dtype)
+    return _layout.like(x, _alloc.as_dtype(out, x.dtype))
 
 
 @torch.library.custom_op("fastreg::dropout_add_fwd_cpu", mutates_args=(), device_types="cpu")
@@ -143,7 +177,7 @@ def _dropout_add_fwd_cpu(x: Tensor, residual: Tensor, seed: Tensor, stream: int,
 
 @_dropout_add_fwd_cpu.register_fake
 def _(x, residual, seed, stream, p):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _layout.empty_out(x)
 
 
 def _check_bits(grad: Tensor, bits: Tensor, op: str) -> None:
@@ -167,7 +201,7 @@ def _numba_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
     ga = _numba_in(grad)
     out, oa = _alloc.out_like(grad, compute_dtype(grad.dtype))
     nb.dropout_bits_apply(ga, _alloc.numpy_in(bits, torch.uint8), oa, _np_scale(p, grad.dtype))
-    return _alloc.as_dtype(out, grad.dtype)
+    return _layout.like(grad, _alloc.as_dtype(out, grad.dtype))
 
 
 @torch.library.custom_op("fastreg::dropout_bits_apply_cpu", mutates_args=(), device_types="cpu")
@@ -179,7 +213,7 @@ def _dropout_bits_apply_cpu(grad: Tensor, bits: Tensor, p: float) -> Tensor:
 
 @_dropout_bits_apply_cpu.register_fake
 def _(grad, bits, p):
-    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    return _layout.empty_out(grad)
 
 
 # ---------------------------------------------------------------- public ops
@@ -204,10 +238,10 @@ def _fwd_impl(x, seed, stream, p, with_bits, direct):
                 x.contiguous(), out, bits, seed, stream, keep_threshold(p), dropout_scale_bits(p), 0, n,
                 WITH_BITS=with_bits, COMPUTE_F64=_is_f64(x), VEC=tk.vec_for(x.dtype),
                 BLOCK=tk.BLOCK)
-        return out, bits
+        return _layout.like(x, out), bits
     out, keep = dropout_reference(x, seed, stream, p)
     bits = pack_bits_reference(keep.reshape(-1)) if with_bits else x.new_empty(0, dtype=torch.uint8)
-    return out, bits
+    return _layout.like(x, out.contiguous()), bits
 
 
 def _add_impl(x, residual, seed, stream, p, direct):
@@ -226,11 +260,11 @@ def _add_impl(x, residual, seed, stream, p, direct):
                 x.contiguous(), residual.contiguous(), out, seed, stream, keep_threshold(p),
                 dropout_scale_bits(p), 0, n, COMPUTE_F64=_is_f64(x), VEC=tk.vec_for(x.dtype),
                 BLOCK=tk.BLOCK)
-        return out
+        return _layout.like(x, out)
     m, _ = dropout_multipliers_reference(n, seed, stream, p, x.dtype, x.device)
     cd = m.dtype
     out = residual.reshape(-1).to(cd) + x.reshape(-1).to(cd) * m
-    return out.to(x.dtype).reshape(x.shape)
+    return _layout.like(x, out.to(x.dtype).reshape(x.shape))
 
 
 def _bits_apply_impl(grad, bits, p, direct):
@@ -249,12 +283,12 @@ def _bits_apply_impl(grad, bits, p, direct):
             _backend.launcher(tk.dropout_bits_apply_kernel, direct)[tk.grid(n)](
                 grad.contiguous(), bits.contiguous(), out, dropout_scale_bits(p), n,
                 COMPUTE_F64=_is_f64(grad), BLOCK=tk.BLOCK)
-        return out
+        return _layout.like(grad, out)
     keep = unpack_bits_reference(bits, n)
     cd = compute_dtype(grad.dtype)
     scale = torch.tensor(dropout_scale(p), dtype=cd, device=grad.device)
     m = torch.where(keep, scale, torch.zeros((), dtype=cd, device=grad.device))
-    return (grad.reshape(-1).to(cd) * m).to(grad.dtype).reshape(grad.shape)
+    return _layout.like(grad, (grad.reshape(-1).to(cd) * m).to(grad.dtype).reshape(grad.shape))
 
 
 @triton_op("fastreg::dropout_fwd", mutates_args=())
@@ -410,6 +444,9 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, *, seed=None, 
     mask: "seed" saves nothing per element (backward regenerates the mask);
     "bits" saves a 1-bit-per-element packed mask.
     training=False, p=0 or an empty input return the input itself, as torch does.
+    The result and the gradient are laid out as torch.empty_like(input) (channels_last
+    stays channels_last), with the values of dropout(input.contiguous()): the mask
+    follows the logical index (docs/layout.md).
     """
     check_float_tensor(input, "input", "dropout")
     p = check_probability(p, "p", "dropout")
@@ -429,7 +466,8 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, *, seed=None, 
 def dropout_add(input: Tensor, residual: Tensor, p: float = 0.5, training: bool = True, *,
                 seed=None, stream: int = 0) -> Tensor:
     """residual + dropout(input), one pass forward and one pass backward, nothing saved
-    per element. training=False or p=0 give input + residual."""
+    per element. training=False or p=0 give input + residual. The result is laid out as
+    torch.empty_like(input), as fastreg.dropout's."""
     check_float_tensor(input, "input", "dropout_add")
     check_float_tensor(residual, "residual", "dropout_add")
     check_same(input, residual, ("input", "residual"), "dropout_add")

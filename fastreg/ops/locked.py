@@ -220,6 +220,8 @@ def locked_dropout(input: Tensor, p: float = 0.5, *, dim: int, training: bool = 
     row-major index of input with dim removed) is kept: every slice along dim sees
     the same mask. Kept elements are scaled by 1 / (1 - p). Nothing is saved per
     element for backward. training=False, p=0 or an empty input return the input.
+    The result is contiguous whatever input's strides (a sequence tensor, read in logical
+    order): unlike fastreg.dropout it does not keep a permuted input's layout.
     """
     check_float_tensor(input, "input", "locked_dropout")
     p = check_probability(p, "p", "locked_dropout")

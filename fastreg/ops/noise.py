@@ -22,6 +22,11 @@ Gaussian dropout and noise with a fixed sigma save 0 bytes per element.
 Backward is one pass: grad_x = grad * (1 + sigma * eps) and, fused into the same
 pass, grad_sigma = sum over sigma's broadcast dims of grad * x * eps (or
 grad * eps for additive noise).
+
+Layout: outputs and grad_x are laid out as torch.empty_like of the input (channels_last stays
+channels_last), with the values of the op on the contiguous input: eps stays a function of the
+logical index. The kernels compute in logical order and copy once into that layout
+(fastreg/_layout.py); contiguous inputs pay one is_contiguous() test.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from fastreg import _alloc, _backend
+from fastreg import _alloc, _backend, _layout
 from fastreg._seed import check_seed, check_stream, seed_tensor
 from fastreg._validate import (check_float_tensor, check_op_code, check_op_like, check_op_rng,
                                check_probability, compute_dtype)
@@ -191,7 +196,7 @@ def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
     sizes, sstr = _np_layout(x, sigma)
     nb.noise_fwd(xa, _np_in(sigma, cd), oa, sizes, sstr, int(seed), stream, dist, additive,
                  _np_one(cd), 0, _nthreads(xa.size))
-    return _alloc.as_dtype(out, x.dtype)
+    return _layout.like(x, _alloc.as_dtype(out, x.dtype))
 
 
 @torch.library.custom_op("fastreg::noise_fwd_cpu", mutates_args=(), device_types="cpu")
@@ -204,7 +209,7 @@ def _noise_fwd_cpu(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: in
 
 @_noise_fwd_cpu.register_fake
 def _(x, sigma, seed, stream, dist, additive):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _layout.empty_out(x)
 
 
 def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
@@ -234,13 +239,13 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
                  unused if gs_t is None else gs_t.numpy(), part, sizes, sstr, int(seed), stream,
                  dist, additive, need_gx, mode, _np_one(cd), 0)
     if need_gx:
-        gx_t = _alloc.as_dtype(gx_t, grad.dtype).view(grad.shape)
+        gx_t = _layout.like(grad, _alloc.as_dtype(gx_t, grad.dtype).view(grad.shape))
     else:
         gx_t = grad.new_empty(0)
     if mode == 1:
-        gs_t = gs_t.to(sigma.dtype).view(sigma.shape)
+        gs_t = _layout.like(sigma, gs_t.to(sigma.dtype).view(sigma.shape))
     elif mode == 2:
-        gs_t = torch.from_numpy(part.sum(0)).to(sigma.dtype).view(sigma.shape)
+        gs_t = _layout.like(sigma, torch.from_numpy(part.sum(0)).to(sigma.dtype).view(sigma.shape))
     else:
         gs_t = sigma.new_empty(0)
     return gx_t, gs_t
@@ -269,8 +274,8 @@ def _noise_bwd_cpu(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream:
 
 @_noise_bwd_cpu.register_fake
 def _(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs):
-    gx = torch.empty(grad.shape if need_gx else (0,), dtype=grad.dtype, device=grad.device)
-    gs = torch.empty(sigma.shape if need_gs else (0,), dtype=sigma.dtype, device=sigma.device)
+    gx = _layout.empty_out(grad) if need_gx else grad.new_empty(0)
+    gs = _layout.empty_out(sigma) if need_gs else sigma.new_empty(0)
     return gx, gs
 
 
@@ -302,8 +307,8 @@ def _fwd_impl(x, sigma, seed, stream, dist, additive, direct):
                 x.contiguous(), sigma.contiguous(), out, sizes, sstr, seed, stream, 0, n,
                 NDIM=ndim, SCALAR=sigma.numel() == 1, DIST=dist, ADDITIVE=additive,
                 COMPUTE_F64=x.dtype == torch.float64, BLOCK=tk.BLOCK, IDX32=n < 2**31)
-        return out
-    return noise_reference(x, sigma, seed, stream, dist, additive)
+        return _layout.like(x, out)
+    return _layout.like(x, noise_reference(x, sigma, seed, stream, dist, additive).contiguous())
 
 
 def _check_additive_gx(additive: bool, need_gx: bool, op: str) -> None:
@@ -344,11 +349,16 @@ def _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, di
         if not need_gs:
             gs = sigma.new_empty(0)
         elif mode == 3:
-            gs = gsb.sum().to(sigma.dtype).reshape(sigma.shape)
+            gs = _layout.like(sigma, gsb.sum().to(sigma.dtype).reshape(sigma.shape))
         else:
-            gs = gsb.to(sigma.dtype).reshape(sigma.shape)
-        return gx, gs
-    return noise_bwd_reference(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs)
+            gs = _layout.like(sigma, gsb.to(sigma.dtype).reshape(sigma.shape))
+        return (_layout.like(grad, gx) if need_gx else gx), gs
+    gx, gs = noise_bwd_reference(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs)
+    if need_gx:
+        gx = _layout.like(grad, gx.contiguous())
+    if need_gs:
+        gs = _layout.like(sigma, gs.contiguous())
+    return gx, gs
 
 
 @triton_op("fastreg::noise_fwd", mutates_args=())
@@ -510,7 +520,8 @@ def gaussian_dropout(input: Tensor, p: float = 0.5, training: bool = True, *, se
     (eps is regenerated from (seed, stream)). seed: None draws a fresh seed from
     torch's default generator for input's device; an int in [0, 2^63) or a 0-dim
     int64 tensor fixes the noise. training=False, p=0 or an empty input return
-    the input itself.
+    the input itself. The result is laid out as torch.empty_like(input), as every
+    noise op's (docs/layout.md).
     """
     check_float_tensor(input, "input", "gaussian_dropout")
     p = check_probability(p, "p", "gaussian_dropout")

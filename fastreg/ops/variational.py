@@ -15,6 +15,10 @@ on CUDA or forced under TRITON_INTERPRET=1; Numba through the opaque inner ops
     vd_sample(Tensor mu, Tensor var, Tensor seed, int stream, float eps) -> Tensor
     vd_sample_grad_var(Tensor grad, Tensor var, Tensor seed, int stream, float eps) -> Tensor
 Double backward is not implemented.
+
+Layout: the sample is laid out as torch.empty_like(mu) (channels_last stays channels_last) and
+grad_var as the incoming gradient, with the values of the op on contiguous tensors (z stays a
+function of the logical index): computed in logical order, then one copy (fastreg/_layout.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from fastreg import _alloc, _backend, _native
+from fastreg import _alloc, _backend, _layout, _native
 from fastreg._seed import check_stream, seed_tensor
 from fastreg._validate import (check_float_tensor, check_op_like, check_op_nonneg, check_op_rng,
                                check_same, compute_dtype)
@@ -87,7 +91,7 @@ def _vd_sample_cpu_impl(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps:
     out, oa = _alloc.out_like(mu, compute_dtype(mu.dtype))
     if oa.size:
         nb.vd_sample_fwd(ma, va, oa, int(seed), stream, _np_scalar(eps, mu.dtype))
-    return _alloc.as_dtype(out, mu.dtype)
+    return _layout.like(mu, _alloc.as_dtype(out, mu.dtype))
 
 
 def _vd_sample_cpu_op(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
@@ -103,7 +107,7 @@ _vd_sample_cpu = torch.library.custom_op("fastreg::vd_sample_cpu", _vd_sample_cp
 
 @_vd_sample_cpu.register_fake
 def _(mu, var, seed, stream, eps):
-    return torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+    return _layout.empty_out(mu)
 
 
 def _vd_sample_grad_var_cpu_impl(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
@@ -115,7 +119,7 @@ def _vd_sample_grad_var_cpu_impl(grad: Tensor, var: Tensor, seed: Tensor, stream
     if oa.size:
         nb.vd_sample_grad_var(ga, va, oa, int(seed), stream, _np_scalar(eps, grad.dtype),
                               _np_scalar(0.5, grad.dtype))
-    return _alloc.as_dtype(out, grad.dtype)
+    return _layout.like(grad, _alloc.as_dtype(out, grad.dtype))
 
 
 def _vd_sample_grad_var_cpu_op(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
@@ -132,7 +136,7 @@ _vd_sample_grad_var_cpu = torch.library.custom_op(
 
 @_vd_sample_grad_var_cpu.register_fake
 def _(grad, var, seed, stream, eps):
-    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    return _layout.empty_out(grad)
 
 
 def _plain(*ts) -> bool:
@@ -164,7 +168,7 @@ def _launch(kernel, a: Tensor, var: Tensor, seed: Tensor, stream: int, eps: floa
         wrap_triton(kernel)[grid](a.contiguous(), var.contiguous(), out, seed, stream,
                                   _backend.f64_bits(eps), n, F64=a.dtype == torch.float64,
                                   BLOCK=tk.BLOCK)
-    return out
+    return _layout.like(a, out)
 
 
 # ---------------------------------------------------------------- public ops
@@ -182,7 +186,7 @@ def vd_sample_op(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float)
         from fastreg.kernels.triton.variational import vd_sample_fwd_kernel
 
         return _launch(vd_sample_fwd_kernel, mu, var, seed, stream, eps)
-    return vd_sample_reference(mu, var, seed, stream, eps)
+    return _layout.like(mu, vd_sample_reference(mu, var, seed, stream, eps))
 
 
 @triton_op("fastreg::vd_sample_grad_var", mutates_args=())
@@ -200,7 +204,7 @@ def vd_sample_grad_var_op(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
         from fastreg.kernels.triton.variational import vd_sample_grad_var_kernel
 
         return _launch(vd_sample_grad_var_kernel, grad, var, seed, stream, eps)
-    return vd_sample_grad_var_reference(grad, var, seed, stream, eps)
+    return _layout.like(grad, vd_sample_grad_var_reference(grad, var, seed, stream, eps))
 
 
 def _setup(ctx, inputs, output):
@@ -233,7 +237,7 @@ def _sample_eager(mu, var, seed, stream, eps):
         from fastreg.kernels.triton.variational import vd_sample_fwd_kernel
 
         return _launch(vd_sample_fwd_kernel, mu, var, seed, stream, eps)
-    return vd_sample_reference(mu, var, seed, stream, eps)
+    return _layout.like(mu, vd_sample_reference(mu, var, seed, stream, eps))
 
 
 def _grad_var_eager(grad, var, seed, stream, eps):
@@ -244,7 +248,7 @@ def _grad_var_eager(grad, var, seed, stream, eps):
         from fastreg.kernels.triton.variational import vd_sample_grad_var_kernel
 
         return _launch(vd_sample_grad_var_kernel, grad, var, seed, stream, eps)
-    return vd_sample_grad_var_reference(grad, var, seed, stream, eps)
+    return _layout.like(grad, vd_sample_grad_var_reference(grad, var, seed, stream, eps))
 
 
 class _VdSampleFn(torch.autograd.Function):
@@ -275,6 +279,7 @@ def vd_sample(mu: Tensor, var: Tensor, *, seed=None, stream: int = 0, eps: float
     seed: None draws a fresh seed from torch's default generator for mu's device; an
     int in [0, 2^63) or a 0-dim int64 tensor fixes z. stream separates draws sharing a
     seed (e.g. different layers). Saves var and the seed for backward, nothing for z.
+    The result is laid out as torch.empty_like(mu) (docs/layout.md).
     """
     op = "vd_sample"
     check_float_tensor(mu, "mu", op)

@@ -179,3 +179,132 @@ def dropout_fwd_bits(x, out, bits, seed, stream, threshold, scale, start):
 def dropout_bits_apply(g, bits, out, scale):
     """out = g * bit * scale: the backward of the packed-mask mode."""
     _apply(g, bits, out, scale)
+
+
+# ---------------------------------------------------------------- memory order (fastreg/_layout.py)
+# A dense, non-overlapping input that is not contiguous (channels_last, a transpose) is walked
+# in memory order: x and out are 1-D views of the memory, and element j's logical index (what
+# the mask depends on) comes from its digits in `sizes`, the memory-order dims, times `lstr`,
+# their logical strides. The innermost dim is a row; each element of a row draws its own
+# Philox counter (its logical neighbours lie in other rows), so this costs up to four times
+# the Philox work of the logical-order kernels, and no copy in or out.
+
+@numba.njit(inline="always", cache=True)
+def _row_start(r, sizes, lstr):
+    """Logical index of the first element of memory row r (the rows are the inner dim)."""
+    i0 = 0
+    q = np.int64(r)  # a new variable: parfors refuses an update of the prange index
+    for d in range(sizes.size - 2, -1, -1):
+        sz = sizes[d]
+        i0 += (q % sz) * lstr[d]
+        q = q // sz
+    return i0
+
+
+@numba.njit(inline="always", cache=True)
+def _word_at(i, k0, k1, s0, s1):
+    c = i >> _S2
+    r0, r1, r2, r3 = philox4x32_10(c & MASK32, c >> _S32, s0, s1, k0, k1)
+    lane = i & np.uint64(3)
+    return r0 if lane == 0 else (r1 if lane == 1 else (r2 if lane == 2 else r3))
+
+
+@numba.njit(inline="always", cache=True)
+def _strided_row(r, x, residual, out, seed, stream, t, scale, sizes, lstr, ADD):
+    inner = sizes[sizes.size - 1]
+    li = np.uint64(lstr[lstr.size - 1])
+    i0 = np.uint64(_row_start(r, sizes, lstr))
+    j0 = r * inner
+    k0 = seed & MASK32
+    k1 = seed >> _S32
+    s0 = stream & MASK32
+    s1 = stream >> _S32
+    zero = scale - scale
+    for m in range(inner):
+        w = _word_at(i0 + np.uint64(m) * li, k0, k1, s0, s1)
+        v = x[j0 + m] * (scale if w >= t else zero)
+        if ADD:
+            v = residual[j0 + m] + v
+        out[j0 + m] = v
+
+
+@numba.njit(inline="always", cache=True)
+def _tiled_rows(g, x, residual, out, seed, stream, t, scale, sizes, lstr, ADD):
+    """Memory rows 4g..4g+3, whose logical indices are i, i+1, i+2, i+3 at every position of
+    the row with i % 4 == 0 (tile4 of fastreg._layout.memory_dims: channels_last with H*W a
+    multiple of 4, ...): one Philox counter serves the four rows' elements at a position, as
+    in the logical-order kernels, and the loops are theirs: multipliers m[lane, position] for
+    a block of positions (the counter steps by lstr/4), then the four rows streamed."""
+    inner = sizes[sizes.size - 1]
+    li = np.uint64(lstr[lstr.size - 1])
+    i0 = np.uint64(_row_start(4 * g, sizes, lstr))
+    j0 = 4 * g * inner
+    k0 = seed & MASK32
+    k1 = seed >> _S32
+    s0 = stream & MASK32
+    s1 = stream >> _S32
+    zero = scale - scale
+    step = li >> _S2
+    m = np.empty((4, BLOCK), dtype=x.dtype)
+    for b0 in range(0, inner, BLOCK):
+        count = min(BLOCK, inner - b0)
+        c_first = (i0 >> _S2) + np.uint64(b0) * step
+        for j in range(count):
+            c = c_first + np.uint64(j) * step
+            r0, r1, r2, r3 = philox4x32_10(c & MASK32, c >> _S32, s0, s1, k0, k1)
+            m[0, j] = scale if r0 >= t else zero
+            m[1, j] = scale if r1 >= t else zero
+            m[2, j] = scale if r2 >= t else zero
+            m[3, j] = scale if r3 >= t else zero
+        for lane in range(4):
+            e = j0 + lane * inner + b0
+            if ADD:
+                for j in range(count):
+                    out[e + j] = residual[e + j] + x[e + j] * m[lane, j]
+            else:
+                for j in range(count):
+                    out[e + j] = x[e + j] * m[lane, j]
+
+
+def _fwd_tiled_driver(x, out, seed, stream, t, scale, sizes, lstr):
+    groups = x.size // (4 * sizes[sizes.size - 1])
+    for g in numba.prange(groups):
+        _tiled_rows(g, x, x, out, seed, stream, t, scale, sizes, lstr, False)
+
+
+def _add_tiled_driver(x, residual, out, seed, stream, t, scale, sizes, lstr):
+    groups = x.size // (4 * sizes[sizes.size - 1])
+    for g in numba.prange(groups):
+        _tiled_rows(g, x, residual, out, seed, stream, t, scale, sizes, lstr, True)
+
+
+def _fwd_strided_driver(x, out, seed, stream, t, scale, sizes, lstr):
+    rows = x.size // sizes[sizes.size - 1]
+    for r in numba.prange(rows):
+        _strided_row(r, x, x, out, seed, stream, t, scale, sizes, lstr, False)
+
+
+def _add_strided_driver(x, residual, out, seed, stream, t, scale, sizes, lstr):
+    rows = x.size // sizes[sizes.size - 1]
+    for r in numba.prange(rows):
+        _strided_row(r, x, residual, out, seed, stream, t, scale, sizes, lstr, True)
+
+
+_fwd_strided = by_size(SERIAL_BELOW)(_fwd_strided_driver)
+_add_strided = by_size(SERIAL_BELOW)(_add_strided_driver)
+_fwd_tiled = by_size(SERIAL_BELOW)(_fwd_tiled_driver)
+_add_tiled = by_size(SERIAL_BELOW)(_add_tiled_driver)
+
+
+def dropout_fwd_strided(x, out, seed, stream, threshold, scale, sizes, lstr, tile4):
+    """dropout_fwd over memory-order views x, out (out laid out as x): the mask of each element
+    at its logical index (sizes, lstr, tile4: fastreg._layout.memory_dims)."""
+    (_fwd_tiled if tile4 else _fwd_strided)(x, out, _u64(seed), _u64(stream), _u64(threshold),
+                                            scale, sizes, lstr)
+
+
+def dropout_add_fwd_strided(x, residual, out, seed, stream, threshold, scale, sizes, lstr,
+                            tile4):
+    """dropout_add_fwd over memory-order views (residual laid out as x)."""
+    (_add_tiled if tile4 else _add_strided)(x, residual, out, _u64(seed), _u64(stream),
+                                            _u64(threshold), scale, sizes, lstr)
