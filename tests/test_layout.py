@@ -228,3 +228,19 @@ def test_memory_dims():
     assert not memory_dims(tuple(x.shape), tuple(x.stride()))[2]
     assert memory_dims((6, 5), (10, 2)) is None  # a slice: not dense
     assert memory_dims((2, 3), (1, 1)) is None  # overlapping
+
+
+@pytest.mark.parametrize("shape", [(2, 600, 8, 8), (2, 3, 120, 100), (2, 5, 99, 71)])
+def test_numba_memory_order_kernels_at_parallel_sizes(shape, gen):
+    """The memory-order Numba kernels past their serial size (threaded drivers), with rows
+    longer than a scratch block (600 channels), short rows (3 channels) and the per-element
+    path (H*W odd): forward and dropout_add against the op on the contiguous tensor."""
+    x = torch.randn(shape, generator=gen).contiguous(memory_format=CL)
+    r = torch.randn(shape, generator=gen).contiguous(memory_format=CL)
+    with fastreg.use_backend("numba"):
+        out = fastreg.dropout(x, 0.2, seed=8, stream=1)
+        add = fastreg.dropout_add(x, r, 0.2, seed=8, stream=1)
+        _like(out, x)
+        _like(add, x)
+        _same(out, fastreg.dropout(x.contiguous(), 0.2, seed=8, stream=1))
+        _same(add, fastreg.dropout_add(x.contiguous(), r.contiguous(), 0.2, seed=8, stream=1))

@@ -89,7 +89,8 @@ def _adversarial_numba_impl(x: torch.Tensor, x0: torch.Tensor | None, grad: torc
     ct = compute_dtype(x.dtype)
     # grad keeps its precision (a float64 1e-50 must stay positive); halves widen exactly
     gt = grad.dtype if grad.dtype in _NUMPY_FLOATS else torch.float32
-    if not x.is_contiguous() and _same_dense_layout(x, x0, grad):
+    contiguous = x.is_contiguous()
+    if not contiguous and _same_dense_layout(x, x0, grad):
         # no random numbers: a permuted dense x (channels_last, ...) is walked in memory order
         out = torch.empty_like(x, dtype=ct)
         npt = np.float64 if ct == torch.float64 else np.float32
@@ -113,7 +114,8 @@ def _adversarial_numba_impl(x: torch.Tensor, x0: torch.Tensor | None, grad: torc
         else:
             nb.pgd_step(xa, _alloc.numpy_in(x0, ct), ga, oa, npt(step), npt(eps), npt(lo),
                         npt(hi))
-    return _layout.like(x, _alloc.as_dtype(out, x.dtype))
+    out = _alloc.as_dtype(out, x.dtype)
+    return out if contiguous else _layout.like(x, out)
 
 
 _NUMPY_FLOATS = (torch.float32, torch.float64)

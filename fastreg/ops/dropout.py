@@ -102,7 +102,23 @@ def _numba_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
     path (op_result=False), which never reads it."""
     nb = _backend.numba_module("dropout")
 
-    if not x.is_contiguous() and not with_bits:
+    if not x.is_contiguous():  # the one layout test of the contiguous path
+        return _numba_fwd_layout(nb, x, seed, stream, p, with_bits, op_result)
+    xa = _numba_in(x)
+    out, oa = _alloc.out_like(x, compute_dtype(x.dtype))
+    t, scale = _kernel_scalars(p, x.dtype)
+    if with_bits:
+        bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
+        nb.dropout_fwd_bits(xa, oa, bits.numpy(), int(seed), stream, t, scale, 0)
+        return _alloc.as_dtype(out, x.dtype), bits
+    nb.dropout_fwd(xa, oa, int(seed), stream, t, scale, 0)
+    return _alloc.as_dtype(out, x.dtype), torch.empty(0, dtype=torch.uint8) if op_result else None
+
+
+def _numba_fwd_layout(nb, x, seed, stream, p, with_bits, op_result):
+    """_numba_fwd of a non-contiguous x, the result laid out as torch.empty_like(x): in memory
+    order when x is dense (seed mode), else in logical order and one copy."""
+    if not with_bits:
         out = _numba_fwd_memory_order(nb, x, seed, stream, p)
         if out is not None:
             return out, torch.empty(0, dtype=torch.uint8) if op_result else None
@@ -156,7 +172,8 @@ def _(x, seed, stream, p, with_bits):
 def _numba_add(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float) -> Tensor:
     nb = _backend.numba_module("dropout")
 
-    if not x.is_contiguous():
+    contiguous = x.is_contiguous()
+    if not contiguous:
         out = _numba_fwd_memory_order(nb, x, seed, stream, p, residual)
         if out is not None:
             return out
@@ -165,7 +182,8 @@ def _numba_add(x: Tensor, residual: Tensor, seed: Tensor, stream: int, p: float)
     out, oa = _alloc.out_like(x, cd)
     t, scale = _kernel_scalars(p, x.dtype)
     nb.dropout_add_fwd(xa, ra, oa, int(seed), stream, t, scale, 0)
-    return _layout.like(x, _alloc.as_dtype(out, x.dtype))
+    out = _alloc.as_dtype(out, x.dtype)
+    return out if contiguous else _layout.like(x, out)
 
 
 @torch.library.custom_op("fastreg::dropout_add_fwd_cpu", mutates_args=(), device_types="cpu")
@@ -201,7 +219,8 @@ def _numba_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
     ga = _numba_in(grad)
     out, oa = _alloc.out_like(grad, compute_dtype(grad.dtype))
     nb.dropout_bits_apply(ga, _alloc.numpy_in(bits, torch.uint8), oa, _np_scale(p, grad.dtype))
-    return _layout.like(grad, _alloc.as_dtype(out, grad.dtype))
+    out = _alloc.as_dtype(out, grad.dtype)
+    return out if grad.is_contiguous() else _layout.like(grad, out)
 
 
 @torch.library.custom_op("fastreg::dropout_bits_apply_cpu", mutates_args=(), device_types="cpu")

@@ -196,7 +196,8 @@ def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
     sizes, sstr = _np_layout(x, sigma)
     nb.noise_fwd(xa, _np_in(sigma, cd), oa, sizes, sstr, int(seed), stream, dist, additive,
                  _np_one(cd), 0, _nthreads(xa.size))
-    return _layout.like(x, _alloc.as_dtype(out, x.dtype))
+    out = _alloc.as_dtype(out, x.dtype)
+    return out if x.is_contiguous() else _layout.like(x, out)
 
 
 @torch.library.custom_op("fastreg::noise_fwd_cpu", mutates_args=(), device_types="cpu")
@@ -239,7 +240,9 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
                  unused if gs_t is None else gs_t.numpy(), part, sizes, sstr, int(seed), stream,
                  dist, additive, need_gx, mode, _np_one(cd), 0)
     if need_gx:
-        gx_t = _layout.like(grad, _alloc.as_dtype(gx_t, grad.dtype).view(grad.shape))
+        gx_t = _alloc.as_dtype(gx_t, grad.dtype).view(grad.shape)
+        if not grad.is_contiguous():
+            gx_t = _layout.like(grad, gx_t)
     else:
         gx_t = grad.new_empty(0)
     if mode == 1:

@@ -91,7 +91,8 @@ def _vd_sample_cpu_impl(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps:
     out, oa = _alloc.out_like(mu, compute_dtype(mu.dtype))
     if oa.size:
         nb.vd_sample_fwd(ma, va, oa, int(seed), stream, _np_scalar(eps, mu.dtype))
-    return _layout.like(mu, _alloc.as_dtype(out, mu.dtype))
+    out = _alloc.as_dtype(out, mu.dtype)
+    return out if mu.is_contiguous() else _layout.like(mu, out)
 
 
 def _vd_sample_cpu_op(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
@@ -119,7 +120,8 @@ def _vd_sample_grad_var_cpu_impl(grad: Tensor, var: Tensor, seed: Tensor, stream
     if oa.size:
         nb.vd_sample_grad_var(ga, va, oa, int(seed), stream, _np_scalar(eps, grad.dtype),
                               _np_scalar(0.5, grad.dtype))
-    return _layout.like(grad, _alloc.as_dtype(out, grad.dtype))
+    out = _alloc.as_dtype(out, grad.dtype)
+    return out if grad.is_contiguous() else _layout.like(grad, out)
 
 
 def _vd_sample_grad_var_cpu_op(grad: Tensor, var: Tensor, seed: Tensor, stream: int,

@@ -229,12 +229,13 @@ def _strided_row(r, x, residual, out, seed, stream, t, scale, sizes, lstr, ADD):
 
 
 @numba.njit(inline="always", cache=True)
-def _tiled_rows(g, x, residual, out, seed, stream, t, scale, sizes, lstr, ADD):
+def _tiled_rows(g, m, x, residual, out, seed, stream, t, scale, sizes, lstr, ADD):
     """Memory rows 4g..4g+3, whose logical indices are i, i+1, i+2, i+3 at every position of
     the row with i % 4 == 0 (tile4 of fastreg._layout.memory_dims: channels_last with H*W a
     multiple of 4, ...): one Philox counter serves the four rows' elements at a position, as
     in the logical-order kernels, and the loops are theirs: multipliers m[lane, position] for
-    a block of positions (the counter steps by lstr/4), then the four rows streamed."""
+    a block of positions (the counter steps by lstr/4), then the four rows streamed. m is the
+    caller's (4, BLOCK) scratch array."""
     inner = sizes[sizes.size - 1]
     li = np.uint64(lstr[lstr.size - 1])
     i0 = np.uint64(_row_start(4 * g, sizes, lstr))
@@ -245,7 +246,6 @@ def _tiled_rows(g, x, residual, out, seed, stream, t, scale, sizes, lstr, ADD):
     s1 = stream >> _S32
     zero = scale - scale
     step = li >> _S2
-    m = np.empty((4, BLOCK), dtype=x.dtype)
     for b0 in range(0, inner, BLOCK):
         count = min(BLOCK, inner - b0)
         c_first = (i0 >> _S2) + np.uint64(b0) * step
@@ -266,16 +266,30 @@ def _tiled_rows(g, x, residual, out, seed, stream, t, scale, sizes, lstr, ADD):
                     out[e + j] = x[e + j] * m[lane, j]
 
 
+@numba.njit(inline="always", cache=True)
+def _tiled_chunking(x, sizes):
+    """(groups of four rows, groups per parallel chunk: about 4 BLOCK elements, so that the
+    scratch array is allocated once per chunk, not once per group of short rows)."""
+    inner = sizes[sizes.size - 1]
+    groups = x.size // (4 * inner)
+    per = max(1, BLOCK // inner)
+    return groups, per, (groups + per - 1) // per
+
+
 def _fwd_tiled_driver(x, out, seed, stream, t, scale, sizes, lstr):
-    groups = x.size // (4 * sizes[sizes.size - 1])
-    for g in numba.prange(groups):
-        _tiled_rows(g, x, x, out, seed, stream, t, scale, sizes, lstr, False)
+    groups, per, nch = _tiled_chunking(x, sizes)
+    for ch in numba.prange(nch):
+        m = np.empty((4, BLOCK), dtype=x.dtype)
+        for g in range(ch * per, min(groups, (ch + 1) * per)):
+            _tiled_rows(g, m, x, x, out, seed, stream, t, scale, sizes, lstr, False)
 
 
 def _add_tiled_driver(x, residual, out, seed, stream, t, scale, sizes, lstr):
-    groups = x.size // (4 * sizes[sizes.size - 1])
-    for g in numba.prange(groups):
-        _tiled_rows(g, x, residual, out, seed, stream, t, scale, sizes, lstr, True)
+    groups, per, nch = _tiled_chunking(x, sizes)
+    for ch in numba.prange(nch):
+        m = np.empty((4, BLOCK), dtype=x.dtype)
+        for g in range(ch * per, min(groups, (ch + 1) * per)):
+            _tiled_rows(g, m, x, residual, out, seed, stream, t, scale, sizes, lstr, True)
 
 
 def _fwd_strided_driver(x, out, seed, stream, t, scale, sizes, lstr):
