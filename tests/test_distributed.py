@@ -517,7 +517,8 @@ def check_reversible_ddp_divergence(rank, world, device):
     if rank == 1:
         st = opt.state[next(iter(model.parameters()))]
         st["v"][0] += 1
-    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] differs from rank 0"):
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] differs from the majority's \(of 2 ranks; on a "
+                                           r"tie, from rank 0's\)"):
         opt.reverse(lambda: loss(T), loss, ddp=ddp)
     opt.load_state_dict(sd)  # per-rank state dicts restore a usable optimizer
     opt.check_ranks(ddp)
@@ -555,6 +556,225 @@ def check_reversible_fsdp2(rank, world, device):
             assert torch.equal(opt.state[p][k], opt2.state[p][k])
     with pytest.raises(NotImplementedError, match="FSDP2"):
         opt.reverse(lambda: loss(T), loss)
+
+
+def _shared_tmpdir():
+    """A directory made by rank 0, its path sent to every rank (a checkpoint's home)."""
+    box = [tempfile.mkdtemp(prefix="fastreg-dcp-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _remove_tmpdir(path):
+    import shutil
+
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _assert_same_state(opt_a, params_a, opt_b, params_b, what):
+    for i, (p, q) in enumerate(zip(params_a, params_b)):
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        for k in ("w", "v", "head", "count"):
+            assert torch.equal(sa[k], sb[k]), f"{what}: {k} of parameter {i}"
+        u = int(sa["count"].max()) if sa["count"].numel() else 0
+        assert torch.equal(sa["spill"][:u], sb["spill"][:u]), f"{what}: spill of parameter {i}"
+    assert opt_a.steps == opt_b.steps
+
+
+def check_reversible_dcp_ddp(rank, world, device):
+    """DDP: a torch.distributed.checkpoint round trip (model + optimizer) in the middle of a run,
+    into a fresh model and optimizer; the resumed run reverses to w_0 bit for bit with the
+    hypergradients of the run without the checkpoint. A rank whose state differs is refused at
+    saving, named on every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from fastreg.optim import ReversibleSGD
+
+    T1, T2 = 20, 6  # the information buffer has spilled words by step 20 (tested below)
+    T = T1 + T2
+    X, Y = _batches(T, device)
+    rows = slice(4 * rank, 4 * rank + 4)
+
+    def run(model, fwd, opt, ts):
+        for t in ts:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(fwd(X[t, rows]), Y[t, rows]).backward()
+            opt.step()
+
+    def make(seed, lr_value):
+        model = _mlp(seed, device)
+        ddp = DDP(model)
+        lr = torch.full((T,), lr_value, dtype=torch.float64, requires_grad=True)
+        return model, ddp, lr, ReversibleSGD(model.parameters(), lr=lr, momentum=0.2, frac_bits=40)
+
+    def closure_of(ddp):
+        return lambda t: torch.nn.functional.mse_loss(ddp(X[t, rows]), Y[t, rows])
+
+    # the run without a checkpoint
+    model, ddp, lr, opt = make(5, 0.05)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    run(model, ddp, opt, range(T))
+    wT = [p.detach().clone() for p in model.parameters()]
+    opt.reverse(lambda: closure_of(ddp)(T), closure_of(ddp), ddp=ddp)
+    ref_lr, ref_dw = lr.grad.clone(), [p.grad.clone() for p in model.parameters()]
+    # the checkpointed run: T1 steps, dcp.save, a fresh model (other init) and optimizer, dcp.load
+    model, ddp, lr, opt = make(5, 0.05)
+    run(model, ddp, opt, range(T1))
+    assert max(int(opt.state[p]["count"].max()) for p in model.parameters()) > 0, "nothing spilled"
+    path = _shared_tmpdir()
+    try:
+        dcp.save({"model": model.state_dict(), "optim": opt.dcp_state_dict()}, checkpoint_id=path)
+        model2, ddp2, lr2, opt2 = make(6, 0.3)
+        sd = {"model": model2.state_dict(), "optim": opt2.dcp_state_dict(path)}
+        dcp.load(sd, checkpoint_id=path)
+        model2.load_state_dict(sd["model"])
+        opt2.load_dcp_state_dict(sd["optim"])
+        assert torch.equal(lr2.detach(), lr.detach()) and lr2.requires_grad  # loaded in place
+        _assert_same_state(opt, list(model.parameters()), opt2, list(model2.parameters()), "after load")
+        opt2.check_ranks(ddp2)
+        run(model2, ddp2, opt2, range(T1, T))
+        for p, w in zip(model2.parameters(), wT):
+            assert torch.equal(p.detach(), w), "the resumed run left the uninterrupted one"
+        opt2.reverse(lambda: closure_of(ddp2)(T), closure_of(ddp2), ddp=ddp2)
+        for p, w in zip(model2.parameters(), w0):
+            assert torch.equal(p.detach(), w), "w_0 not restored bit for bit after the checkpoint"
+        assert torch.equal(lr2.grad, ref_lr)
+        for p, g in zip(model2.parameters(), ref_dw):
+            assert torch.equal(p.grad, g)
+        # a rank whose (replicated) state differs: refused at saving, on every rank, naming it
+        if rank == 1:
+            opt.state[next(iter(model.parameters()))]["v"][0] += 1
+        with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] differ from the majority"):
+            opt.dcp_state_dict()
+    finally:
+        _remove_tmpdir(path)
+
+
+def _fsdp_mlp(seed, device):
+    """Uneven shards over 2 ranks: 7 rows (4 + 3), 3 rows (2 + 1), and 1 row (1 + an empty shard)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3),
+                               torch.nn.Tanh(), torch.nn.Linear(3, 1)).to(device)
+
+
+def check_reversible_dcp_fsdp2(rank, world, device):
+    """FSDP2: each rank saves and loads its own shards of the optimizer state through DCP
+    (DTensors on the parameters' mesh; uneven and empty shards); the resumed run's per-rank state
+    equals the uninterrupted run's bit for bit. A checkpoint whose layout differs (loaded
+    without sharding, or into another model) is refused naming the parameter, on every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from fastreg.optim import ReversibleSGD
+
+    T1, T2 = 20, 4
+    T = T1 + T2
+    X, Y = _batches(T, device)
+    Y = Y[..., :1]
+    rows = slice(4 * rank, 4 * rank + 4)
+
+    def make(seed, lr_value, shard=True):
+        model = _fsdp_mlp(seed, device)
+        if shard:
+            for i in (0, 2, 4):
+                fully_shard(model[i])
+            fully_shard(model)
+        lr = torch.full((T,), lr_value, dtype=torch.float64)
+        return model, ReversibleSGD(model.parameters(), lr=lr, momentum=0.2, frac_bits=40)
+
+    def run(model, opt, ts):
+        for t in ts:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(X[t, rows]), Y[t, rows]).backward()
+            opt.step()
+
+    model, opt = make(7, 0.05)
+    assert any(p.to_local().numel() == 0 for p in model.parameters()) == (rank == 1)
+    run(model, opt, range(T))
+    model1, opt1 = make(7, 0.05)
+    run(model1, opt1, range(T1))
+    assert max(int(opt1.state[p]["count"].max()) for p in model1.parameters()
+               if p.to_local().numel()) > 0, "nothing spilled"
+    path = _shared_tmpdir()
+    try:
+        osd = opt1.dcp_state_dict()
+        assert all(isinstance(v, DTensor) for s in osd["state"].values() for v in s.values())
+        dcp.save({"model": model1.state_dict(), "optim": osd}, checkpoint_id=path)
+        md = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        for i in range(6):  # the ranks agreed on the spill's words: one global shape
+            m = md[f"optim.state.{i}.spill"]
+            assert len(m.chunks) == 2 and all(c.sizes[0] == m.size[0] for c in m.chunks), (i, m)
+        model2, opt2 = make(8, 0.2)
+        sd = {"model": model2.state_dict(), "optim": opt2.dcp_state_dict(path)}
+        dcp.load(sd, checkpoint_id=path)
+        model2.load_state_dict(sd["model"])
+        opt2.load_dcp_state_dict(sd["optim"])
+        assert float(opt2.param_groups[0]["lr"][0]) == 0.05
+        _assert_same_state(opt1, list(model1.parameters()), opt2, list(model2.parameters()), "after load")
+        for p, q in zip(model1.parameters(), model2.parameters()):
+            assert torch.equal(p.to_local(), q.to_local())
+            # each rank's own w_0 checksum (of its shard) came back
+            assert opt2._checksums[id(q)] == opt1._checksums[id(p)] is not None
+        run(model2, opt2, range(T1, T))
+        _assert_same_state(opt, list(model.parameters()), opt2, list(model2.parameters()), "resumed run")
+        for p, q in zip(model.parameters(), model2.parameters()):
+            assert torch.equal(p.to_local(), q.to_local())
+        # another layout: the same model unsharded on every rank (DDP-like), refused by name
+        plain, popt = make(8, 0.2, shard=False)
+        with pytest.raises(ValueError, match=r"parameter param_groups\[0\]\['params'\]\[0\] .*was saved as "
+                                             r"2 piece\(s\).*same world size and sharding"):
+            popt.dcp_state_dict(path)
+        # another model: a shape differs
+        other = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3),
+                                    torch.nn.Tanh(), torch.nn.Linear(3, 1)).to(device)
+        oopt = ReversibleSGD(other.parameters(), lr=0.1, momentum=0.9, frac_bits=40)
+        with pytest.raises(ValueError, match=r"params'\]\[0\] \(shape \(6, 5\)\) was saved with "
+                                             r"shape \(7, 5\)"):
+            oopt.dcp_state_dict(path)
+        with pytest.raises(ValueError, match="holds 6 parameters, this optimizer 2"):
+            ReversibleSGD(model[0].parameters(), lr=0.1, momentum=0.9, frac_bits=40).dcp_state_dict(path)
+    finally:
+        _remove_tmpdir(path)
+
+
+def check_reversible_ddp_unrepeatable(rank, world, device):
+    """A closure adding noise from an unseeded generator on rank 1 only: reverse() raises on every
+    rank, naming rank 1 and the step; a closure that differs from the forward run
+    deterministically on rank 1 is caught with the step, and reported as not nameable."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from fastreg.optim.reversible import NondeterministicClosureError
+
+    T = 5
+    X, Y = _batches(T, device)
+    rows = slice(4 * rank, 4 * rank + 4)
+    model = _mlp(3, device)
+    ddp = DDP(model)
+    opt, lr, w0, loss = _reversible_run(model, ddp, X, Y, rows, T)
+    sd = copy.deepcopy(opt.state_dict())
+    unseeded = torch.Generator()
+    unseeded.seed()  # a seed from the OS: other noise at every call
+
+    def noisy(t):
+        out = loss(t)
+        if rank == 1 and t == 2:
+            out = out + 1e-4 * (ddp.module[0].weight * torch.randn(
+                ddp.module[0].weight.shape, generator=unseeded)).sum()
+        return out
+    with pytest.raises(NondeterministicClosureError,
+                       match=r"first differed at step 2; the closure of rank\(s\) \[1\] gave other") as e:
+        opt.reverse(lambda: loss(T), noisy, ddp=ddp)
+    assert e.value.ranks == [1] and e.value.step == 2
+    opt.load_state_dict(sd)  # the per-rank state dicts carry the gradient fingerprints too
+    assert len(opt._gfp) == T and all(f is not None for f in opt._gfp)
+
+    def shifted(t):
+        return loss(t) * (1 + 1e-3) if (rank == 1 and t == 3) else loss(t)
+    with pytest.raises(NondeterministicClosureError, match=r"first differed at step 3, but closure\(3\) "
+                                                           r"repeated itself on every rank") as e:
+        opt.reverse(lambda: loss(T), shifted, ddp=ddp)
+    assert e.value.ranks == [] and e.value.step == 3
 
 
 # ---------------------------------------------------------------- modules under FSDP2
@@ -634,6 +854,9 @@ SUITES = {
         ("reversible_ddp", check_reversible_ddp),
         ("reversible_ddp_divergence", check_reversible_ddp_divergence),
         ("reversible_fsdp2", check_reversible_fsdp2),
+        ("reversible_dcp_ddp", check_reversible_dcp_ddp),
+        ("reversible_dcp_fsdp2", check_reversible_dcp_fsdp2),
+        ("reversible_ddp_unrepeatable", check_reversible_ddp_unrepeatable),
         ("modules_fsdp2", check_modules_fsdp2),
         ("modules_fsdp2_parent_only", lambda r, w, d: check_modules_fsdp2(r, w, d, parent_only=True)),
     ],
@@ -670,3 +893,128 @@ def test_reversible_refuses_sparse_gradients():
         opt.step()
     for p, b in zip(lin.parameters(), before):
         assert torch.equal(p.detach(), b)
+
+
+def test_odd_ones_majority():
+    """The ranks named as differing: against the majority's value; on a tie, the value of the
+    lowest rank among the largest groups."""
+    from fastreg.optim.reversible import _odd_ones
+
+    assert _odd_ones([5, 5]) == []
+    assert _odd_ones([5, 6]) == [1]
+    assert _odd_ones([6, 5, 5]) == [0]
+    assert _odd_ones([5, 6, 5, 7]) == [1, 3]
+    assert _odd_ones([5, 6, 6, 5]) == [1, 2]
+    assert _odd_ones([]) == []
+
+
+# ---------------------------------------------------------------- ReversibleSGD, one process
+
+def _small_run(T, lr_value=0.05, seed=0, dtype=torch.float32):
+    from fastreg.optim import ReversibleSGD
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(T + 1, 8, 5, generator=g, dtype=dtype)
+    Y = torch.randn(T + 1, 8, 3, generator=g, dtype=dtype)
+    lr = torch.full((T,), lr_value, dtype=torch.float64, requires_grad=True)
+    opt = ReversibleSGD(model.parameters(), lr=lr, momentum=0.2, frac_bits=40)
+
+    def loss(t):
+        return torch.nn.functional.mse_loss(model(X[t]), Y[t])
+    return model, opt, lr, loss
+
+
+def _train_steps(opt, loss, ts):
+    for t in ts:
+        opt.zero_grad()
+        loss(t).backward()
+        opt.step()
+
+
+def test_reversible_unrepeatable_closure_one_process():
+    """Without DDP: an unseeded closure is named (ranks [0]) with the first step reversed whose
+    gradients differ; a difference the fixed-point update absorbs (float64 gradients changed in
+    their last bit) still reverses without error."""
+    from fastreg.optim.reversible import NondeterministicClosureError
+
+    T = 5
+    model, opt, lr, loss = _small_run(T)
+    _train_steps(opt, loss, range(T))
+    unseeded = torch.Generator()
+    unseeded.seed()
+
+    def noisy(t):
+        noise = torch.randn(model[0].weight.shape, generator=unseeded)
+        return loss(t) + (1e-4 * model[0].weight * noise).sum() if t == 3 else loss(t)
+    with pytest.raises(NondeterministicClosureError, match=r"first differed at step 3; closure gave other "
+                                                           r"gradients when closure\(3\) was called twice") as e:
+        opt.reverse(lambda: loss(T), noisy)
+    assert e.value.step == 3 and e.value.ranks == [0]
+
+    model, opt, lr, loss = _small_run(T, dtype=torch.float64)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    _train_steps(opt, loss, range(T))
+    seen = []
+    real = opt._gradients_differ
+
+    def spy(t, gs, params):
+        seen.append(real(t, gs, params))
+        return seen[-1]
+    opt._gradients_differ = spy
+    opt.reverse(lambda: loss(T), lambda t: loss(t) * (1 + 2.0**-52) if t == 2 else loss(t))
+    assert seen == [False, False, True]  # steps 4, 3: the same bits; step 2: other bits ...
+    for p, w in zip(model.parameters(), w0):
+        assert torch.equal(p.detach(), w)  # ... and w_0 was still recovered: no error
+
+
+def test_reversible_dcp_one_process(tmp_path):
+    """dcp.save / dcp.load without a process group: the resumed run reverses to w_0 bit for bit
+    with the hypergradients of the run without a checkpoint; malformed destinations are refused
+    before anything changes."""
+    import torch.distributed.checkpoint as dcp
+    from fastreg.optim import ReversibleSGD
+
+    T1, T2 = 20, 5
+    T = T1 + T2
+    model, opt, lr, loss = _small_run(T)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    _train_steps(opt, loss, range(T))
+    opt.reverse(lambda: loss(T), loss)
+    ref_lr = lr.grad.clone()
+
+    model, opt, lr, loss = _small_run(T)
+    _train_steps(opt, loss, range(T1))
+    assert max(int(opt.state[p]["count"].max()) for p in model.parameters()) > 0
+    path = str(tmp_path / "ck")
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"model": model.state_dict(), "optim": opt.dcp_state_dict()}, checkpoint_id=path)
+    model2, opt2, lr2, loss2 = _small_run(T, lr_value=0.3, seed=1)
+    with pytest.raises(ValueError, match="no ReversibleSGD state under 'opt'"):
+        opt2.dcp_state_dict(path, prefix="opt")
+    sd = {"model": model2.state_dict(), "optim": opt2.dcp_state_dict(path)}
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.load(sd, checkpoint_id=path)
+    model2.load_state_dict(sd["model"])
+    bad = dict(sd["optim"], state=dict(sd["optim"]["state"]))
+    bad["state"]["2"] = dict(bad["state"]["2"], count=bad["state"]["2"]["count"] + 1000)
+    with pytest.raises(ValueError, match=r"information buffer of parameter param_groups\[0\]\['params'\]\[2\] "
+                                         r".*inconsistent"):
+        opt2.load_dcp_state_dict(bad)
+    assert opt2.steps == 0 and float(lr2.detach()[0]) == 0.3  # nothing half-loaded
+    opt2.load_dcp_state_dict(sd["optim"])
+    assert opt2.steps == T1 and float(lr2.detach()[0]) == 0.05 and lr2.requires_grad
+    _train_steps(opt2, loss2, range(T1, T))
+    opt2.reverse(lambda: loss2(T), loss2)
+    for p, w in zip(model2.parameters(), w0):
+        assert torch.equal(p.detach(), w)
+    assert torch.equal(lr2.grad, ref_lr)
+    # a model of another size
+    other = torch.nn.Linear(5, 7)
+    with pytest.raises(ValueError, match="holds 4 parameters, this optimizer 2"):
+        ReversibleSGD(other.parameters(), lr=0.1, momentum=0.5, frac_bits=40).dcp_state_dict(path)
+    # torch's get_optimizer_state_dict keeps only 'state' and 'param_groups': not enough here
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    assert "reversible" not in get_optimizer_state_dict(model2, opt2)

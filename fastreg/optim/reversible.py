@@ -51,6 +51,48 @@ class ReversibleOverflowError(OverflowError):
     """A value left the fixed-point range (or a gradient was not finite)."""
 
 
+class NondeterministicClosureError(RuntimeError):
+    """reverse() did not recover w_0 bit for bit: closure(t) did not recompute the forward run's
+    gradients. `step`: the first step met (reverse runs from the last step backwards) whose
+    recomputed gradients differed from the forward run's (None where unknown); `ranks`: the ranks (of the
+    DDP group; [0] without one) whose closure(step) gave other gradients when called twice."""
+
+    def __init__(self, msg: str, step: int | None = None, ranks: list | None = None):
+        super().__init__(msg)
+        self.step, self.ranks = step, list(ranks or [])
+
+
+def _fingerprints(gs: list) -> torch.Tensor:
+    """int64 checksums (one per tensor, on the first one's device) of flat float32/float64
+    gradients: the wrapping sum of each one's bit patterns in their own width (one reduction
+    each, order-independent: the same on every device and backend)."""
+    sums = [g.view(torch.int32 if g.dtype == torch.float32 else torch.int64).sum(dtype=None if
+            g.dtype == torch.float64 else torch.int32) for g in gs]
+    dev = sums[0].device
+    if all(s.dtype == sums[0].dtype and s.device == dev for s in sums):
+        return torch.stack(sums).to(torch.int64)
+    return torch.stack([s.to(device=dev, dtype=torch.int64) for s in sums])
+
+
+def _culprit_text(step, ranks, world: int) -> str:
+    if step is None:
+        return ("No step's recomputed gradients differed from the forward run's fingerprints "
+                "(unknown: steps loaded from a checkpoint without them)")
+    first = ("Reversing from the last step, the recomputed gradients first differed at "
+             f"step {step}")
+    if ranks:
+        where = "closure" if world == 1 else "the closure of rank(s) " + str(ranks)
+        return (f"{first}; {where} gave other gradients when closure({step}) was called twice at "
+                "the same parameters: a nondeterministic closure (unseeded random numbers, "
+                "nondeterministic kernels)")
+    if world > 1:
+        return (f"{first}, but closure({step}) repeated itself on every rank: it differs from the "
+                "forward run deterministically (another batch, seed or model) on some rank, which "
+                "the averaged gradients cannot name")
+    return (f"{first}, but closure({step}) repeated itself: it differs from the forward run "
+            "deterministically (another batch, seed or model)")
+
+
 class ReversibleSGD(torch.optim.Optimizer):
     """Momentum SGD whose training run can be undone bit for bit.
 
@@ -91,6 +133,10 @@ class ReversibleSGD(torch.optim.Optimizer):
         self._backend_name = backend
         self._t = 0
         self._checksums: dict[int, str] = {}
+        # per step, the fingerprints of the gradients step() applied (one int64 per parameter,
+        # _fingerprints), to find the first step whose gradients reverse() recomputes differently;
+        # None for steps loaded from a checkpoint without them, or with DTensor parameters
+        self._gfp: list = []
         self._broken: str | None = None
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
@@ -304,6 +350,8 @@ class ReversibleSGD(torch.optim.Optimizer):
                                for g in self.param_groups for p in g["params"]}
         consts = [self._step_consts(g, t) for g in self.param_groups]
         backend = self._backends()
+        # DTensor (FSDP2) parameters cannot be reversed: no fingerprints for them
+        fps = [] if all(type(p) in _PLAIN for g in self.param_groups for p in g["params"]) else None
         k = 0
         for gi, group in enumerate(self.param_groups):
             alpha, n, _gamma, _omg, c1s, lam = consts[gi]
@@ -317,6 +365,8 @@ class ReversibleSGD(torch.optim.Optimizer):
                                      f"{grad.numel()} elements for {st['w'].numel()} weights")
                 self._ensure_capacity(st)
                 g = self._flat(grad, p)
+                if fps is not None:
+                    fps.append(g)
                 out, copy = self._out_view(p)
                 code = K.fwd_step(backend(p), st["w"], st["v"], st["head"], st["count"],
                                   st["spill"], g, out, self.momentum_bits, n, alpha, c1s, lam,
@@ -326,6 +376,7 @@ class ReversibleSGD(torch.optim.Optimizer):
                 st["bound"] += 1
                 if code:
                     self._raise(code, gi, pi, t, "forward")
+        self._gfp.append(_fingerprints(fps) if fps else None)
         self._t = t + 1
         return loss
 
@@ -362,8 +413,13 @@ class ReversibleSGD(torch.optim.Optimizer):
         Accumulates into `.grad`: lr / momentum / weight_decay tensors that require
         grad (per step for schedules) and the meta-parameters (zero theirs first: the
         forward run's backward() calls accumulated into them too). The parameters'
-        `.grad` is replaced by d objective / d w_0. Returns the objective's value. Raises RuntimeError when w_0
-        is not recovered bit for bit (a nondeterministic closure).
+        `.grad` is replaced by d objective / d w_0. Returns the objective's value. Raises
+        NondeterministicClosureError (a RuntimeError) when w_0 is not recovered bit for bit (a
+        nondeterministic closure), with `.step`: the first step met, from the last one back,
+        whose recomputed gradients differ from the fingerprints step() kept of the forward
+        run's, and `.ranks`: the ranks whose closure(step), called once more there, gave other
+        gradients (a nondeterministic closure; empty if it repeated itself, i.e. it differs from
+        the forward run deterministically).
 
         ddp: the DistributedDataParallel module the forward run trained (step() after its
             backward, i.e. after the gradient all-reduce). closure(t) and objective run the
@@ -371,8 +427,9 @@ class ReversibleSGD(torch.optim.Optimizer):
             ddp.process_group, the recomputed gradients as DDP does (times 1/world size, then
             summed: bit-identical to the forward run's), the Hessian-vector products and the
             objective's gradients (each rank's objective is its share of the mean). Every rank
-            restores w_0; a rank whose state differs from rank 0's is named in the error.
-            docs/distributed.md.
+            restores w_0; a rank whose state differs from the majority's (on a tie, rank 0's) is
+            named in the error, and so is a rank whose closure does not repeat itself (above):
+            every rank raises, none hangs. docs/distributed.md.
         """
         self._check_ok()
         if not callable(closure):
@@ -438,6 +495,7 @@ class ReversibleSGD(torch.optim.Optimizer):
             hyp[(gi, "lr")][t] += da
             return u, rev
 
+        first_bad, culprits = None, []
         consts = consts_of(T - 1) if T else []
         with torch.no_grad():
             us = [restore(p, gi, T - 1, consts)[0] for p, (gi, pi) in zip(params, where)] if T else []
@@ -456,9 +514,15 @@ class ReversibleSGD(torch.optim.Optimizer):
                         gouts.append(u.to(g.dtype).view_as(g))
                 hv = torch.autograd.grad(outs, params + metas_t, grad_outputs=gouts, allow_unused=True) \
                     if outs else [None] * (len(params) + len(metas_t))
+            gs_local = gs
             if dp.group is not None:  # the forward run's gradients, and the mean HVP
                 gs = dp.ddp_mean(gs, params)
                 hv = dp.mean64(hv, list(params) + list(metas_t))
+            if first_bad is None and self._gradients_differ(t, gs, params):
+                # the first step whose (averaged) gradients are not the forward run's: the
+                # parameters still hold w_t, so each rank can ask whether its closure(t) repeats
+                first_bad = t
+                culprits = self._unrepeatable_ranks(dp, closure, t, gs_local, params)
             with torch.no_grad():
                 for m, hm in zip(metas_t, hv[len(params):]):
                     _acc(meta_acc, m, hm, -1.0)
@@ -496,20 +560,23 @@ class ReversibleSGD(torch.optim.Optimizer):
             bad_ranks = dp.ranks_where(bool(bad))
             if bad_ranks:
                 self._broken = "w_0 was not recovered"
-                raise RuntimeError(
+                raise NondeterministicClosureError(
                     f"ReversibleSGD.reverse: w_0 was not recovered bit for bit on rank(s) {bad_ranks} "
                     f"of {dp.world}" + (" (here: " + ", ".join(bad) + ")" if bad else "")
                     + ": the gradients recomputed by closure(t) and averaged over the ranks were not "
-                    "bit-identical to those of the forward run (a closure nondeterministic on some rank: "
-                    "different batches, random seeds, or nondeterministic kernels)")
+                    "bit-identical to those of the forward run. "
+                    + _culprit_text(first_bad, culprits, dp.world),
+                    step=first_bad, ranks=culprits)
             self._check_ranks(dp, "after reverse")
         if bad:
             self._broken = "w_0 was not recovered"
-            raise RuntimeError(
+            raise NondeterministicClosureError(
                 "ReversibleSGD.reverse: w_0 was not recovered bit for bit for " + ", ".join(bad)
                 + ": the gradients recomputed by closure(t) were not bit-identical to those of the forward run "
                 "(a nondeterministic closure: different batches, random seeds, or nondeterministic kernels;"
-                " under DistributedDataParallel, pass reverse(..., ddp=model))")
+                " under DistributedDataParallel, pass reverse(..., ddp=model)). "
+                + _culprit_text(first_bad, culprits, 1), step=first_bad, ranks=culprits)
+        self._gfp = []
 
         # -- write the hypergradients
         with torch.no_grad():
@@ -532,30 +599,59 @@ class ReversibleSGD(torch.optim.Optimizer):
                 m.grad = d if m.grad is None else m.grad.add_(d)
         return obj.detach()
 
-    def _state_hash(self) -> int:
-        """A 63-bit hash of the whole optimizer state (steps, w, v and information buffers)."""
+    def _state_hash(self, plain_only: bool = False) -> int:
+        """A 63-bit hash of the whole optimizer state (steps, w, v, information buffers and
+        gradient fingerprints); plain_only: of the plain (not DTensor) parameters' state only."""
         h = hashlib.blake2b(digest_size=8)
         h.update(str(self._t).encode())
         for g in self.param_groups:
             for p in g["params"]:
+                if plain_only and type(p.data) not in _PLAIN:
+                    continue
                 st = self.state[p]
                 used = int(st["count"].max()) if st["count"].numel() else 0
                 for key in ("w", "v", "head", "count"):
                     h.update(st[key].cpu().numpy().tobytes())
                 h.update(st["spill"][:used].cpu().numpy().tobytes())
+        for f in self._gfp:
+            h.update(b"-" if f is None else f.cpu().numpy().tobytes())
         return int.from_bytes(h.digest(), "little") >> 1
 
     def _check_ranks(self, dp, when: str) -> None:
         diverged = dp.ranks_differing(self._state_hash())
         if diverged:
             raise RuntimeError(
-                f"ReversibleSGD ({when}): the optimizer state of rank(s) {diverged} differs from rank "
-                f"0's; under DistributedDataParallel every rank must hold the same state (a rank that "
-                "stepped with other gradients, loaded another checkpoint, or changed its parameters)")
+                f"ReversibleSGD ({when}): the optimizer state of rank(s) {diverged} differs from the "
+                f"majority's (of {dp.world} ranks; on a tie, from rank 0's); under DistributedDataParallel "
+                "every rank must hold the same state (a rank that stepped with other gradients, loaded "
+                "another checkpoint, or changed its parameters)")
+
+    def _gradients_differ(self, t: int, gs, params) -> bool:
+        """Whether the gradients reverse() recomputed for step t (averaged over the ranks under
+        DDP) have other fingerprints than those step() applied (False where unknown)."""
+        ref = self._gfp[t] if t < len(self._gfp) else None
+        if ref is None or ref.numel() != len(params):
+            return False
+        got = _fingerprints([self._flat(g, p) for g, p in zip(gs, params)])
+        return not torch.equal(got.to(ref.device), ref)
+
+    def _unrepeatable_ranks(self, dp, closure, t: int, gs_local, params) -> list:
+        """The ranks whose closure(t), called again at the same parameters, gives gradients other
+        than its first call's: one more closure(t) on every rank and, under DDP, one all-reduce
+        (every rank gets here together: the averaged gradients and the fingerprints are the same
+        on every rank)."""
+        with torch.enable_grad(), dp.no_sync():
+            again = torch.autograd.grad(closure(t), params, allow_unused=True)
+        differs = any(not torch.equal(self._flat(a, p), self._flat(b, p))
+                      for a, b, p in zip(gs_local, again, params))
+        if dp.group is not None:
+            return dp.ranks_where(differs)
+        return [0] if differs else []
 
     def check_ranks(self, ddp) -> None:
         """Raise RuntimeError naming the ranks (of ddp.process_group) whose optimizer state
-        differs from rank 0's; one all-reduce."""
+        differs from the majority's (on a tie, the state of the lowest rank among the largest
+        groups: rank 0's with 2 ranks); one all-reduce."""
         self._check_ranks(_DataParallel(ddp), "check_ranks")
 
     # ------------------------------------------------------------ checkpoints
@@ -570,21 +666,34 @@ class ReversibleSGD(torch.optim.Optimizer):
         sd["reversible"] = dict(t=self._t, checksums=[self._checksums.get(id(p)) for g in self.param_groups
                                                       for p in g["params"]],
                                 frac_bits=self.frac_bits, momentum_bits=self.momentum_bits,
-                                coder=CODER_VERSION)
+                                coder=CODER_VERSION, grad_fingerprints=self._gfp_table())
         return sd
+
+    def _gfp_table(self):
+        """The gradient fingerprints for a checkpoint: dict(table=(steps, parameters) int64 CPU
+        tensor, first=the first step they are known from), or None when there are none."""
+        known = [i for i, f in enumerate(self._gfp) if f is not None]
+        if not known or known != list(range(known[0], len(self._gfp))) or len(self._gfp) != self._t:
+            return None
+        rows = [self._gfp[i].cpu() for i in known]
+        table = torch.zeros((self._t, rows[0].numel()), dtype=torch.int64)
+        table[known[0]:] = torch.stack(rows)
+        return dict(table=table, first=known[0])
+
+    def _set_gfp(self, saved, t: int, n: int) -> None:
+        dev = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        if saved is None or saved["table"].shape != (t, n):
+            self._gfp = [None] * t
+        else:
+            self._gfp = [None if i < saved["first"] else saved["table"][i].to(dev).clone()
+                         for i in range(t)]
 
     def load_state_dict(self, state_dict):
         sd = dict(state_dict)
         extra = sd.pop("reversible", None)
         if extra is None:
             raise ValueError("state_dict: not a ReversibleSGD state dict (no 'reversible' entry)")
-        if extra.get("coder", 1) != CODER_VERSION:
-            raise ValueError(f"state_dict: its information buffer was written by coder version "
-                             f"{extra.get('coder', 1)} (an earlier fastreg); this version reads version "
-                             f"{CODER_VERSION} only and could not reverse it")
-        if extra["frac_bits"] != self.frac_bits or extra["momentum_bits"] != self.momentum_bits:
-            raise ValueError(f"state_dict: saved with frac_bits={extra['frac_bits']}, momentum_bits="
-                             f"{extra['momentum_bits']}; this optimizer has {self.frac_bits}, {self.momentum_bits}")
+        self._check_format(extra)
         saved_state = sd["state"]
         params, where = self._params_where()
         ids = [i for g in sd["param_groups"] for i in g["params"]]
@@ -608,7 +717,17 @@ class ReversibleSGD(torch.optim.Optimizer):
                 self._write_param(p, st["w"])
         self._t = extra["t"]
         self._checksums = {id(p): c for p, c in zip(params, extra["checksums"])}
+        self._set_gfp(extra.get("grad_fingerprints"), self._t, len(params))
         self._broken = None
+
+    def _check_format(self, extra: dict) -> None:
+        if extra.get("coder", 1) != CODER_VERSION:
+            raise ValueError(f"state_dict: its information buffer was written by coder version "
+                             f"{extra.get('coder', 1)} (an earlier fastreg); this version reads version "
+                             f"{CODER_VERSION} only and could not reverse it")
+        if extra["frac_bits"] != self.frac_bits or extra["momentum_bits"] != self.momentum_bits:
+            raise ValueError(f"state_dict: saved with frac_bits={extra['frac_bits']}, momentum_bits="
+                             f"{extra['momentum_bits']}; this optimizer has {self.frac_bits}, {self.momentum_bits}")
 
     def _check_loaded(self, s: dict, p: torch.Tensor, gi: int, pi: int) -> None:
         """A loaded state must fit its parameter and keep the coder's invariants: the kernels
@@ -630,6 +749,248 @@ class ReversibleSGD(torch.optim.Optimizer):
             raise ValueError(f"state_dict: the information buffer of {where} is inconsistent (counts "
                              f"outside [0, {sp.shape[0]}] or heads below 2^31): not a checkpoint of "
                              "this optimizer, or a damaged one")
+
+    # ------------------------------------------------------------ torch.distributed.checkpoint
+    def dcp_state_dict(self, checkpoint=None, *, prefix: str = "optim", process_group=None) -> dict:
+        """The optimizer state as torch.distributed.checkpoint (DCP) saves and loads it.
+
+        Per parameter p (key: its index in group order): "w", "v", "head", "count" shaped like p,
+        "spill" (words, *p.shape), and "w0_hash" (the checksum reverse() checks w_0 against).
+        With a DTensor p (FSDP2) they are DTensors on p's mesh with p's placements (spill: the
+        shard dim moved one right; w0_hash: one 3-word piece per rank), so each rank saves and
+        loads its own shard; with a plain p they are plain tensors, which DCP saves once
+        (replicated: identical on every rank, as under DDP). Plus "param_groups" (the
+        hyperparameters) and "reversible" (steps, fixed-point format, gradient fingerprints).
+
+        Saving (checkpoint=None): a view of the live state (the spill copied), to hand to
+        dcp.save at once. Under torch.distributed (process_group: the one given to dcp.save,
+        default the default group) it costs one all_gather: the ranks agree on the spill's
+        word count, and a rank whose plain parameters' state, step count or gradient
+        fingerprints differ from the majority's raises on every rank, naming it (DCP would
+        otherwise keep one rank's copy and silently drop the others).
+
+        Loading (checkpoint: the checkpoint's path, a StorageReader or its Metadata): a zeroed
+        destination sized from the checkpoint's metadata (the spill's words, the steps), found
+        under the key `prefix` (the key the dict was saved under; "" for the top level). It
+        checks, without communicating, that the checkpoint holds as many parameters with the
+        same shapes and that this rank's shard of each is one the checkpoint holds (same world
+        size and sharding), raising ValueError naming the parameter otherwise. dcp.load fills
+        it; then call load_dcp_state_dict on it.
+
+            dcp.save({"model": model.state_dict(), "optim": opt.dcp_state_dict()}, checkpoint_id=path)
+            ...
+            sd = {"model": model.state_dict(), "optim": opt.dcp_state_dict(path)}
+            dcp.load(sd, checkpoint_id=path)
+            opt.load_dcp_state_dict(sd["optim"])
+        """
+        params, where = self._params_where()
+        if checkpoint is None:
+            return self._dcp_save_dict(params, where, process_group)
+        return self._dcp_template(params, where, _dcp_metadata(checkpoint), prefix)
+
+    def _dcp_save_dict(self, params, where, process_group) -> dict:
+        used = [int(self.state[p]["count"].max()) if self.state[p]["count"].numel() else 0 for p in params]
+        words = list(used)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+            world = dist.get_world_size(process_group)
+            dev = next((p.device for p in params if p.device.type == "cuda"), torch.device("cpu"))
+            mine = torch.tensor([self._state_hash(plain_only=True)] + used, dtype=torch.int64, device=dev)
+            every = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(every, mine, group=process_group)
+            every = torch.stack(every).cpu()
+            odd = _odd_ones(every[:, 0].tolist())
+            if odd:
+                raise RuntimeError(
+                    f"ReversibleSGD.dcp_state_dict: the state of the plain (replicated) parameters, the "
+                    f"step count or the gradient fingerprints of rank(s) {odd} differ from the majority's "
+                    f"(of {world} ranks; on a tie, from rank 0's); DCP saves a plain tensor once, as "
+                    "if replicated, so the checkpoint would hold one rank's state only")
+            words = every[:, 1:].max(dim=0).values.tolist() if params else []
+        state = {}
+        for i, (p, (gi, pi), w) in enumerate(zip(params, where, words)):
+            st = self.state[p]
+            n = st["w"].numel()
+            spill = torch.zeros((w, n), dtype=torch.int32, device=st["spill"].device)
+            u = used[i]
+            spill[:u] = st["spill"][:u]
+            state[str(i)] = self._dcp_param(p, gi, pi, dict(
+                w=st["w"], v=st["v"], head=st["head"], count=st["count"], spill=spill,
+                w0_hash=_hash_words(self._checksums.get(id(p)), st["w"].device)))
+        fp = self._gfp_table()
+        extra = dict(t=self._t, frac_bits=self.frac_bits, momentum_bits=self.momentum_bits,
+                     coder=CODER_VERSION, num_params=len(params))
+        if fp is not None:
+            extra.update(grad_fp=fp["table"], grad_fp_first=fp["first"])
+        groups = {str(gi): {name: (g[name].detach() if isinstance(g[name], torch.Tensor) else g[name])
+                            for name in _HYPERS} for gi, g in enumerate(self.param_groups)}
+        return {"state": state, "param_groups": groups, "reversible": extra}
+
+    def _dcp_param(self, p, gi: int, pi: int, flat: dict) -> dict:
+        """Each flat local state tensor shaped like p (plain), or as a DTensor on p's mesh."""
+        d = _data(p)
+        if type(p.data) in _PLAIN:
+            out = {k: flat[k].view(p.shape) for k in ("w", "v", "head", "count")}
+            out["spill"] = flat["spill"].view((flat["spill"].shape[0], *p.shape))
+            out["w0_hash"] = flat["w0_hash"]
+            return out
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        mesh, pls = p.device_mesh, p.placements
+        shifted = []
+        for pl in pls:
+            if type(pl) is Shard:
+                shifted.append(Shard((pl.dim % p.dim()) + 1))
+            elif type(pl) is Replicate:
+                shifted.append(pl)
+            else:
+                raise NotImplementedError(f"ReversibleSGD.dcp_state_dict: {self._pname(gi, pi)} has placement "
+                                          f"{pl}; Shard and Replicate placements are supported")
+
+        def dt(local, placements, shape):
+            return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape),
+                                      stride=_contiguous_strides(shape))
+        out = {k: dt(flat[k].view(d.shape), pls, p.shape) for k in ("w", "v", "head", "count")}
+        W = flat["spill"].shape[0]
+        out["spill"] = dt(flat["spill"].view((W, *d.shape)), shifted, (W, *p.shape))
+        out["w0_hash"] = dt(flat["w0_hash"], [Shard(0)] * mesh.ndim, (3 * mesh.size(),))
+        return out
+
+    def _dcp_template(self, params, where, md, prefix: str) -> dict:
+        sdm = md.state_dict_metadata
+        pre = prefix + "." if prefix else ""
+
+        def meta(key):
+            return sdm.get(pre + key)
+        if meta("reversible.t") is None:
+            raise ValueError(f"ReversibleSGD.dcp_state_dict: the checkpoint holds no ReversibleSGD state "
+                             f"under {prefix!r} (pass prefix=, the key the optimizer state was saved under)")
+        n_saved = 0
+        while meta(f"state.{n_saved}.w") is not None:
+            n_saved += 1
+        if n_saved != len(params):
+            raise ValueError(f"ReversibleSGD.dcp_state_dict: the checkpoint holds {n_saved} parameters, this "
+                             f"optimizer {len(params)}")
+        state = {}
+        for i, (p, (gi, pi)) in enumerate(zip(params, where)):
+            name = self._pname(gi, pi)
+            mw, ms, mh = meta(f"state.{i}.w"), meta(f"state.{i}.spill"), meta(f"state.{i}.w0_hash")
+            if tuple(mw.size) != tuple(p.shape) or ms is None or tuple(ms.size)[1:] != tuple(p.shape):
+                raise ValueError(f"ReversibleSGD.dcp_state_dict: {name} was saved with shape "
+                                 f"{tuple(mw.size)}; a checkpoint of another model")
+            d = _data(p)
+            plain = type(p.data) in _PLAIN
+            if plain:
+                offset, lshape, pieces = (0,) * p.dim(), tuple(p.shape), 1
+            else:
+                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+                lshape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                pieces = p.device_mesh.size()
+            chunks = [(tuple(c.offsets), tuple(c.sizes)) for c in mw.chunks]
+            have = "[" + ", ".join(f"offsets {o} sizes {z}" for o, z in chunks) + "]"
+            if (d.numel() and (tuple(offset), tuple(lshape)) not in chunks) or tuple(mh.size) != (3 * pieces,):
+                raise ValueError(
+                    f"ReversibleSGD.dcp_state_dict: {name} was saved as {mh.size[0] // 3} piece(s) {have}; "
+                    f"this rank holds offsets {tuple(offset)} sizes {tuple(lshape)} of {pieces} piece(s). "
+                    "Load with the same world size and sharding (DDP or fully_shard of the same modules) "
+                    "as the run that saved it")
+            W = ms.size[0]
+            n = d.numel()
+            dev = d.device
+            flat = {k: torch.zeros(n, dtype=torch.int64, device=dev) for k in ("w", "v", "head")}
+            flat["count"] = torch.zeros(n, dtype=torch.int32, device=dev)
+            flat["spill"] = torch.zeros((W, n), dtype=torch.int32, device=dev)
+            flat["w0_hash"] = torch.zeros(3, dtype=torch.int64, device=dev)
+            state[str(i)] = self._dcp_param(p, gi, pi, flat)
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        groups = {}
+        for gi, g in enumerate(self.param_groups):
+            groups[str(gi)] = {}
+            for name in _HYPERS:
+                m = meta(f"param_groups.{gi}.{name}")
+                if m is None:
+                    raise ValueError(f"ReversibleSGD.dcp_state_dict: the checkpoint has no {name} for "
+                                     f"param_groups[{gi}] ({len(self.param_groups)} groups here)")
+                groups[str(gi)][name] = (torch.zeros(tuple(m.size), dtype=m.properties.dtype)
+                                         if isinstance(m, TensorStorageMetadata) else None)
+        extra = dict(t=0, frac_bits=0, momentum_bits=0, coder=0, num_params=0)
+        m = meta("reversible.grad_fp")
+        if m is not None:
+            extra.update(grad_fp=torch.zeros(tuple(m.size), dtype=torch.int64), grad_fp_first=0)
+        return {"state": state, "param_groups": groups, "reversible": extra}
+
+    def load_dcp_state_dict(self, state_dict: dict) -> None:
+        """Load a dict made by dcp_state_dict; every rank takes its own shards.
+
+        The dict: a destination filled by dcp.load, or one made for saving. Everything is
+        checked before anything changes. Hyperparameter tensors are loaded in place, so a
+        schedule tensor that requires grad keeps receiving the hypergradients; floats are
+        replaced. No communication."""
+        extra = state_dict.get("reversible")
+        if not isinstance(extra, dict) or "t" not in extra:
+            raise ValueError("load_dcp_state_dict: not a dict made by ReversibleSGD.dcp_state_dict")
+        self._check_format(extra)
+        params, where = self._params_where()
+        if extra["num_params"] != len(params) or len(state_dict["state"]) != len(params):
+            raise ValueError(f"load_dcp_state_dict: it holds {extra['num_params']} parameters, this "
+                             f"optimizer {len(params)}")
+        loaded = []
+        for i, (p, (gi, pi)) in enumerate(zip(params, where)):
+            s = state_dict["state"].get(str(i))
+            if s is None:
+                raise ValueError(f"load_dcp_state_dict: no state for {self._pname(gi, pi)}")
+            n = _data(p).numel()
+            flat = {k: _local(s[k]).reshape(-1) for k in ("w", "v", "head", "count")}
+            sp = _local(s["spill"])
+            flat["spill"] = sp.reshape(sp.shape[0], -1) if sp.dim() >= 1 and sp.shape[0] else sp.reshape(0, n)
+            self._check_loaded(flat, p, gi, pi)
+            h = _local(s["w0_hash"])
+            if h.dtype != torch.int64 or h.numel() != 3:
+                raise ValueError(f"load_dcp_state_dict: 'w0_hash' of {self._pname(gi, pi)} must be "
+                                 "3 int64 words")
+            loaded.append((flat, _hash_hex(h)))
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ValueError(f"load_dcp_state_dict: it holds {len(state_dict['param_groups'])} parameter "
+                             f"groups, this optimizer {len(self.param_groups)}")
+        hypers = []
+        for gi, g in enumerate(self.param_groups):
+            for name in _HYPERS:
+                v = state_dict["param_groups"][str(gi)][name]
+                _check_hyper(v, name)
+                hypers.append((g, name, v))
+        t = extra["t"]
+        fp = extra.get("grad_fp")
+        if fp is not None and tuple(fp.shape) != (t, len(params)):
+            raise ValueError(f"load_dcp_state_dict: grad_fp has shape {tuple(fp.shape)}, expected "
+                             f"({t}, {len(params)})")
+        # -- all checked: load
+        for g, name, v in hypers:
+            h = g[name]
+            if isinstance(h, torch.Tensor) and isinstance(v, torch.Tensor) and h.shape == v.shape:
+                with torch.no_grad():
+                    h.copy_(v.to(device=h.device, dtype=h.dtype))
+            else:
+                g[name] = v.detach().clone() if isinstance(v, torch.Tensor) else v
+        self._checksums = {}
+        for p, (flat, hx) in zip(params, loaded):
+            st = self.state[p]
+            for key in ("w", "v", "head", "count"):
+                st[key] = flat[key].to(p.device).clone()
+            spill = flat["spill"].to(p.device)
+            st["spill"] = torch.cat([spill, torch.zeros((8, spill.shape[1]), dtype=spill.dtype,
+                                                        device=p.device)])
+            st["bound"] = spill.shape[0]
+            if hx is not None:
+                self._checksums[id(p)] = hx
+            with torch.no_grad():
+                self._write_param(p, st["w"])
+        self._t = t
+        saved_fp = None if fp is None else dict(table=fp.cpu(), first=extra["grad_fp_first"])
+        self._set_gfp(saved_fp, t, len(params))
+        self._broken = None
 
     # ------------------------------------------------------------ accounting
     def buffer_bits(self) -> dict:
@@ -720,8 +1081,65 @@ class _DataParallel:
         return [r for r, f in enumerate(self._gather_ints(int(flag))) if f]
 
     def ranks_differing(self, h: int) -> list:
-        hs = self._gather_ints(h)
-        return [r for r, x in enumerate(hs) if x != hs[0]]
+        return _odd_ones(self._gather_ints(h))
+
+
+def _odd_ones(values: list) -> list:
+    """The indices (ranks) whose value differs from the majority's; on a tie, the reference is
+    the value of the lowest index among the largest groups (index 0's with two values)."""
+    counts: dict = {}
+    for x in values:
+        counts[x] = counts.get(x, 0) + 1
+    ref = max(values, key=lambda x: counts[x]) if values else None  # max keeps the first of ties
+    return [r for r, x in enumerate(values) if x != ref]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _contiguous_strides(shape) -> tuple:
+    out, acc = [], 1
+    for n in reversed(tuple(shape)):
+        out.append(acc)
+        acc *= max(int(n), 1)
+    return tuple(reversed(out))
+
+
+def _hash_words(hexdigest, device) -> torch.Tensor:
+    """A w_0 checksum (32 hex digits, or None before the first step) as 3 int64 words:
+    [known, low, high]."""
+    if hexdigest is None:
+        return torch.zeros(3, dtype=torch.int64, device=device)
+    lo, hi = torch.frombuffer(bytearray(bytes.fromhex(hexdigest)), dtype=torch.int64).tolist()
+    return torch.tensor([1, lo, hi], dtype=torch.int64, device=device)
+
+
+def _hash_hex(words: torch.Tensor):
+    known, lo, hi = words.tolist()
+    if not known:
+        return None
+    return torch.tensor([lo, hi], dtype=torch.int64).numpy().tobytes().hex()
+
+
+def _dcp_metadata(checkpoint):
+    """The Metadata of a DCP checkpoint given as a path, a StorageReader or Metadata."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if isinstance(checkpoint, Metadata):
+        return checkpoint
+    if hasattr(checkpoint, "read_metadata"):
+        return checkpoint.read_metadata()
+    import os
+
+    if isinstance(checkpoint, (str, os.PathLike)):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return FileSystemReader(checkpoint).read_metadata()
+    raise TypeError(f"checkpoint must be a path, a StorageReader or a Metadata, got "
+                    f"{type(checkpoint).__name__}")
 
 
 def _check_hyper(h, name: str) -> None:
