@@ -334,7 +334,8 @@ def _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, di
         cd = compute_dtype(grad.dtype)
         gx = torch.empty(grad.shape if need_gx else (0,), dtype=grad.dtype, device=grad.device)
         mode = _gs_mode(n, sigma) if need_gs else 0
-        nprog = tk.grid(n)[0]
+        block = tk.bwd_block(sigma.numel() == 1)
+        nprog = tk.grid(n, block)[0]
         if mode == 1:
             gsb = torch.empty(n, dtype=cd, device=grad.device)
         elif mode == 2:
@@ -344,11 +345,11 @@ def _bwd_impl(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs, di
         if n > 0 and (need_gx or need_gs) and _backend.launch_kernel(grad):
             sizes, sstr, ndim = _layout_tensors(grad, sigma)
             xx = x.contiguous() if (need_gs and not additive) else grad
-            _backend.launcher(tk.noise_bwd_kernel, direct)[tk.grid(n)](
+            _backend.launcher(tk.noise_bwd_kernel, direct)[tk.grid(n, block)](
                 grad.contiguous(), xx, sigma.contiguous(), gx, gsb, sizes, sstr, seed, stream,
                 0, n, NDIM=ndim, SCALAR=sigma.numel() == 1, DIST=dist, ADDITIVE=additive,
                 NEED_GX=need_gx, GS_MODE=mode, COMPUTE_F64=cd == torch.float64,
-                BLOCK=tk.BLOCK, IDX32=n < 2**31)
+                BLOCK=block, IDX32=n < 2**31)
         if not need_gs:
             gs = sigma.new_empty(0)
         elif mode == 3:

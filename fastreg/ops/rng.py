@@ -102,10 +102,13 @@ def _generate(kind: str, n: int, seed: int, stream: int, start: int, device, bac
 
         out = torch.empty(n, dtype=torch.int32 if kind == "words" else torch.float32, device=device)
         seed_t = torch.full((), seed, dtype=torch.int64, device=device)
+        # two Philox counters (eight elements, two 128-bit stores) per thread at Triton's
+        # default 4 warps; the kernel's blocks run over n + start % 4 counter-aligned
+        # positions (kernels/triton/rng.py)
         block = 1024
         if n:
-            tr.philox_fill_kernel[(triton.cdiv(n, block),)](out, seed_t, stream, start, n,
-                                                           KIND=_KINDS[kind], BLOCK=block)
+            tr.philox_fill_kernel[(triton.cdiv(n + start % 4, block),)](
+                out, seed_t, stream, start, n, KIND=_KINDS[kind], BLOCK=block)
         return out.to(torch.int64) & MASK32 if kind == "words" else out
     if backend == "cuda":
         if kind != "words":

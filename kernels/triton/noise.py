@@ -27,6 +27,19 @@ from fastreg.kernels.triton.convert import to_output
 from fastreg.kernels.triton.rng import box_muller_fast, philox_block, uniform_from_word
 
 BLOCK = 1024
+# noise_bwd_kernel with a sigma of more than one element (sigma read and its gradient
+# written through the broadcast index: GS_MODE 1 and 2): 4 elements per thread at Triton's
+# default 4 warps instead of 8. At 1024 each thread keeps 8 int64 offsets and sigma offsets
+# live beside its data, and ptxas spilled on sm_90 (Triton 3.6 fp64 GS_MODE 1 and 2, 3.8
+# fp32 GS_MODE 2: 8 bytes stored and loaded at 56-96 registers); at 512 they compile to
+# 56 registers at most, with no spill. The random numbers depend on the element index only,
+# not on BLOCK.
+BWD_GATHER_BLOCK = 512
+
+
+def bwd_block(scalar_sigma: bool) -> int:
+    """BLOCK of noise_bwd_kernel for a scalar sigma (True) or a broadcast one."""
+    return BLOCK if scalar_sigma else BWD_GATHER_BLOCK
 
 
 @triton.jit
@@ -148,5 +161,5 @@ def noise_bwd_kernel(g_ptr, x_ptr, sig_ptr, gx_ptr, gs_ptr, sizes_ptr, sstr_ptr,
             tl.store(gs_ptr + pid, tl.sum(tl.sum(d, axis=1), axis=0).to(gs_ptr.dtype.element_ty))
 
 
-def grid(n):
-    return (triton.cdiv(n, BLOCK),)
+def grid(n, block=BLOCK):
+    return (triton.cdiv(n, block),)

@@ -155,19 +155,59 @@ def philox_normal(seed, stream, index):
     return tl.where((lane & 1) == 0, za, zb)
 
 
+@triton.jit
+def _fill_values(seed, stream, cbase, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """The values of words 4 * cbase .. 4 * cbase + BLOCK - 1 as a 1-D tile in which each
+    thread holds the four lanes of its counters (rng.block_words' layout, VEC 4): one
+    Philox call per four elements, and for normals one Box-Muller per lane pair, whose
+    two outputs are the pair's two elements (philox_normal's values, lane by lane)."""
+    r0, r1, r2, r3 = philox_block(seed, stream, cbase + tl.arange(0, BLOCK // 4).to(tl.int64))
+    if KIND == 0:
+        v = _lanes(r0.to(tl.int32, bitcast=True), r1.to(tl.int32, bitcast=True),
+                   r2.to(tl.int32, bitcast=True), r3.to(tl.int32, bitcast=True))
+    elif KIND == 1:
+        v = _lanes(uniform_from_word(r0), uniform_from_word(r1), uniform_from_word(r2),
+                   uniform_from_word(r3))
+    else:
+        z0, z1 = box_muller(uniform_from_word(r0), uniform_from_word(r1))
+        z2, z3 = box_muller(uniform_from_word(r2), uniform_from_word(r3))
+        v = _lanes(z0, z1, z2, z3)
+    return tl.reshape(v, (BLOCK, ))
+
+
+@triton.jit
+def _fill_block(out_ptr, seed_ptr, stream, cbase, base, a, n, KIND: tl.constexpr,
+                BLOCK: tl.constexpr, FULL: tl.constexpr):
+    """One instance of philox_fill_kernel's body, Philox included, so that each instance
+    keeps one register layout: FULL stores the tile as computed (128 bits per thread),
+    the masked instance lets the compiler re-lay it out for its 32-bit stores."""
+    v = _fill_values(tl.load(seed_ptr), stream, cbase, KIND, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    if FULL:
+        tl.store(out_ptr + base + offs, v)
+    else:
+        k = base - a + offs
+        tl.store(out_ptr + k, v, mask=(k >= 0) & (k < n))
+
+
 @triton.jit(do_not_specialize=["stream", "start", "n"])
 def philox_fill_kernel(out_ptr, seed_ptr, stream, start, n, KIND: tl.constexpr,
                        BLOCK: tl.constexpr):
-    """KIND 0: words (uint32 stored as int32 bits), 1: uniforms, 2: normals."""
+    """KIND 0: words (uint32 stored as int32 bits), 1: uniforms, 2: normals.
+
+    Output k holds the value of logical index start + k. A program takes BLOCK
+    consecutive positions p of the counter-aligned range (p = k + start % 4, so that
+    position 4c .. 4c + 3 holds the four lanes of counter start // 4 + c): grid
+    cdiv(n + start % 4, BLOCK). With start % 4 == 0 a full block stores unmasked and
+    each thread's four lanes go out as one 128-bit store; otherwise (shifted output, the
+    last block) every store is masked."""
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    m = offs < n
-    seed = tl.load(seed_ptr)
-    idx = start + offs
-    if KIND == 0:
-        w = philox_word(seed, stream, idx)
-        tl.store(out_ptr + offs, w.to(tl.int32, bitcast=True), mask=m)
-    elif KIND == 1:
-        tl.store(out_ptr + offs, uniform_from_word(philox_word(seed, stream, idx)), mask=m)
+    base = pid * BLOCK
+    a = (start & 3).to(tl.int64)
+    # start // 4, not start >> 2: the interpreters shift an i64 scalar in [2^31, 2^32) as
+    # if it were 32-bit (2^32 - 7 >> 2 gives -2 with Triton 3.6 through 3.9)
+    cbase = (start // 4).to(tl.int64) + pid * (BLOCK // 4)
+    if (a == 0) & (base + BLOCK <= n):
+        _fill_block(out_ptr, seed_ptr, stream, cbase, base, a, n, KIND, BLOCK, True)
     else:
-        tl.store(out_ptr + offs, philox_normal(seed, stream, idx), mask=m)
+        _fill_block(out_ptr, seed_ptr, stream, cbase, base, a, n, KIND, BLOCK, False)
