@@ -5,7 +5,7 @@ Groups: "dropout fwd <layout> ..." and "dropout fwd+bwd <layout> ...", layout "c
 "channels_last", a (32, 64, 28, 28) float32 tensor, p = 0.1, on CPU (and CUDA when present,
 marked gpu). Each result keeps the input's layout (asserted once per benchmark).
 
-`python bench/bench_layout.py [rounds [threads]]` prints the same comparison with the providers
+`python bench/bench_layout.py [rounds [threads [NxCxHxW]]]` prints the same comparison with the providers
 interleaved round by round in one process (medians and ratios), the figures of
 docs/layout.md: on a shared machine, interleaving keeps a neighbour's load from landing on
 one provider only.
@@ -38,9 +38,9 @@ def _make(provider):
     return mod
 
 
-def _setup(layout, device, requires_grad):
-    x = torch.randn(SHAPE, device=device).contiguous(memory_format=LAYOUTS[layout])
-    g = torch.randn(SHAPE, device=device).contiguous(memory_format=LAYOUTS[layout])
+def _setup(layout, device, requires_grad, shape=SHAPE):
+    x = torch.randn(shape, device=device).contiguous(memory_format=LAYOUTS[layout])
+    g = torch.randn(shape, device=device).contiguous(memory_format=LAYOUTS[layout])
     return x.requires_grad_(requires_grad), g
 
 
@@ -82,14 +82,14 @@ def test_dropout_layout(benchmark, provider, kind, layout, device):
         rounds=50 if device == "cuda" else 30)
 
 
-def interleaved(rounds: int = 41, device: str = "cpu") -> dict:
+def interleaved(rounds: int = 41, device: str = "cpu", shape=SHAPE) -> dict:
     """Median seconds per (kind, layout, provider), the providers timed in turn each round."""
     from _util import sync
 
     cases = {}
     for kind in ("fwd", "fwd+bwd"):
         for layout in LAYOUTS:
-            x, g = _setup(layout, device, kind != "fwd")
+            x, g = _setup(layout, device, kind != "fwd", shape)
             for provider in PROVIDERS:
                 _check_layout(provider, kind, x, g)
                 cases[(kind, layout, provider)] = _work(provider, kind, x, g)
@@ -106,15 +106,17 @@ def interleaved(rounds: int = 41, device: str = "cpu") -> dict:
 
 
 def main(argv):
-    """argv: [rounds [threads]]; threads sets torch's and Numba's thread counts."""
+    """argv: [rounds [threads [shape]]]; threads sets torch's and Numba's thread counts, shape
+    is NxCxHxW (default 32x64x28x28; H*W odd takes the kernels' per-element path)."""
     rounds = int(argv[1]) if len(argv) > 1 else 41
     if len(argv) > 2:
         import numba
 
         torch.set_num_threads(int(argv[2]))
         numba.set_num_threads(int(argv[2]))
-    med = interleaved(rounds)
-    print(f"dropout p={P}, {SHAPE} float32, CPU, {torch.get_num_threads()} threads, "
+    shape = tuple(int(v) for v in argv[3].split("x")) if len(argv) > 3 else SHAPE
+    med = interleaved(rounds, shape=shape)
+    print(f"dropout p={P}, {shape} float32, CPU, {torch.get_num_threads()} threads, "
           f"{rounds} interleaved rounds, medians")
     for kind in ("fwd", "fwd+bwd"):
         for layout in LAYOUTS:
