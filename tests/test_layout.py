@@ -234,7 +234,7 @@ def test_memory_dims():
 def test_numba_memory_order_kernels_at_parallel_sizes(shape, gen):
     """The memory-order Numba kernels past their serial size (threaded drivers), with rows
     longer than a scratch block (600 channels), short rows (3 channels) and the per-element
-    path (H*W odd): forward and dropout_add against the op on the contiguous tensor."""
+    path (H*W odd): dropout, dropout_add and noise against the op on the contiguous tensor."""
     x = torch.randn(shape, generator=gen).contiguous(memory_format=CL)
     r = torch.randn(shape, generator=gen).contiguous(memory_format=CL)
     with fastreg.use_backend("numba"):
@@ -244,3 +244,6 @@ def test_numba_memory_order_kernels_at_parallel_sizes(shape, gen):
         _like(add, x)
         _same(out, fastreg.dropout(x.contiguous(), 0.2, seed=8, stream=1))
         _same(add, fastreg.dropout_add(x.contiguous(), r.contiguous(), 0.2, seed=8, stream=1))
+        for dist in ("gaussian", "uniform"):  # the noise kernels' memory-order path
+            _check(lambda t: fastreg.multiplicative_noise(t, 0.3, dist=dist, seed=2), x)
+            _check(lambda t: fastreg.input_noise(t, 0.3, dist=dist, seed=2), x, grad=False)

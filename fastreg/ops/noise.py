@@ -191,13 +191,35 @@ def _numba_fwd(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
     nb = _backend.numba_module("noise")
 
     cd = compute_dtype(x.dtype)
+    contiguous = x.is_contiguous()
+    if not contiguous and sigma.numel() == 1:
+        out = _numba_memory_order(nb, x, sigma, seed, stream, dist, additive)
+        if out is not None:
+            return out
     xa = _np_in(x, cd)
     out, oa = _alloc.out_like(x, cd)
     sizes, sstr = _np_layout(x, sigma)
     nb.noise_fwd(xa, _np_in(sigma, cd), oa, sizes, sstr, int(seed), stream, dist, additive,
                  _np_one(cd), 0, _nthreads(xa.size))
     out = _alloc.as_dtype(out, x.dtype)
-    return out if x.is_contiguous() else _layout.like(x, out)
+    return out if contiguous else _layout.like(x, out)
+
+
+def _numba_memory_order(nb, x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: int,
+                        additive: bool) -> Tensor | None:
+    """x (1 + sigma eps) or x + sigma eps for a scalar sigma and a permuted dense x whose memory
+    rows pair up as four logical neighbours (channels_last with H*W % 4 == 0), walked in memory
+    order, the result in x's layout; None otherwise (the caller copies)."""
+    dims = _layout.memory_dims(tuple(x.shape), tuple(x.stride()))
+    if dims is None or not dims[2]:
+        return None
+    cd = compute_dtype(x.dtype)
+    xs = x if x.dtype == cd else x.to(cd)  # .to keeps a dense layout
+    out = torch.empty_like(xs)
+    nb.noise_fwd_tiled(_layout.memory_numpy(xs), _layout.memory_numpy(out),
+                       _np_in(sigma, cd)[0], dims[0], dims[1], int(seed), stream, dist, additive,
+                       _np_one(cd))
+    return _alloc.as_dtype(out, x.dtype)
 
 
 @torch.library.custom_op("fastreg::noise_fwd_cpu", mutates_args=(), device_types="cpu")
@@ -221,6 +243,12 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
 
     cd = compute_dtype(grad.dtype)
     n = grad.numel()
+    contiguous = grad.is_contiguous()
+    if not contiguous and need_gx and not need_gs and not additive and sigma.numel() == 1:
+        # grad_x = grad (1 + sigma eps): the forward's multiplicative kernel on grad
+        gx = _numba_memory_order(nb, grad, sigma, seed, stream, dist, False)
+        if gx is not None:
+            return gx, sigma.new_empty(0)
     ga = _np_in(grad, cd)
     xa = _np_in(x, cd) if (need_gs and not additive) else ga
     sa = _np_in(sigma, cd)
@@ -241,7 +269,7 @@ def _numba_bwd(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream: int
                  dist, additive, need_gx, mode, _np_one(cd), 0)
     if need_gx:
         gx_t = _alloc.as_dtype(gx_t, grad.dtype).view(grad.shape)
-        if not grad.is_contiguous():
+        if not contiguous:
             gx_t = _layout.like(grad, gx_t)
     else:
         gx_t = grad.new_empty(0)

@@ -381,3 +381,77 @@ def noise_bwd(g, x, sig, gx, gs, part, sizes, sstr, seed, stream, dist, additive
                         else:
                             _acc3(part[t, so:so + run], gg, x[i:i + run], zz)
                 e += run
+
+
+# ---------------------------------------------------------------- memory order (fastreg/_layout.py)
+# A permuted dense input (channels_last) whose memory rows come in aligned fours of logical
+# neighbours (tile4 of fastreg._layout.memory_dims: channels_last with H*W % 4 == 0) is walked
+# in memory order: at each position of four such rows, one Philox counter gives the four
+# elements' eps, as in the logical-order kernels; so the values are theirs, bit for bit.
+# Scalar sigma only (a broadcast sigma takes the copy path).
+@numba.njit(cache=True)
+def fill_eps_step(z, ua, ub, k0, k1, s0, s1, c_first, step, count, dist):
+    """fill_eps with counters c_first + j * step: z[4j + lane] = eps(4 (c_first + j step) +
+    lane). The same arithmetic as fill_eps (so the same bits)."""
+    if dist == DIST_GAUSSIAN:
+        for j in range(count):
+            r0, r1, r2, r3 = philox_unrolled(k0, k1, s0, s1, c_first + np.uint64(j) * step)
+            ua[j] = uniform_fast(r0)
+            ub[j] = uniform_fast(r1)
+            ua[BLOCK + j] = uniform_fast(r2)
+            ub[BLOCK + j] = uniform_fast(r3)
+        for j in range(count):
+            za, zb = box_muller_fast(ua[j], ub[j])
+            zc, zd = box_muller_fast(ua[BLOCK + j], ub[BLOCK + j])
+            z[4 * j] = za
+            z[4 * j + 1] = zb
+            z[4 * j + 2] = zc
+            z[4 * j + 3] = zd
+    else:
+        for j in range(count):
+            r0, r1, r2, r3 = philox_unrolled(k0, k1, s0, s1, c_first + np.uint64(j) * step)
+            z[4 * j] = SQRT3 * (F(2.0) * uniform_fast(r0) - F(1.0))
+            z[4 * j + 1] = SQRT3 * (F(2.0) * uniform_fast(r1) - F(1.0))
+            z[4 * j + 2] = SQRT3 * (F(2.0) * uniform_fast(r2) - F(1.0))
+            z[4 * j + 3] = SQRT3 * (F(2.0) * uniform_fast(r3) - F(1.0))
+
+
+@numba.njit(inline="always", cache=True)
+def _row_start(r, sizes, lstr):
+    """Logical index of the first element of memory row r (the rows are the inner dim)."""
+    i0 = 0
+    q = np.int64(r)  # a new variable: parfors refuses an update of the prange index
+    for d in range(sizes.size - 2, -1, -1):
+        sz = sizes[d]
+        i0 += (q % sz) * lstr[d]
+        q = q // sz
+    return i0
+
+
+@by_size(SERIAL_BELOW)
+def noise_fwd_tiled(x, out, s, sizes, lstr, seed, stream, dist, additive, one):
+    """noise_fwd with a scalar sigma s over memory-order views x, out (out laid out as x;
+    sizes, lstr: fastreg._layout.memory_dims, tile4 true)."""
+    k0, k1, s0, s1 = _keys(seed, stream)
+    inner = sizes[sizes.size - 1]
+    step = np.uint64(lstr[lstr.size - 1]) >> np.uint64(2)
+    groups = x.size // (4 * inner)
+    per = max(1, BLOCK // inner)
+    for ch in numba.prange((groups + per - 1) // per):
+        z, ua, ub = _scratch()
+        for g in range(ch * per, min(groups, (ch + 1) * per)):
+            c_row = np.uint64(_row_start(4 * g, sizes, lstr)) >> np.uint64(2)
+            j0 = 4 * g * inner
+            for b0 in range(0, inner, BLOCK):
+                count = min(BLOCK, inner - b0)
+                fill_eps_step(z, ua, ub, k0, k1, s0, s1, c_row + np.uint64(b0) * step, step,
+                              count, dist)
+                for lane in range(4):
+                    e = j0 + lane * inner + b0
+                    dst = out[e:e + count]
+                    src = x[e:e + count]
+                    zz = z[lane:lane + 4 * count:4]
+                    if additive:
+                        _add_s(dst, src, zz, s)
+                    else:
+                        _mul_s(dst, src, zz, s, one)
