@@ -25,8 +25,10 @@ grad * eps for additive noise).
 
 Layout: outputs and grad_x are laid out as torch.empty_like of the input (channels_last stays
 channels_last), with the values of the op on the contiguous input: eps stays a function of the
-logical index. The kernels compute in logical order and copy once into that layout
-(fastreg/_layout.py); contiguous inputs pay one is_contiguous() test.
+logical index. With a scalar sigma, the Numba kernels walk a channels_last input whose H*W is a
+multiple of 4 in memory order (noise_fwd_tiled); every other case computes in logical order and
+copies once into that layout (fastreg/_layout.py). Contiguous inputs pay one is_contiguous()
+test.
 """
 
 from __future__ import annotations
