@@ -86,6 +86,7 @@ def test_dropout_float16_and_float64(backend, gen):
         with fastreg.use_backend(backend):
             _check(lambda t: fastreg.dropout(t, 0.5, seed=3), x.to(dtype))
             _check(lambda t: fastreg.gaussian_dropout(t, 0.2, seed=3), x.to(dtype))
+            _check(lambda m, v: vd_sample(m, v, seed=3), x.to(dtype), extra=(x.abs().to(dtype),))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -234,7 +235,7 @@ def test_memory_dims():
 def test_numba_memory_order_kernels_at_parallel_sizes(shape, gen):
     """The memory-order Numba kernels past their serial size (threaded drivers), with rows
     longer than a scratch block (600 channels), short rows (3 channels) and the per-element
-    path (H*W odd): dropout, dropout_add and noise against the op on the contiguous tensor."""
+    path (H*W odd): dropout, dropout_add, noise and vd_sample against the op on the contiguous tensor."""
     x = torch.randn(shape, generator=gen).contiguous(memory_format=CL)
     r = torch.randn(shape, generator=gen).contiguous(memory_format=CL)
     with fastreg.use_backend("numba"):
@@ -247,3 +248,4 @@ def test_numba_memory_order_kernels_at_parallel_sizes(shape, gen):
         for dist in ("gaussian", "uniform"):  # the noise kernels' memory-order path
             _check(lambda t: fastreg.multiplicative_noise(t, 0.3, dist=dist, seed=2), x)
             _check(lambda t: fastreg.input_noise(t, 0.3, dist=dist, seed=2), x, grad=False)
+        _check(lambda m, v: vd_sample(m, v, seed=2), x, extra=(x.abs(),))

@@ -18,7 +18,9 @@ Double backward is not implemented.
 
 Layout: the sample is laid out as torch.empty_like(mu) (channels_last stays channels_last) and
 grad_var as the incoming gradient, with the values of the op on contiguous tensors (z stays a
-function of the logical index): computed in logical order, then one copy (fastreg/_layout.py).
+function of the logical index). The Numba kernels walk channels_last tensors (H*W % 4 == 0,
+mu and var of one layout) in memory order; other cases compute in logical order, then copy
+once (fastreg/_layout.py).
 """
 
 from __future__ import annotations
@@ -87,12 +89,37 @@ def _check_scalars(ref: Tensor, ref_name: str, seed: Tensor, stream: int, eps: f
 def _vd_sample_cpu_impl(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
     nb = _backend.numba_module("variational")
 
+    contiguous = mu.is_contiguous()
+    if not contiguous:
+        out = _memory_order(nb.vd_sample_fwd_tiled, mu, var, seed, stream, eps)
+        if out is not None:
+            return out
     ma, va = _np(mu), _np(var)
     out, oa = _alloc.out_like(mu, compute_dtype(mu.dtype))
     if oa.size:
         nb.vd_sample_fwd(ma, va, oa, int(seed), stream, _np_scalar(eps, mu.dtype))
     out = _alloc.as_dtype(out, mu.dtype)
-    return out if mu.is_contiguous() else _layout.like(mu, out)
+    return out if contiguous else _layout.like(mu, out)
+
+
+def _memory_order(kernel, a: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float,
+                  *half) -> Tensor | None:
+    """The tiled Numba kernel over the memory of a permuted dense `a` and a `var` of the same
+    strides whose rows pair up as logical neighbours (channels_last with H*W % 4 == 0), the
+    result in a's layout; None otherwise (the caller computes in logical order and copies)."""
+    if var.stride() != a.stride():
+        return None
+    dims = _layout.memory_dims(tuple(a.shape), tuple(a.stride()))
+    if dims is None or not dims[2]:
+        return None
+    cd = compute_dtype(a.dtype)
+    a_c = a if a.dtype == cd else a.to(cd)  # .to keeps a dense layout
+    v_c = var if var.dtype == cd else var.to(cd)
+    out = torch.empty_like(a_c)
+    kernel(_layout.memory_numpy(a_c), _layout.memory_numpy(v_c), _layout.memory_numpy(out),
+           dims[0], dims[1], int(seed), stream, _np_scalar(eps, a.dtype),
+           *(_np_scalar(h, a.dtype) for h in half))
+    return _alloc.as_dtype(out, a.dtype)
 
 
 def _vd_sample_cpu_op(mu: Tensor, var: Tensor, seed: Tensor, stream: int, eps: float) -> Tensor:
@@ -115,13 +142,18 @@ def _vd_sample_grad_var_cpu_impl(grad: Tensor, var: Tensor, seed: Tensor, stream
                                  eps: float) -> Tensor:
     nb = _backend.numba_module("variational")
 
+    contiguous = grad.is_contiguous()
+    if not contiguous:
+        out = _memory_order(nb.vd_sample_grad_var_tiled, grad, var, seed, stream, eps, 0.5)
+        if out is not None:
+            return out
     ga, va = _np(grad), _np(var)
     out, oa = _alloc.out_like(grad, compute_dtype(grad.dtype))
     if oa.size:
         nb.vd_sample_grad_var(ga, va, oa, int(seed), stream, _np_scalar(eps, grad.dtype),
                               _np_scalar(0.5, grad.dtype))
     out = _alloc.as_dtype(out, grad.dtype)
-    return out if grad.is_contiguous() else _layout.like(grad, out)
+    return out if contiguous else _layout.like(grad, out)
 
 
 def _vd_sample_grad_var_cpu_op(grad: Tensor, var: Tensor, seed: Tensor, stream: int,
