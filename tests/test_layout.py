@@ -235,7 +235,7 @@ def test_memory_dims():
 def test_numba_memory_order_kernels_at_parallel_sizes(shape, gen):
     """The memory-order Numba kernels past their serial size (threaded drivers), with rows
     longer than a scratch block (600 channels), short rows (3 channels) and the per-element
-    path (H*W odd): dropout, dropout_add, noise and vd_sample against the op on the contiguous tensor."""
+    path (H*W odd): dropout (both mask modes), dropout_add, noise and vd_sample against the op on the contiguous tensor."""
     x = torch.randn(shape, generator=gen).contiguous(memory_format=CL)
     r = torch.randn(shape, generator=gen).contiguous(memory_format=CL)
     with fastreg.use_backend("numba"):
@@ -249,3 +249,10 @@ def test_numba_memory_order_kernels_at_parallel_sizes(shape, gen):
             _check(lambda t: fastreg.multiplicative_noise(t, 0.3, dist=dist, seed=2), x)
             _check(lambda t: fastreg.input_noise(t, 0.3, dist=dist, seed=2), x, grad=False)
         _check(lambda m, v: vd_sample(m, v, seed=2), x, extra=(x.abs(),))
+        _check(lambda t: fastreg.dropout(t, 0.2, seed=8, mask="bits"), x)
+        st = torch.tensor(8)
+        out, bits = torch.ops.fastreg.dropout_fwd(x, st, 1, 0.2, True)
+        ref, ref_bits = torch.ops.fastreg.dropout_fwd(x.contiguous(), st, 1, 0.2, True)
+        _like(out, x)
+        _same(out, ref)
+        _same(bits, ref_bits)  # the packed mask stays in logical order

@@ -117,11 +117,16 @@ def _numba_fwd(x: Tensor, seed: Tensor, stream: int, p: float,
 
 def _numba_fwd_layout(nb, x, seed, stream, p, with_bits, op_result):
     """_numba_fwd of a non-contiguous x, the result laid out as torch.empty_like(x): in memory
-    order when x is dense (seed mode), else in logical order and one copy."""
-    if not with_bits:
-        out = _numba_fwd_memory_order(nb, x, seed, stream, p)
-        if out is not None:
-            return out, torch.empty(0, dtype=torch.uint8) if op_result else None
+    order when x is dense (the packed mask, in logical order, from a second pass of Philox
+    alone), else in logical order and one copy."""
+    out = _numba_fwd_memory_order(nb, x, seed, stream, p)
+    if out is not None:
+        if with_bits:
+            bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
+            nb.dropout_keep_bits(bits.numpy(), x.numel(), int(seed), stream,
+                                 _kernel_scalars(p, x.dtype)[0])
+            return out, bits
+        return out, torch.empty(0, dtype=torch.uint8) if op_result else None
     xa = _numba_in(x)
     out, oa = _alloc.out_like(x, compute_dtype(x.dtype))
     t, scale = _kernel_scalars(p, x.dtype)
@@ -216,11 +221,21 @@ def _check_bits(grad: Tensor, bits: Tensor, op: str) -> None:
 def _numba_bits_apply(grad: Tensor, bits: Tensor, p: float) -> Tensor:
     nb = _backend.numba_module("dropout")
 
+    contiguous = grad.is_contiguous()
+    dims = None if contiguous else _layout.memory_dims(tuple(grad.shape), tuple(grad.stride()))
+    if dims is not None:  # a permuted dense grad: walked in memory order, bits read by index
+        cd = compute_dtype(grad.dtype)
+        gs = grad if grad.dtype == cd else grad.to(cd)  # .to keeps a dense layout
+        out = torch.empty_like(gs)
+        nb.dropout_bits_apply_strided(_layout.memory_numpy(gs), _alloc.numpy_in(bits, torch.uint8),
+                                      _layout.memory_numpy(out), _np_scale(p, grad.dtype),
+                                      dims[0], dims[1])
+        return _alloc.as_dtype(out, grad.dtype)
     ga = _numba_in(grad)
     out, oa = _alloc.out_like(grad, compute_dtype(grad.dtype))
     nb.dropout_bits_apply(ga, _alloc.numpy_in(bits, torch.uint8), oa, _np_scale(p, grad.dtype))
     out = _alloc.as_dtype(out, grad.dtype)
-    return out if grad.is_contiguous() else _layout.like(grad, out)
+    return out if contiguous else _layout.like(grad, out)
 
 
 @torch.library.custom_op("fastreg::dropout_bits_apply_cpu", mutates_args=(), device_types="cpu")

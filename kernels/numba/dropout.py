@@ -322,3 +322,61 @@ def dropout_add_fwd_strided(x, residual, out, seed, stream, threshold, scale, si
     """dropout_add_fwd over memory-order views (residual laid out as x)."""
     (_add_tiled if tile4 else _add_strided)(x, residual, out, _u64(seed), _u64(stream),
                                             _u64(threshold), scale, sizes, lstr)
+
+
+# ---------------------------------------------------------------- packed masks of memory-order calls
+@numba.njit(inline="always", cache=True)
+def _keep_bytes_chunk(ch, bits, nbits, seed, stream, t):
+    """bits[k] for the bytes of chunk ch (BLOCK // 2 bytes: two counters each): bit b of byte
+    k is keep(8k + b); bits past nbits are 0."""
+    k0 = seed & MASK32
+    k1 = seed >> _S32
+    s0 = stream & MASK32
+    s1 = stream >> _S32
+    b_first = ch * (BLOCK // 2)
+    count = min(BLOCK // 2, bits.size - b_first)
+    for j in range(count):
+        k = b_first + j
+        c = np.uint64(2 * k)
+        r0, r1, r2, r3 = philox4x32_10(c & MASK32, c >> _S32, s0, s1, k0, k1)
+        c = c + np.uint64(1)
+        q0, q1, q2, q3 = philox4x32_10(c & MASK32, c >> _S32, s0, s1, k0, k1)
+        byte = ((r0 >= t) * 1 | (r1 >= t) * 2 | (r2 >= t) * 4 | (r3 >= t) * 8
+                | (q0 >= t) * 16 | (q1 >= t) * 32 | (q2 >= t) * 64 | (q3 >= t) * 128)
+        valid = nbits - 8 * k  # bits past nbits stay 0
+        if valid < 8:
+            byte &= (1 << max(valid, 0)) - 1
+        bits[k] = np.uint8(byte)
+
+
+def _keep_bits_driver(bits, nbits, seed, stream, t):
+    for ch in numba.prange((bits.size + BLOCK // 2 - 1) // (BLOCK // 2)):
+        _keep_bytes_chunk(ch, bits, nbits, seed, stream, t)
+
+
+def _apply_strided_driver(g, bits, out, scale, sizes, lstr):
+    inner = sizes[sizes.size - 1]
+    li = lstr[lstr.size - 1]
+    zero = scale - scale
+    for r in numba.prange(g.size // inner):
+        i0 = _row_start(r, sizes, lstr)
+        j0 = r * inner
+        for m in range(inner):
+            i = i0 + m * li
+            out[j0 + m] = g[j0 + m] * (scale if (bits[i >> 3] >> (i & 7)) & 1 else zero)
+
+
+_keep_bits = by_size(SERIAL_BELOW // 8)(_keep_bits_driver)
+_apply_strided = by_size(SERIAL_BELOW)(_apply_strided_driver)
+
+
+def dropout_keep_bits(bits, n, seed, stream, threshold):
+    """The packed keep mask of n elements alone (bits: (n + 7) // 8 bytes), in logical order:
+    the mask of a memory-order forward (dropout_fwd_strided writes the values)."""
+    _keep_bits(bits, n, _u64(seed), _u64(stream), _u64(threshold))
+
+
+def dropout_bits_apply_strided(g, bits, out, scale, sizes, lstr):
+    """dropout_bits_apply over memory-order views g, out (the bits in logical order; sizes,
+    lstr: fastreg._layout.memory_dims)."""
+    _apply_strided(g, bits, out, scale, sizes, lstr)
