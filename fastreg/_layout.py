@@ -8,8 +8,10 @@ channels_last input gives exactly the values of the op on x.contiguous(), stored
 channels_last. Packed masks saved for backward stay in logical order (internal).
 
 Two ways to get there (docs/layout.md has the figures):
-* the Numba dropout kernels walk the memory in order and compute each element's logical
-  index from `memory_dims` (no copy in, no copy out);
+* the Numba kernels of dropout (both mask modes), dropout_add, scalar-sigma noise, vd_sample
+  and the adversarial steps walk the memory in order and compute each element's logical
+  index from `memory_dims` (no copy in, no copy out; noise and vd_sample only where the rows
+  pair up, `tile4`);
 * every other path computes in logical order and makes one copy into empty_like(input)
   (`like`).
 The contiguous path pays one attribute test (`x.is_contiguous()`), nothing more.
