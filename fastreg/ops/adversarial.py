@@ -232,7 +232,7 @@ def _check_scalar(v, name: str, op: str, *, nonneg: bool) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"fastreg.adversarial.{op}: {name} must be a real number, got {v!r}")
     v = float(v)
-    if not math.isfinite(v) or (nonneg and v < 0):
+    if not -math.inf < v < math.inf or (nonneg and v < 0):  # comparisons trace symbolically
         raise ValueError(f"fastreg.adversarial.{op}: {name} must be a finite number"
                          f"{' >= 0' if nonneg else ''}, got {v}")
     return v
@@ -253,7 +253,7 @@ def _check_clamp(clamp, op: str) -> tuple[float, float]:
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise TypeError(f"fastreg.adversarial.{op}: {name} must be a real number or None, "
                             f"got {v!r}")
-        if math.isnan(float(v)):
+        if float(v) != float(v):  # NaN
             raise ValueError(f"fastreg.adversarial.{op}: {name} must not be NaN")
         out.append(float(v))
     if out[0] > out[1]:

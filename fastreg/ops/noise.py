@@ -535,7 +535,7 @@ def _sigma_tensor(sigma, input: Tensor, op: str):
         raise TypeError(f"fastreg.{op}: sigma must be a real number or a floating tensor, "
                         f"got {sigma!r}")
     sigma = float(sigma)
-    if not (math.isfinite(sigma) and sigma >= 0.0):
+    if not 0.0 <= sigma < math.inf:  # also rejects NaN; comparisons trace symbolically
         raise ValueError(f"fastreg.{op}: sigma must be a finite number >= 0, got {sigma}")
     return sigma
 

@@ -323,7 +323,7 @@ def vd_sample(mu: Tensor, var: Tensor, *, seed=None, stream: int = 0, eps: float
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"fastreg.{op}: eps must be a real number >= 0, got {eps!r}")
     eps = float(eps)
-    if not (math.isfinite(eps) and eps >= 0):
+    if not 0.0 <= eps < math.inf:  # also rejects NaN; comparisons trace under dynamic shapes
         raise ValueError(f"fastreg.{op}: eps must be a finite number >= 0, got {eps}")
     seed_t = seed_tensor(seed, mu.device, op)
     if _backend.eager_fast_path(mu, var, seed_t):
