@@ -56,12 +56,15 @@ NUMBA_KERNELS = {
     "locked": ("locked_fwd",),
     "bias_act": ("bias_act_fwd", "bias_act_bwd"),
     "variational": ("vd_sample_fwd", "vd_sample_grad_var"),
-    "adversarial": ("fgsm", "pgd_step"),
+    "adversarial": ("fgsm", "pgd_step", "_fgsm_serial", "_pgd_serial"),
 }
 
 
 def _noop(*args, **kwargs):
     return None
+
+
+_noop.serial = _noop.parallel = _noop  # the by_size drivers' two copies, which lean paths call
 
 
 @contextlib.contextmanager
@@ -92,13 +95,38 @@ def stub_kernels(device: str):
             setattr(obj, name, value)
 
 
+@contextlib.contextmanager
+def lean_off():
+    """The lean eager paths of the noise, locked and adversarial ops switched off: those calls
+    take the autograd.Function fast path they took before (the "fastreg (lean off)" provider
+    of --lean-off, a before/after within one process)."""
+    mods = [importlib.import_module(f"fastreg.ops.{m}") for m in ("noise", "locked", "adversarial")]
+    saved = [(m, m._lean_ok) for m in mods]
+    try:
+        for m in mods:
+            m._lean_ok = lambda *a: False
+        yield
+    finally:
+        for m, f in saved:
+            m._lean_ok = f
+
+
+def _ctx(provider: str, device: str):
+    if "stubbed" in provider:
+        return stub_kernels(device)
+    if "lean off" in provider:
+        return lean_off()
+    return contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------- the cases
 def _grad(out, inputs, g):
     return torch.autograd.grad(out, inputs, g)
 
 
-def cases(device: str) -> dict:
-    """name -> {provider: callable}: "<op> fwd" (inputs without grad) and "<op> fwd+bwd"."""
+def cases(device: str, N: int = N) -> dict:
+    """name -> {provider: callable}: "<op> fwd" (inputs without grad) and "<op> fwd+bwd"
+    (N elements: 2^12 by default, --n in script mode)."""
     gen = torch.Generator().manual_seed(0)
 
     def rnd(*shape, grad=False, uniform=False):
@@ -196,7 +224,7 @@ def _time_block(fn, calls: int, device: str, clock) -> float:
 
 
 def interleaved(device: str = "cpu", rounds: int = 15, calls: int = 100, only: str | None = None,
-                clock=None):
+                clock=None, n: int = N, providers=PROVIDERS):
     """{case: {provider: median us per call}}: every round times each provider of a case once,
     one after the other, so a load change hits all providers alike."""
     import statistics
@@ -204,17 +232,18 @@ def interleaved(device: str = "cpu", rounds: int = 15, calls: int = 100, only: s
 
     clock = clock or time.perf_counter
     table = {}
-    for case, fns in cases(device).items():
+    for case, fns in cases(device, n).items():
         if only and only not in case:
             continue
-        times = {p: [] for p in PROVIDERS}
-        for p in PROVIDERS:  # warm up (Numba compiles on first use)
-            with stub_kernels(device) if "stubbed" in p else contextlib.nullcontext():
+        fns["fastreg (lean off)"] = fns["fastreg"]  # run inside lean_off
+        times = {p: [] for p in providers}
+        for p in providers:  # warm up (Numba compiles on first use)
+            with _ctx(p, device):
                 for _ in range(20):
                     fns[p]()
         for _ in range(rounds):
-            for p in PROVIDERS:
-                with stub_kernels(device) if "stubbed" in p else contextlib.nullcontext():
+            for p in providers:
+                with _ctx(p, device):
                     times[p].append(_time_block(fns[p], calls, device, clock))
         table[case] = {p: statistics.median(v) for p, v in times.items()}
     return table
@@ -233,6 +262,9 @@ def _main(argv):
     ap.add_argument("--json", default=None, help="write the table to this file")
     ap.add_argument("--clock", choices=("thread", "wall"), default="thread")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
+    ap.add_argument("--n", type=int, default=N, help="elements per input (default 2^12)")
+    ap.add_argument("--lean-off", action="store_true",
+                    help="add the provider 'fastreg (lean off)': the lean eager paths disabled")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -253,13 +285,16 @@ def _main(argv):
     import time
 
     clock = time.thread_time if a.clock == "thread" else time.perf_counter
-    table = interleaved(a.device, a.rounds, a.calls, a.only, clock)
+    providers = PROVIDERS + (["fastreg (lean off)"] if a.lean_off else [])
+    table = interleaved(a.device, a.rounds, a.calls, a.only, clock, a.n, providers)
     print(f"us per call, {a.clock} clock, torch threads {torch.get_num_threads()}")
-    print(f"{'case (2^12 f32, ' + a.device + ')':44s} {'fastreg':>9s} {'stubbed':>9s} "
-          f"{'torch':>9s} {'fr/torch':>9s}")
+    size = f"2^{a.n.bit_length() - 1}" if a.n & (a.n - 1) == 0 else str(a.n)
+    print(f"{'case (' + size + ' f32, ' + a.device + ')':44s} {'fastreg':>9s} {'stubbed':>9s} "
+          f"{'torch':>9s} {'fr/torch':>9s}" + (f" {'lean off':>9s}" if a.lean_off else ""))
     for case, row in table.items():
         fr, st, te = row["fastreg"], row["fastreg (kernel stubbed)"], row["torch eager"]
-        print(f"{case:44s} {fr:9.1f} {st:9.1f} {te:9.1f} {fr / te:9.2f}")
+        print(f"{case:44s} {fr:9.1f} {st:9.1f} {te:9.1f} {fr / te:9.2f}"
+              + (f" {row['fastreg (lean off)']:9.1f}" if a.lean_off else ""))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(table, f, indent=1)

@@ -137,6 +137,139 @@ def test_cached_sigma_made_under_inference_mode_can_be_saved_for_backward(gen):
     assert torch.allclose(gx * x, y.detach(), rtol=1e-6, atol=1e-6)  # y = x * (1 + sigma eps)
 
 
+# ---------------------------------------------------------------- lean eager paths
+def _grads_of(y, x, kind, gen):
+    """The gradient of y w.r.t. x for an upstream gradient that is contiguous, expanded (a sum)
+    or permuted: the lean backward takes the first, the layout-handling path the others."""
+    if kind == "sum":
+        return torch.autograd.grad(y.sum(), (x,))[0]
+    if kind == "permuted" and y.dim() == 2:
+        g = torch.randn(y.shape[1], y.shape[0], generator=gen, dtype=y.dtype).t()
+    else:
+        g = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    return torch.autograd.grad(y, (x,), g)[0]
+
+
+def _count(monkeypatch, target):
+    calls = []
+    mod, name = target.rsplit(".", 1)
+    real = getattr(__import__(mod, fromlist=[name]), name)
+    monkeypatch.setattr(target, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+NOISE_CASES = [("gaussian_dropout", None), ("multiplicative_noise", "gaussian"),
+               ("multiplicative_noise", "uniform"), ("input_noise", "gaussian"),
+               ("input_noise", "uniform")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(4096,), (24, 37)])
+@pytest.mark.parametrize("kind", ["dense", "sum", "permuted"])
+@pytest.mark.parametrize("op,dist", NOISE_CASES)
+def test_lean_noise_path_equals_the_op_and_the_reference(gen, monkeypatch, dtype, shape, kind,
+                                                          op, dist):
+    from fastreg.ops import noise
+
+    x = torch.randn(shape, generator=gen, dtype=dtype, requires_grad=True)
+
+    def fwd(t):
+        if op == "gaussian_dropout":
+            return fastreg.gaussian_dropout(t, 0.3, seed=77, stream=3)
+        return getattr(fastreg, op)(t, 0.45, dist=dist, seed=77, stream=3)
+
+    def run(t):
+        y = fwd(t)
+        return y, _grads_of(y, t, kind, torch.Generator().manual_seed(1))
+
+    calls = _count(monkeypatch, "fastreg.ops.noise._lean_kernel")
+    fast, slow = _op_and_fast(run, x)
+    assert calls, "the lean path was not taken"
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    assert fast[1].stride() == slow[1].stride()  # a permuted gradient keeps its layout
+    assert fast[0].shape == shape and fast[0].is_contiguous() and fast[1].shape == shape
+    sigma = noise.gaussian_dropout_sigma(0.3) if op == "gaussian_dropout" else 0.45
+    d = 0 if dist in (None, "gaussian") else 1
+    ref = noise.noise_reference(x.detach(), torch.tensor(sigma, dtype=dtype), 77, 3, d,
+                                op == "input_noise")
+    if d == 1:
+        assert torch.equal(fast[0], ref)
+    else:  # the kernels' polynomial log/sin/cos: a few ulp from the libm normals (test_noise)
+        torch.testing.assert_close(fast[0], ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # no autograd.Function at all: the same values
+        assert torch.equal(fwd(x), fast[0])
+
+
+def test_lean_noise_backward_stays_first_order(gen):
+    x = torch.randn(64, generator=gen, requires_grad=True)
+    g = torch.randn(64, generator=gen, requires_grad=True)
+    y = fastreg.gaussian_dropout(x, 0.4, seed=3)
+    (gx,) = torch.autograd.grad(y, (x,), g, create_graph=True)  # the values, as usual
+    assert torch.equal(gx, torch.autograd.grad(fastreg.gaussian_dropout(x, 0.4, seed=3), (x,),
+                                               g.detach())[0])
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # as _NoiseFn's backward
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,dim", [((4, 1024), 0), ((3, 5, 7), 1), ((6, 9), 1)])
+@pytest.mark.parametrize("kind", ["dense", "sum", "permuted"])
+def test_lean_locked_path_equals_the_op_and_the_reference(gen, monkeypatch, dtype, shape, dim,
+                                                          kind):
+    from fastreg.ops import locked
+
+    x = torch.randn(shape, generator=gen, dtype=dtype, requires_grad=True)
+
+    def run(t):
+        y = fastreg.locked_dropout(t, 0.35, dim=dim, seed=41, stream=2)
+        return y, _grads_of(y, t, kind, torch.Generator().manual_seed(2))
+
+    calls = _count(monkeypatch, "fastreg.ops.locked._lean_kernel")
+    fast, slow = _op_and_fast(run, x)
+    assert calls, "the lean path was not taken"
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    assert fast[1].stride() == slow[1].stride()  # a permuted gradient keeps its layout
+    assert torch.equal(fast[0], locked.locked_dropout_reference(x.detach(), 41, 2, 0.35, dim))
+    assert fast[0].shape == shape and fast[0].is_contiguous()
+
+
+def test_lean_locked_double_backward_is_the_op_again(gen):
+    x = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = fastreg.locked_dropout(x, 0.3, dim=0, seed=8)
+    (gx,) = torch.autograd.grad(y, (x,), g, create_graph=True)
+    (gg,) = torch.autograd.grad(gx.sum(), (g,))  # d gx / d g: the mask again
+    from fastreg.ops import locked
+    assert torch.equal(gx, locked.locked_dropout_reference(g.detach(), 8, 0, 0.3, 0))
+    assert torch.equal(gg, locked.locked_dropout_reference(torch.ones_like(g), 8, 0, 0.3, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(4096,), (33, 7), ()])
+def test_lean_adversarial_path_equals_the_op(gen, monkeypatch, dtype, shape):
+    x = torch.rand(shape, generator=gen, dtype=dtype)
+    x0 = torch.rand(shape, generator=gen, dtype=dtype)
+    grad = torch.randn(shape, generator=gen, dtype=dtype)
+    calls = _count(monkeypatch, "fastreg.ops.adversarial._lean_numba")
+    for fn in (lambda: fgsm(x, grad, 0.1, clamp=(0.0, 1.0)),
+               lambda: fgsm(x, grad, 0.1, clamp=(0, 1)),
+               lambda: pgd_step(x, x0, grad, 0.02, 0.1, clamp=(0.0, None))):
+        fast, slow = _op_and_fast(fn)
+        assert torch.equal(fast, slow) and fast.shape == shape and fast.dtype == dtype
+        assert not fast.requires_grad
+    assert len(calls) == 3
+
+
+def test_fgsm_clamp_fast_check_still_rejects(gen):
+    x = torch.rand(8, generator=gen)
+    for clamp in ((1.0, 0.0), (float("nan"), 1.0), (0.0, float("nan"))):
+        with pytest.raises(ValueError):
+            fgsm(x, x, 0.1, clamp=clamp)
+    for eps in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            fgsm(x, x, eps)
+
+
 # ---------------------------------------------------------------- the direct launcher, CPU
 class _Param:
     def __init__(self, p: inspect.Parameter, constexpr: bool):

@@ -210,6 +210,35 @@ _pgd_step_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------- eager fast path
+# Small contiguous float32/float64 inputs whose grad (and x0) are contiguous in x's dtype:
+# the serial kernel straight on numpy views, the output a numpy array and its tensor
+# (cheaper than torch.empty at these sizes), the scalars cast once. Same kernel and arguments
+# as _adversarial_numba_impl, so the same bits.
+_LEAN_DTYPES = (torch.float32, torch.float64)
+_LEAN_BELOW = 1 << 16  # the kernels' own serial threshold (kernels/numba/adversarial.py)
+_NP_OF = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _lean_ok(x, x0, grad) -> bool:
+    dt = x.dtype
+    return (dt in _LEAN_DTYPES and grad.dtype == dt and x.is_contiguous()
+            and grad.is_contiguous() and (x0 is None or (x0.dtype == dt and x0.is_contiguous())))
+
+
+def _lean_numba(x, x0, grad, step, eps, lo, hi):
+    nb = _backend.numba_module("adversarial")
+    npt = _NP_OF[x.dtype]
+    oa = np.empty(x.numel(), npt)
+    if oa.size:
+        if x0 is None:
+            nb._fgsm_serial(_alloc.np_view(x), _alloc.np_view(grad), oa, npt(step), npt(lo),
+                            npt(hi))
+        else:
+            nb._pgd_serial(_alloc.np_view(x), _alloc.np_view(x0), _alloc.np_view(grad), oa,
+                           npt(step), npt(eps), npt(lo), npt(hi))
+    return torch.from_numpy(oa if x.dim() == 1 else oa.reshape(x.shape))
+
+
 def _pgd_step(x, x0, grad, step, eps, lo, hi):
     """The op, or in plain eager mode its body without the dispatch layers (as fastreg.dropout
     does): the steps are not differentiable, so no autograd node is needed, and the wrappers
@@ -217,6 +246,8 @@ def _pgd_step(x, x0, grad, step, eps, lo, hi):
     if not _backend.eager_fast_path(x, grad, *(() if x0 is None else (x0,))):
         return torch.ops.fastreg.pgd_step(x, x0, grad, step, eps, lo, hi)
     backend = _backend.select(x.device, _SUPPORTED, "adversarial")
+    if backend == "numba" and x.numel() < _LEAN_BELOW and _lean_ok(x, x0, grad):
+        return _lean_numba(x, x0, grad, step, eps, lo, hi)
     # the kernels write fresh tensors, which never require grad (the op's output is marked
     # non-differentiable); the reference composes x, so it runs without autograd
     if backend == "numba":
@@ -229,6 +260,8 @@ def _pgd_step(x, x0, grad, step, eps, lo, hi):
 
 # ---------------------------------------------------------------- validation + public API
 def _check_scalar(v, name: str, op: str, *, nonneg: bool) -> float:
+    if type(v) is float and (0.0 if nonneg else -math.inf) <= v < math.inf:
+        return v  # the common case, without the ABC check below (about a microsecond)
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"fastreg.adversarial.{op}: {name} must be a real number, got {v!r}")
     v = float(v)
@@ -245,6 +278,8 @@ def _check_clamp(clamp, op: str) -> tuple[float, float]:
         raise TypeError(f"fastreg.adversarial.{op}: clamp must be None or a pair (lo, hi) of "
                         f"numbers or None, got {clamp!r}")
     lo, hi = clamp
+    if type(lo) is float and type(hi) is float and -math.inf <= lo <= hi <= math.inf:
+        return lo, hi  # two ordered non-NaN floats: the common case, without the ABC checks
     out = []
     for name, v, default in (("clamp[0] (lo)", lo, -math.inf), ("clamp[1] (hi)", hi, math.inf)):
         if v is None:
@@ -263,6 +298,8 @@ def _check_clamp(clamp, op: str) -> tuple[float, float]:
 
 def _check_grad(x, grad, op: str) -> None:
     check_float_tensor(grad, "grad", op)
+    if x.shape == grad.shape and x.device == grad.device:
+        return
     for attr in ("shape", "device"):
         if getattr(x, attr) != getattr(grad, attr):
             raise ValueError(f"fastreg.adversarial.{op}: grad must have the same {attr} as x: "

@@ -21,6 +21,7 @@ The pattern is the dropout family's (fastreg/ops/dropout.py).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional
@@ -151,6 +152,82 @@ class _LockedFn(torch.autograd.Function):
         return _LockedFn.apply(grad, seed, ctx.stream, ctx.p, ctx.dim), None, None, None, None
 
 
+# ---------------------------------------------------------------- lean eager path
+# A contiguous float32/float64 CPU input on the Numba backend (the common case of the eager
+# fast path): the kernel is called straight on the tensors, with the (O, D, I) split, the
+# kernel scalars and the Python int seed computed once per call and kept for backward;
+# without any autograd.Function when no gradient is recorded; and the backward runs the same
+# kernel on the gradient directly (or, under create_graph, through this Function again, as
+# _LockedFn does). Same kernel, same arguments: the values are the op's bit for bit, and
+# nothing is saved per element.
+_LEAN_DTYPES = (torch.float32, torch.float64)
+_from_numpy = torch.from_numpy
+
+
+def _np_dtypes():
+    import numpy as np
+
+    return np.empty, {torch.float32: np.float32, torch.float64: np.float64}
+
+
+_np_empty, _NP_DTYPE = _np_dtypes()
+
+
+def _lean_ok(x: Tensor) -> bool:
+    return (x.dtype in _LEAN_DTYPES and x.is_contiguous()
+            and _backend.select(x.device, BACKENDS, "locked_dropout") == "numba")
+
+
+_odi_cached = functools.lru_cache(maxsize=256)(_odi)  # layers call with the same shapes
+
+
+def _lean_kernel(src: Tensor, args) -> Tensor:
+    """locked_fwd on a contiguous float32/float64 CPU tensor; args as _lean_locked makes."""
+    nb = _backend.numba_module("locked")
+    O, D, I, seed, stream, t, scale = args[:7]
+    n = src.numel()
+    if n < nb.SERIAL_BELOW:
+        # numpy output and its tensor: cheaper than torch.empty plus a view at these sizes
+        oa = _np_empty(n, _NP_DTYPE[src.dtype])
+        nb.locked_fwd.serial(_alloc.np_view(src), oa, O, D, I, seed, stream, t, scale, 0)
+        # numpy's reshape: Tensor.view costs about 2 us here
+        return _from_numpy(oa if src.dim() == 1 else oa.reshape(src.shape))
+    out = _alloc.empty(src.shape, src.dtype)
+    nb.locked_fwd.parallel(_alloc.np_view(src), _alloc.np_view(out), O, D, I, seed, stream, t,
+                           scale, 0)
+    return out
+
+
+class _LeanLockedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, args):
+        ctx.args = args
+        return _lean_kernel(x, args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        args = ctx.args
+        if grad.dtype not in _LEAN_DTYPES or not grad.is_contiguous():
+            # an expanded or permuted gradient: the kernels of the fast path, which copy
+            seed_t, p, dim = args[7:]
+            if torch.is_grad_enabled():
+                return _LockedFn.apply(grad, seed_t, args[4], p, dim), None
+            return _numba_locked(grad, seed_t, args[4], p, dim), None
+        if torch.is_grad_enabled():  # create_graph: the backward is this op again
+            return _LeanLockedFn.apply(grad, args), None
+        return _lean_kernel(grad, args), None
+
+
+def _lean_locked(x: Tensor, seed: Tensor, stream: int, p: float, dim: int) -> Tensor:
+    """The lean path (the caller checked _eager_fast_path and _lean_ok)."""
+    O, D, I = _odi_cached(x.shape, dim)
+    t, scale = _kernel_scalars(p, x.dtype)
+    args = (O, D, I, int(seed), stream, t, scale, seed, p, dim)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _LeanLockedFn.apply(x, args)
+    return _lean_kernel(x, args)
+
+
 # ---------------------------------------------------------------- DropConnect op
 def _masked_weight(weight: Tensor, seed: Tensor, stream: int, p: float, direct: bool) -> Tensor:
     """weight * mask / (1 - p): fastreg.dropout's mask (bit for bit) over weight's logical
@@ -225,7 +302,8 @@ def locked_dropout(input: Tensor, p: float = 0.5, *, dim: int, training: bool = 
     """
     check_float_tensor(input, "input", "locked_dropout")
     p = check_probability(p, "p", "locked_dropout")
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+    # type(dim) is int first: the ABC check costs about a microsecond (a bool is not an int here)
+    if type(dim) is not int and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral)):
         raise TypeError(f"fastreg.locked_dropout: dim must be an int, got {dim!r}")
     nd = input.dim()
     if not -max(nd, 1) <= dim < max(nd, 1) or nd == 0:
@@ -239,6 +317,8 @@ def locked_dropout(input: Tensor, p: float = 0.5, *, dim: int, training: bool = 
         return input
     seed_t = seed_tensor(seed, input.device, "locked_dropout")
     if _eager_fast_path(input, seed_t):
+        if _lean_ok(input):
+            return _lean_locked(input, seed_t, stream, p, dim)
         return _LockedFn.apply(input, seed_t, stream, p, dim)
     return torch.ops.fastreg.locked_dropout(input, seed_t, stream, p, dim)
 
