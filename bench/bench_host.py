@@ -52,8 +52,8 @@ PROVIDERS = ["fastreg", "fastreg (kernel stubbed)", "torch eager"]
 # The Numba entry points the ops call, by kernel module: the CPU stub replaces these.
 NUMBA_KERNELS = {
     "dropout": ("dropout_fwd", "dropout_add_fwd", "dropout_fwd_bits", "dropout_bits_apply"),
-    "noise": ("noise_fwd", "noise_bwd"),
-    "locked": ("locked_fwd",),
+    "noise": ("noise_fwd", "noise_bwd", "noise_fwd_at"),
+    "locked": ("locked_fwd", "locked_fwd_at"),
     "bias_act": ("bias_act_fwd", "bias_act_bwd"),
     "variational": ("vd_sample_fwd", "vd_sample_grad_var"),
     "adversarial": ("fgsm", "pgd_step", "_fgsm_serial", "_pgd_serial"),

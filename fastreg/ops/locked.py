@@ -161,16 +161,6 @@ class _LockedFn(torch.autograd.Function):
 # _LockedFn does). Same kernel, same arguments: the values are the op's bit for bit, and
 # nothing is saved per element.
 _LEAN_DTYPES = (torch.float32, torch.float64)
-_from_numpy = torch.from_numpy
-
-
-def _np_dtypes():
-    import numpy as np
-
-    return np.empty, {torch.float32: np.float32, torch.float64: np.float64}
-
-
-_np_empty, _NP_DTYPE = _np_dtypes()
 
 
 def _lean_ok(x: Tensor) -> bool:
@@ -187,11 +177,10 @@ def _lean_kernel(src: Tensor, args) -> Tensor:
     O, D, I, seed, stream, t, scale = args[:7]
     n = src.numel()
     if n < nb.SERIAL_BELOW:
-        # numpy output and its tensor: cheaper than torch.empty plus a view at these sizes
-        oa = _np_empty(n, _NP_DTYPE[src.dtype])
-        nb.locked_fwd.serial(_alloc.np_view(src), oa, O, D, I, seed, stream, t, scale, 0)
-        # numpy's reshape: Tensor.view costs about 2 us here
-        return _from_numpy(oa if src.dim() == 1 else oa.reshape(src.shape))
+        # the serial driver on the tensors' addresses: no numpy views to make and unbox
+        out = torch.empty(src.shape, dtype=src.dtype)
+        nb.locked_fwd_at(src.data_ptr(), out.data_ptr(), n, O, D, I, seed, stream, t, scale)
+        return out
     out = _alloc.empty(src.shape, src.dtype)
     nb.locked_fwd.parallel(_alloc.np_view(src), _alloc.np_view(out), O, D, I, seed, stream, t,
                            scale, 0)

@@ -17,7 +17,7 @@ import numba
 import numpy as np
 
 from fastreg.kernels.numba.drivers import by_size
-from fastreg.kernels.numba.noise import SERIAL_BELOW, _keys, philox_unrolled
+from fastreg.kernels.numba.noise import SERIAL_BELOW, _keys, address_as_ptr, philox_unrolled
 
 TARGET = 2048  # mask entries per task
 _S2 = np.uint64(2)
@@ -77,3 +77,15 @@ def locked_fwd(x, out, O, D, I, seed, stream, threshold, scale, start):
             for d in range(D):
                 base = (o * D + d) * I + klo
                 _apply(out[base:base + klen], x[base:base + klen], mm)
+
+
+_locked_fwd_serial = locked_fwd.serial
+
+
+@numba.njit(cache=True)
+def locked_fwd_at(xp, op, n, O, D, I, seed, stream, threshold, scale):
+    """locked_fwd.serial on the n = O * D * I elements at addresses xp (input) and op (output),
+    of scale's dtype (kernels/numba/noise.address_as_ptr; the lean eager path)."""
+    _locked_fwd_serial(numba.carray(address_as_ptr(xp, scale), (n,)),
+                       numba.carray(address_as_ptr(op, scale), (n,)), O, D, I, seed, stream,
+                       threshold, scale, 0)

@@ -455,3 +455,30 @@ def noise_fwd_tiled(x, out, s, sizes, lstr, seed, stream, dist, additive, one):
                         _add_s(dst, src, zz, s)
                     else:
                         _mul_s(dst, src, zz, s, one)
+
+
+# ---------------------------------------------------------------- by address (the lean eager path)
+# The host path of a small call: a numpy view of a tensor costs about 1 us to make and as much
+# again to unbox, so the lean eager paths (fastreg/ops/noise.py, locked.py) hand the serial
+# driver the tensors' data addresses, which become arrays here. Same driver, same arguments:
+# the same bits. The caller keeps the tensors alive and contiguous, of `like`'s dtype.
+@intrinsic
+def address_as_ptr(typingctx, addr, like):
+    """A pointer to `like`'s type (a float32/float64 scalar) at the integer address addr."""
+    sig = types.CPointer(like)(types.int64, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+_noise_fwd_serial = noise_fwd.serial
+
+
+@numba.njit(cache=True)
+def noise_fwd_at(xp, op, n, sig, sizes, sstr, seed, stream, dist, additive, one):
+    """noise_fwd.serial on the n elements at addresses xp (input) and op (output)."""
+    _noise_fwd_serial(numba.carray(address_as_ptr(xp, one), (n,)), sig,
+                      numba.carray(address_as_ptr(op, one), (n,)), sizes, sstr, seed, stream,
+                      dist, additive, one, 0, 1)
