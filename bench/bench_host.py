@@ -56,7 +56,7 @@ NUMBA_KERNELS = {
     "locked": ("locked_fwd", "locked_fwd_at"),
     "bias_act": ("bias_act_fwd", "bias_act_bwd"),
     "variational": ("vd_sample_fwd", "vd_sample_grad_var"),
-    "adversarial": ("fgsm", "pgd_step", "_fgsm_serial", "_pgd_serial"),
+    "adversarial": ("fgsm", "pgd_step", "fgsm_at", "pgd_at"),
 }
 
 

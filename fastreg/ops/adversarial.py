@@ -211,9 +211,9 @@ _pgd_step_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---------------------------------------------------------------- eager fast path
 # Small contiguous float32/float64 inputs whose grad (and x0) are contiguous in x's dtype:
-# the serial kernel straight on numpy views, the output a numpy array and its tensor
-# (cheaper than torch.empty at these sizes), the scalars cast once. Same kernel and arguments
-# as _adversarial_numba_impl, so the same bits.
+# the serial loops on the tensors' data addresses (kernels/numba/adversarial.fgsm_at, pgd_at:
+# no numpy views to make and unbox), the scalars cast once. Same loops and arguments as
+# _adversarial_numba_impl, so the same bits.
 _LEAN_DTYPES = (torch.float32, torch.float64)
 _LEAN_BELOW = 1 << 16  # the kernels' own serial threshold (kernels/numba/adversarial.py)
 _NP_OF = {torch.float32: np.float32, torch.float64: np.float64}
@@ -228,15 +228,16 @@ def _lean_ok(x, x0, grad) -> bool:
 def _lean_numba(x, x0, grad, step, eps, lo, hi):
     nb = _backend.numba_module("adversarial")
     npt = _NP_OF[x.dtype]
-    oa = np.empty(x.numel(), npt)
-    if oa.size:
+    out = torch.empty(x.shape, dtype=x.dtype)
+    n = x.numel()
+    if n:  # the serial loops on the tensors' addresses (no numpy views to make and unbox)
         if x0 is None:
-            nb._fgsm_serial(_alloc.np_view(x), _alloc.np_view(grad), oa, npt(step), npt(lo),
-                            npt(hi))
+            nb.fgsm_at(x.data_ptr(), grad.data_ptr(), out.data_ptr(), n, npt(step), npt(lo),
+                       npt(hi))
         else:
-            nb._pgd_serial(_alloc.np_view(x), _alloc.np_view(x0), _alloc.np_view(grad), oa,
-                           npt(step), npt(eps), npt(lo), npt(hi))
-    return torch.from_numpy(oa if x.dim() == 1 else oa.reshape(x.shape))
+            nb.pgd_at(x.data_ptr(), x0.data_ptr(), grad.data_ptr(), out.data_ptr(), n,
+                      npt(step), npt(eps), npt(lo), npt(hi))
+    return out
 
 
 def _pgd_step(x, x0, grad, step, eps, lo, hi):

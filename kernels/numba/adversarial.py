@@ -13,6 +13,8 @@ run on one thread (waking the pool costs more than the work).
 
 import numba
 
+from fastreg.kernels.numba.noise import address_as_ptr
+
 PARALLEL_MIN = 1 << 16
 
 
@@ -77,3 +79,24 @@ def fgsm(x, g, out, eps, lo, hi):
 def pgd_step(x, x0, g, out, step, eps, lo, hi):
     """out = clamp(project_{|v - x0| <= eps}(x + step * sign(g)), lo, hi)."""
     (_pgd_parallel if x.size >= PARALLEL_MIN else _pgd_serial)(x, x0, g, out, step, eps, lo, hi)
+
+
+# ---------------------------------------------------------------- by address (the lean eager path)
+# Small contiguous calls whose x, grad (and x0) share one dtype: the tensors' data addresses
+# become arrays here (kernels/numba/noise.address_as_ptr), which saves making and unboxing a
+# numpy view per array. Same serial loops, same arguments: the same bits.
+@numba.njit(cache=True)
+def fgsm_at(xp, gp, op, n, eps, lo, hi):
+    """_fgsm_serial on the n elements at addresses xp, gp (grad) and op (out), of eps's dtype."""
+    _fgsm_serial(numba.carray(address_as_ptr(xp, eps), (n,)),
+                 numba.carray(address_as_ptr(gp, eps), (n,)),
+                 numba.carray(address_as_ptr(op, eps), (n,)), eps, lo, hi)
+
+
+@numba.njit(cache=True)
+def pgd_at(xp, x0p, gp, op, n, step, eps, lo, hi):
+    """_pgd_serial on the n elements at addresses xp, x0p, gp and op, of step's dtype."""
+    _pgd_serial(numba.carray(address_as_ptr(xp, step), (n,)),
+                numba.carray(address_as_ptr(x0p, step), (n,)),
+                numba.carray(address_as_ptr(gp, step), (n,)),
+                numba.carray(address_as_ptr(op, step), (n,)), step, eps, lo, hi)
