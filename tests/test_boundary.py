@@ -197,3 +197,23 @@ def test_reversible_kernel_entries_refuse(kind):
         with pytest.raises(TypeError, match=rf"u .*{word}"):
             rops.rev_restore(backend, state[0], state[1], f64, f64.clone(), bad, good, 0.1, 0.1,
                              2.0**-44)
+
+
+class _HookSub(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("name", ["gaussian_dropout", "locked_dropout"])
+def test_lean_backward_refuses_a_subclass_gradient(name):
+    """The small-size eager paths call the Numba kernels on data addresses; a gradient turned
+    into a subclass by a hook is refused by name instead of being read as plain memory."""
+    from fastreg.ops import locked as L
+    from fastreg.ops import noise as N
+
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    with fastreg.use_backend("numba"):
+        y = N.gaussian_dropout(x, 0.2, seed=1) if name == "gaussian_dropout" else \
+            L.locked_dropout(x, 0.2, dim=0, seed=1)
+        y.register_hook(lambda g: g.as_subclass(_HookSub))
+        with pytest.raises(TypeError, match=r"grad is a tensor subclass"):
+            y.sum().backward()

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fastreg import _alloc, _backend
+from fastreg._boundary import PLAIN_TYPES as _PLAIN_TYPES, check_plain
 from fastreg._seed import (check_seed, check_stream, dropout_scale_bits, keep_threshold,
                            seed_tensor)
 from fastreg._validate import (check_float_tensor, check_op_probability, check_op_rng,
@@ -196,6 +197,8 @@ class _LeanLockedFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         args = ctx.args
+        if type(grad) not in _PLAIN_TYPES:  # a hook's subclass: its memory is not the kernel's
+            check_plain(grad, "grad", "locked_dropout backward")
         if grad.dtype not in _LEAN_DTYPES or not grad.is_contiguous():
             # an expanded or permuted gradient: the kernels of the fast path, which copy
             seed_t, p, dim = args[7:]

@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fastreg import _alloc, _backend, _layout
+from fastreg._boundary import PLAIN_TYPES as _PLAIN_TYPES, check_plain
 from fastreg._seed import check_seed, check_stream, seed_tensor
 from fastreg._validate import (check_float_tensor, check_op_code, check_op_like, check_op_rng,
                                check_probability, compute_dtype)
@@ -554,6 +555,8 @@ def _lean_backward(ctx, grad):
     sigma, sa, seed, stream, dist, additive = ctx.args
     if additive:
         return grad, None
+    if type(grad) not in _PLAIN_TYPES:  # a hook's subclass: its memory is not the kernel's to read
+        check_plain(grad, "grad", "multiplicative_noise backward")
     if grad.dtype in _LEAN_DTYPES and grad.is_contiguous():
         return _lean_kernel(grad, sa, seed, stream, dist, False), None
     # an expanded or permuted gradient: the op's forward path, which handles layouts
