@@ -113,4 +113,4 @@ $(MUTMUT): $(DEPS)
 
 .PHONY: mutate
 mutate: build $(MUTMUT)
-	PYTHON=$(BIN)/python bash tests/mutate.sh "$(FILES)" "$(TESTS)" $(PYTEST_ARGS)
+	PYTHON=$(CURDIR)/$(BIN)/python bash tests/mutate.sh "$(FILES)" "$(TESTS)" $(PYTEST_ARGS)
