@@ -233,6 +233,52 @@ def test_backward_matches_reference(backend, dtype, gen):
                                                atol=max(atol, 1e-5) * 4, msg=f"{shape} {name}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_uniform_backward_bit_identical_to_reference(dtype, gen):
+    """With the uniform eps (the same float32 words on every backend) the Numba backward is the
+    reference's arithmetic exactly: grad_x and grad_sigma bit for bit, every dtype, per-element,
+    reduced and scalar sigma (float64 sums to their last bits: another summation order).
+    The reduced grad_sigma sums 2112 float32 products in float64 (a float32 sum, or the product
+    rounded to the input dtype, differs in the last bits)."""
+    for shape, sshape in [((5, 2, 7), (5, 2, 7)), ((64, 9, 33), (1, 9, 1)), ((7, 5), ()),
+                          ((3, 11), (11,))]:
+        x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+        s = _sigma(sshape, gen, dtype)
+        g = torch.randn(shape, generator=gen).to(dtype)
+        for additive in (False, True):
+            want = N.noise_bwd_reference(g, x, s, 77, 1, 1, additive, not additive, True)
+            with fastreg.use_backend("numba"):
+                got = torch.ops.fastreg.noise_bwd(g, x, s, torch.tensor(77), 1, 1, additive,
+                                                  not additive, True)
+            assert torch.equal(got[0], want[0]), (dtype, shape, sshape, additive)
+            if dtype == torch.float64 and s.numel() != x.numel():
+                # float64 terms summed in another order: the last bits of a 2112-term sum
+                torch.testing.assert_close(got[1], want[1], rtol=1e-13, atol=1e-11)
+            else:
+                assert torch.equal(got[1], want[1]), (dtype, shape, sshape, additive)
+    if dtype == torch.float32:  # and the reference's own float64 accumulation, by hand
+        x, g = torch.randn(64, 9, 33, generator=gen), torch.randn(64, 9, 33, generator=gen)
+        s = torch.full((1, 9, 1), 0.3)
+        e = N.eps_reference(x.numel(), 77, 1, 1, "cpu").reshape(x.shape)
+        hand = (g * x * e).double().sum((0, 2), keepdim=True).float()
+        assert torch.equal(N.noise_bwd_reference(g, x, s, 77, 1, 1, False, False, True)[1], hand)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba", "triton"])
+def test_backward_unrequested_outputs_are_empty(backend, gen):
+    """noise_bwd's contract: an output not asked for is an empty tensor (what the fake kernel
+    promises torch.compile), on every backend."""
+    x = torch.randn(4, 6, generator=gen)
+    s = torch.full((6,), 0.2)
+    with fastreg.use_backend(backend):
+        for additive, need_gx, need_gs in ((False, True, False), (False, False, True),
+                                           (True, False, True), (True, False, False)):
+            gx, gs = torch.ops.fastreg.noise_bwd(x, x, s, torch.tensor(3), 0, 0, additive,
+                                                 need_gx, need_gs)
+            assert gx.shape == ((4, 6) if need_gx else (0,)), (additive, need_gx, need_gs)
+            assert gs.shape == ((6,) if need_gs else (0,)), (additive, need_gx, need_gs)
+
+
 @pytest.mark.parametrize("backend", ["torch", "numba", "triton"])
 @pytest.mark.parametrize("case", [(3, 4), (2, 3, 2), (2, 3)])
 def test_gradcheck_float64(backend, case):
