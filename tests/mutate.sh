@@ -34,6 +34,11 @@ find fastreg tests -name __pycache__ -prune -exec rm -rf {} +
   printf 'only_mutate =\n'; for f in $FILES; do echo "    $f"; done
   printf 'also_copy =\n    tests\n    bench\n    pyproject.toml\n'
   printf 'pytest_add_cli_args_test_selection =\n'; for t in $TESTS; do echo "    $t"; done
+  # forkserver: each mutant's process is forked from one that has imported the tests but run
+  # none of them. Forked from the process that ran the suite (mutmut's default), a mutant
+  # inherits torch's and Numba's GNU OpenMP thread pools, which do not survive a fork: its first
+  # parallel region hangs (the mutant reads as a timeout) or Numba terminates it.
+  echo "process_isolation = forkserver"
   printf 'pytest_add_cli_args =\n    -x\n    -q\n    -p\n    no:cacheprovider\n'
   for a in "${EXTRA[@]}"; do echo "    $a"; done
 } > setup.cfg

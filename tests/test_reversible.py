@@ -451,14 +451,69 @@ def test_nondeterministic_closure_is_reported():
         opt.reverse(lambda: _loss(model, X, y, 0), lambda t: _loss(model, X, y, t + 1))
 
 
+def test_closure_error_names_the_step_and_whether_it_repeats():
+    """The error's step is the first step met from the last one back whose gradients differ
+    from the forward run's; ranks is [0] when closure(step) does not repeat itself (unseeded
+    noise) and [] when it repeats (a deterministic difference: another batch)."""
+    from fastreg.optim.reversible import NondeterministicClosureError
+
+    def run(closure):
+        model = _mlp(torch.float64, 5)
+        X, y = _data(5)
+        opt = ReversibleSGD(model.parameters(), lr=0.1, momentum=0.9)
+        _train(model, opt, X, y, 6)
+        with pytest.raises(NondeterministicClosureError) as err:
+            opt.reverse(lambda: _loss(model, X, y, 0), lambda t: closure(model, X, y, t))
+        return err.value
+
+    noisy = run(lambda m, X, y, t: _loss(m, X, y, t) * (1 + 1e-3 * torch.rand(()) if t == 2 else 1))
+    assert noisy.step == 2 and noisy.ranks == [0]
+    assert "first differed at step 2; closure gave other gradients" in str(noisy)
+    other = run(lambda m, X, y, t: _loss(m, X, y, t + (t == 3)))  # step 3 reads batch 4
+    assert other.step == 3 and other.ranks == []
+    assert "first differed at step 3, but closure(3) repeated itself" in str(other)
+    assert "nondeterministic closure (unseeded" not in str(other)
+
+
+def test_buffer_bits_counts_every_parameter():
+    """used/allocated bits, information held and numel summed over two parameters in two groups,
+    from the state: 64 bits per head plus 32 per spill word in use (allocated: the spill's
+    capacity); information 32 per word + log2(head) - 31 per element. Before any step the
+    buffer holds nothing."""
+    a = torch.nn.Parameter(torch.randn(300, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(7, 11))
+    opt = ReversibleSGD([{"params": [a]}, {"params": [b], "momentum": 0.6}], lr=0.01, momentum=0.5)
+    fresh = opt.buffer_bits()
+    assert fresh == dict(used_bits=64 * 377, allocated_bits=64 * 377 + 32 * sum(
+        opt.state[p]["spill"].numel() for p in (a, b)), info_bits=0.0, numel=377)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        a.grad = torch.randn(300, generator=g, dtype=torch.float64)
+        b.grad = torch.randn(7, 11, generator=g)
+        opt.step()
+    st = [opt.state[a], opt.state[b]]
+    got = opt.buffer_bits()
+    assert got["numel"] == 377
+    assert got["used_bits"] == sum(64 * s["head"].numel() + 32 * int(s["count"].sum()) for s in st)
+    assert got["allocated_bits"] == sum(64 * s["head"].numel() + 32 * s["spill"].numel() for s in st)
+    info = sum(float((32.0 * s["count"].double() + torch.log2(s["head"].double()) - 31).sum())
+               for s in st)
+    assert got["info_bits"] == pytest.approx(info, rel=1e-12)
+    # 40 steps at gamma 0.5 / 0.6 store about 40 log2(1/gamma) bits per element
+    assert 40 * (300 + 77 * math.log2(1 / 0.6)) <= got["info_bits"] <= 1.1 * 40 * (300 + 77 * 0.74)
+    assert got["used_bits"] > got["info_bits"] and got["allocated_bits"] >= got["used_bits"]
+
+
 # ---------------------------------------------------------------- errors
 def test_overflow_names_parameter_and_step():
     model = _mlp(torch.float32, 6)
     X, y = _data(6)
     opt = ReversibleSGD(model.parameters(), lr=1e3, momentum=0.5, frac_bits=56)  # range 64
     with pytest.raises(ReversibleOverflowError, match=r"step \d+: parameter .*param_groups\[0\]\['params'\]\[\d\]"
-                       r".*outside the fixed-point range"):
+                       r".*outside the fixed-point range") as err:
         _train(model, opt, X, y, 50)
+    assert "non-finite" not in str(err.value) and "buffer" not in str(err.value)
+    assert "range 2^6;" in str(err.value)
     with pytest.raises(RuntimeError, match="invalid after an earlier error"):
         opt.step()
 
@@ -469,8 +524,12 @@ def test_nonfinite_gradient_raises():
     p.grad = torch.ones(10)
     opt.step()
     p.grad = torch.full((10,), float("inf"))
-    with pytest.raises(ReversibleOverflowError, match="step 1: parameter .*non-finite"):
+    with pytest.raises(ReversibleOverflowError, match="step 1: parameter .*non-finite") as err:
         opt.step()
+    # only the reason met, and the fixed-point format's figures (default frac_bits 44: range 2^18)
+    assert "range |v|" not in str(err.value) and "range |w|" not in str(err.value)
+    assert "buffer" not in str(err.value)
+    assert "(frac_bits=44: resolution 2^-44, range 2^18;" in str(err.value)
 
 
 def test_validation_errors():
