@@ -738,6 +738,72 @@ def test_hypergradients_match_unrolled_autograd(seed):
         assert max(errs) <= tol, (snap, errs)
 
 
+def _quadratic_run(T, inputs_of=None, objective=None):
+    """T steps on L_t(w) = 0.5 |w - c|^2 + c2 |w|^2 (c, c2 meta-parameters), then reverse of
+    objective (default |w|^2 + 3 c . 1 + c2: the metas also enter it directly). Returns
+    (w parameter, c, c2, lr, the optimizer, (reverse's value, the objective before reverse))."""
+    torch.manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    c = torch.randn(5, dtype=torch.float64).requires_grad_()
+    c2 = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    lr = torch.full((max(T, 1),), 0.2, dtype=torch.float64, requires_grad=True)
+    opt = ReversibleSGD([w], lr=lr, momentum=0.8, frac_bits=52)
+
+    def loss(t):
+        return 0.5 * ((w - c) ** 2).sum() + c2 * (w ** 2).sum()
+
+    for t in range(T):
+        opt.zero_grad()
+        loss(t).backward()
+        opt.step()
+    c.grad = c2.grad = lr.grad = None
+    obj = objective(w, c, c2) if objective else lambda: (w ** 2).sum() + 3 * c.sum() + c2
+    with torch.no_grad():
+        before = obj() if callable(obj) else obj  # at the final weights
+    val = opt.reverse(obj, loss, inputs=None if inputs_of is None else inputs_of(w, c, c2))
+    return w, c, c2, lr, opt, (val, before)
+
+
+def _quadratic_unrolled(T, gamma):
+    torch.manual_seed(3)
+    w0 = torch.randn(5, dtype=torch.float64).requires_grad_()
+    c = torch.randn(5, dtype=torch.float64).requires_grad_()
+    c2 = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    w, v = w0, torch.zeros(5, dtype=torch.float64)
+    for t in range(T):
+        g = (w - c) + 2 * c2 * w
+        v = gamma * v - (1 - gamma) * g
+        w = w + 0.2 * v
+    obj = (w ** 2).sum() + 3 * c.sum() + c2
+    return torch.autograd.grad(obj, (w0, c, c2))
+
+
+@pytest.mark.parametrize("T", [0, 1, 12])
+def test_metas_in_the_objective_and_edge_cases(T):
+    """Meta-parameters that enter the objective directly (as well as the training loss) get
+    both terms, against unrolled float64 autograd (1e-9: frac_bits 52); T = 0 (no step) gives
+    d objective / d w_0 and the direct terms; inputs= listing a parameter ignores it, and
+    listing only c leaves c2 untouched."""
+    w, c, c2, lr, opt, val = _quadratic_run(T)
+    gw, gc, gc2 = _quadratic_unrolled(T, opt.quantized_momentum(0, 0))
+    for got, want in ((w.grad, gw), (c.grad, gc), (c2.grad, gc2)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert torch.equal(val[0], val[1])  # the objective's value at the final weights
+    w2, c_, c2_, _, _, _ = _quadratic_run(T, inputs_of=lambda w, c, c2: [w, c])
+    assert torch.equal(w2.grad, w.grad) and torch.equal(c_.grad, c.grad) and c2_.grad is None
+
+
+def test_reverse_objective_without_parameters_and_bad_objective():
+    """An objective that does not depend on the weights (a constant) gives zero hypergradients
+    (the weights' and lr's), and one that is not a scalar is refused by name."""
+    w, c, c2, lr, opt, _ = _quadratic_run(4, objective=lambda w, c, c2: torch.tensor(2.0,
+                                                                                   dtype=torch.float64))
+    assert torch.equal(w.grad, torch.zeros(5, dtype=torch.float64))
+    assert torch.equal(lr.grad, torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="objective must be a scalar"):
+        _quadratic_run(2, objective=lambda w, c, c2: lambda: w * 2)
+
+
 def test_hypergradients_match_finite_differences():
     T = 15
     X, y = _data(2)

@@ -448,6 +448,8 @@ class ReversibleSGD(torch.optim.Optimizer):
             self._check_size(p, self.state[p], gi, pi, grad=False)  # .grad is replaced at the end
         pids = {id(p) for p in params}
         T = self._t
+        if T == 0:  # no step to undo: the weights are w_0 (step() fingerprints them at its first call)
+            self._checksums = {id(p): self._checksum(self.state[p]) for p in params}
         fixed_inputs = None if inputs is None else [x for x in inputs if id(x) not in pids]
 
         with torch.enable_grad(), dp.no_sync():
