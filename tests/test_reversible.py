@@ -641,7 +641,9 @@ def test_load_state_dict_refuses_malformed_state(gen):
         opt.step()
     live = opt.state[p]["spill"]
     good = opt.state_dict()
-    assert int(good["state"][0]["count"].max()) > 0
+    rows = good["state"][0]["spill"].shape[0]
+    # the saved spill keeps the rows in use only
+    assert 0 < rows == int(good["state"][0]["count"].max()) < 50 and live.shape[0] > rows
     assert opt.state[p]["spill"] is live  # saving does not touch the optimizer's own state
 
     def damaged(key, fn):
@@ -652,7 +654,11 @@ def test_load_state_dict_refuses_malformed_state(gen):
     cases = [(damaged("w", lambda t: t[:10]), r"'w' of parameter .*1-D torch.int64 tensor of 50"),
              (damaged("head", lambda t: t.to(torch.int32)), r"'head' of parameter"),
              (damaged("spill", lambda t: t[:, :10]), r"'spill' of parameter"),
+             (damaged("spill", lambda t: t.to(torch.int64)), r"'spill' of parameter .*int32"),
              (damaged("count", lambda t: t + 1000), "inconsistent"),
+             # one count past the spill's rows (fewer rows than elements: rows, not columns)
+             (damaged("count", lambda t: t.index_fill(0, torch.tensor([3]), rows + 1)),
+              "inconsistent"),
              (damaged("head", lambda t: t * 0), "inconsistent")]
     old = copy.deepcopy(good)
     del old["reversible"]["coder"]  # a checkpoint of the version-1 coder (before 2026-11-28)
@@ -662,8 +668,45 @@ def test_load_state_dict_refuses_malformed_state(gen):
         with pytest.raises(ValueError, match=msg):
             fresh.load_state_dict(sd)
         assert fresh.param_groups[0]["lr"] == 0.2 and fresh.steps == 0  # nothing half-loaded
+    for key, value in (("frac_bits", 40), ("momentum_bits", 20)):  # either format figure
+        other = copy.deepcopy(good)
+        other["reversible"][key] = value
+        with pytest.raises(ValueError, match=f"saved with frac_bits={other['reversible']['frac_bits']}"):
+            ReversibleSGD([p], lr=0.1, momentum=0.5).load_state_dict(other)
     fresh = ReversibleSGD([p], lr=0.1, momentum=0.5)
     fresh.load_state_dict(good)  # the undamaged one still loads
+    q = torch.nn.Parameter(torch.randn(50, generator=gen))
+    unused = ReversibleSGD([q], lr=0.1, momentum=0.5).state_dict()  # heads at their start value
+    ReversibleSGD([q], lr=0.1, momentum=0.5).load_state_dict(unused)
+
+
+def test_state_dict_keeps_the_gradient_fingerprints():
+    """A run checkpointed after 3 steps, loaded into a new optimizer and continued for 3 more,
+    still names the step whose closure differs (the fingerprints of the saved steps travel in
+    the state dict); without them (a state dict of an older fastreg) the step is unknown."""
+    from fastreg.optim.reversible import NondeterministicClosureError
+
+    def run(keep):
+        model = _mlp(torch.float64, 5)
+        X, y = _data(5)
+        opt = ReversibleSGD(model.parameters(), lr=0.1, momentum=0.9)
+        _train(model, opt, X, y, 3)
+        sd = copy.deepcopy(opt.state_dict())
+        if not keep:
+            del sd["reversible"]["grad_fingerprints"]
+        opt2 = ReversibleSGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt2.load_state_dict(sd)
+        for t in range(3, 6):
+            opt2.zero_grad()
+            _loss(model, X, y, t).backward()
+            opt2.step()
+        with pytest.raises(NondeterministicClosureError) as err:
+            opt2.reverse(lambda: _loss(model, X, y, 0),
+                         lambda t: _loss(model, X, y, t + (t == 1)))  # step 1 reads batch 2
+        return err.value
+
+    assert run(True).step == 1 and run(True).ranks == []
+    assert run(False).step is None and "unknown" in str(run(False))
 
 
 # ---------------------------------------------------------------- hypergradients
