@@ -425,6 +425,9 @@ def test_bad_arguments():
         fastreg.input_noise(x, -0.5)
     with pytest.raises(ValueError, match="sigma"):
         fastreg.input_noise(x, float("nan"))
+    for op in (fastreg.input_noise, fastreg.multiplicative_noise):  # an infinite sigma too
+        with pytest.raises(ValueError, match="sigma"):
+            op(x, float("inf"))
     with pytest.raises(TypeError, match="sigma"):
         fastreg.input_noise(x, torch.ones(3, dtype=torch.int32))
     with pytest.raises(TypeError, match="sigma"):
