@@ -479,3 +479,41 @@ def test_backward_every_dtype_and_the_numba_kernels_run(mask, gen, via, monkeypa
     fwd = "dropout_fwd_bits" if mask == "bits" else "dropout_fwd"
     bwd = "dropout_bits_apply" if mask == "bits" else "dropout_fwd"
     assert calls.count(fwd) >= len(DTYPES) and calls.count(bwd) >= len(DTYPES), calls
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_word_equal_to_the_threshold_is_kept(backend):
+    """Keep iff word >= t, not word > t: with p chosen so that t is one element's own word, that
+    element is kept (and scaled) by the reference and by the kernels."""
+    from fastreg.ops import rng
+
+    n, seed, stream = 64, 9, 4
+    w = rng.words(n, seed, stream, backend="numba")
+    j = int(torch.argmax(torch.where(w < 2**31, w, torch.zeros_like(w))))  # a word below 2^31
+    p = int(w[j]) / 2.0**32  # exact in float64: round(p * 2^32) is w[j]
+    assert D.keep_threshold(p) == int(w[j])
+    x = torch.ones(n, dtype=torch.float64)
+    ref, keep = D.dropout_reference(x, seed, stream, p)
+    assert bool(keep[j]) and ref[j] == D.dropout_scale(p)
+    assert torch.equal(keep, w >= int(w[j]))
+    for mask in ("seed", "bits"):
+        with fastreg.use_backend(backend):
+            out = fastreg.dropout(x, p, seed=seed, stream=stream, mask=mask)
+        assert torch.equal(out, ref), mask
+
+
+def test_reference_and_numba_kernel_start_offset(gen):
+    """start shifts the logical index: the n elements from start are elements start.. of one long
+    run, in the reference and in the Numba kernels (the Triton ones: the high-index test)."""
+    from fastreg.kernels.numba import dropout as nb
+
+    n, seed, stream, p, start = 37, 555, 6, 0.45, 24
+    x = torch.randn(start + n, generator=gen, dtype=torch.float64)
+    whole, keep_whole = D.dropout_reference(x, seed, stream, p)
+    part, keep = D.dropout_reference(x[start:].clone(), seed, stream, p, start=start)
+    assert torch.equal(part, whole[start:]) and torch.equal(keep, keep_whole[start:])
+    assert not torch.equal(keep, keep_whole[:n])  # the offset matters for these words
+    out = np.empty(n, dtype=np.float64)
+    nb.dropout_fwd(x[start:].numpy().copy(), out, seed, stream, D.keep_threshold(p),
+                   np.float64(D.dropout_scale(p)), start)
+    assert torch.equal(torch.from_numpy(out), part)
