@@ -532,7 +532,8 @@ def check_reversible_ddp_divergence(rank, world, device):
 
 def check_reversible_fsdp2(rank, world, device):
     """FSDP2: step() on the local shards (uneven: 7 and 3 rows over 2 ranks) follows the
-    single-process run; per-rank state dicts round-trip; reverse refuses clearly."""
+    single-process run; per-rank state dicts round-trip; reverse refuses DTensor parameters
+    without fsdp=, an fsdp= that is no FSDPModule, and ddp= with fsdp=."""
     from torch.distributed.fsdp import fully_shard
     from fastreg.optim import ReversibleSGD
 
@@ -554,8 +555,138 @@ def check_reversible_fsdp2(rank, world, device):
     for p in model.parameters():
         for k in ("w", "v", "head", "count"):
             assert torch.equal(opt.state[p][k], opt2.state[p][k])
-    with pytest.raises(NotImplementedError, match="FSDP2"):
+    with pytest.raises(ValueError, match=r"DTensors .*pass reverse\(\.\.\., fsdp=model\)"):
         opt.reverse(lambda: loss(T), loss)
+    with pytest.raises(TypeError, match="fsdp must be the fully_shard-ed module"):
+        opt.reverse(lambda: loss(T), loss, fsdp=model[1])
+    with pytest.raises(ValueError, match="pass ddp= or fsdp=, not both"):
+        opt.reverse(lambda: loss(T), loss, fsdp=model, ddp=model)
+    assert opt.steps == T
+
+
+def check_reversible_fsdp2_reverse(rank, world, device, parent_only=False):
+    """FSDP2: reverse(..., fsdp=model) restores every rank's shards of w_0 bit for bit (shards of
+    4+3, 2+1 and 1+0 rows: uneven and empty), and the hypergradients (an lr schedule, momentum,
+    weight decay, a meta-parameter scaling the inputs, d objective / d w_0) and the objective
+    equal the single-process run's on the global batches to 1e-6 relative. FSDP2's settings
+    are put back: training goes on resharding after forward and syncing gradients. An objective
+    given as a tensor gives the same; a closure differing on one rank raises on every rank.
+    parent_only: only the whole model is sharded (the root, which FSDP2 leaves unsharded after
+    forward): the first part, then a closure raising inside reverse leaves FSDP2 usable."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from fastreg.optim import ReversibleSGD
+
+    T = 5
+    X, Y = _batches(T, device)
+    Y = Y[..., :1]
+    mse = torch.nn.functional.mse_loss
+
+    def run(model, rows):
+        lr = torch.linspace(0.05, 0.1, T, dtype=torch.float64).requires_grad_()
+        mom = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+        wd = torch.tensor(1e-2, dtype=torch.float64, requires_grad=True)
+        s = torch.linspace(0.5, 1.5, 5, device=device).requires_grad_()  # a meta-parameter
+        opt = ReversibleSGD(model.parameters(), lr=lr, momentum=mom, weight_decay=wd)
+        w0 = [(p.to_local() if isinstance(p, DTensor) else p).detach().clone()
+              for p in model.parameters()]
+
+        def loss(t):
+            return mse(model(X[t, rows] * s), Y[t, rows])
+        for t in range(T):
+            opt.zero_grad()
+            loss(t).backward()
+            opt.step()
+        s.grad = None
+        sharded = isinstance(next(model.parameters()), DTensor)
+        # reverse's own collectives (FSDP2's are not counted): per step one all-gather and one
+        # all-reduce; one each for the objective, the w_0 check and the lr/momentum/decay sums
+        with CountCollectives() as c:
+            obj = opt.reverse(lambda: loss(T), loss, fsdp=model if sharded else None)
+        assert c.count == (2 * T + 3 if sharded else 0), c.count
+        return opt, w0, obj, (lr, mom, wd, s)
+
+    model = _fsdp_mlp(4, device)
+    for i in () if parent_only else (0, 2, 4):
+        fully_shard(model[i])
+    fully_shard(model)
+    opt, w0, obj, hyp = run(model, slice(4 * rank, 4 * rank + 4))
+    for p, w in zip(model.parameters(), w0):
+        assert isinstance(p, DTensor) and torch.equal(p.to_local(), w), "w_0 not restored bit for bit"
+    assert opt.steps == 0
+    ref = _fsdp_mlp(4, device)
+    ropt, rw0, robj, rhyp = run(ref, slice(0, 8))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p.full_tensor(), q.detach())
+    torch.testing.assert_close(obj, robj, rtol=1e-6, atol=0)
+    for name, h, r in zip(("lr", "momentum", "weight_decay", "meta"), hyp, rhyp):
+        rel = float((h.grad - r.grad).norm() / r.grad.norm())
+        assert rel <= 1e-6, (name, rel, h.grad, r.grad)
+        assert (r.grad != 0).all(), name
+    for p, q in zip(model.parameters(), ref.parameters()):  # d objective / d w_0
+        assert isinstance(p.grad, DTensor) and p.grad.to_local().shape == p.to_local().shape
+        rel = float((p.grad.full_tensor() - q.grad).norm() / q.grad.norm())
+        assert rel <= 1e-6, rel
+    s = hyp[3]  # the meta-parameter
+    rows = slice(4 * rank, 4 * rank + 4)
+
+    def loss(t):
+        return mse(model(X[t, rows] * s), Y[t, rows])
+    if parent_only:
+        # a closure raising in reverse's unsharded pass, after its forward: FSDP2's settings and
+        # state are put back (gradients synced, parameters resharded after backward)
+        for t in range(2):
+            opt.zero_grad()
+            loss(t).backward()
+            opt.step()
+        calls = []
+
+        def failing(t):
+            out = loss(t)
+            calls.append(t)
+            if len(calls) == 2:
+                raise KeyError("closure failed")
+            return out
+        with pytest.raises(KeyError, match="closure failed"):
+            opt.reverse(loss(2), failing, fsdp=model)
+        for p in model.parameters():
+            p.grad = None
+        loss(0).backward()
+        assert all(isinstance(p, DTensor) and isinstance(p.grad, DTensor) for p in model.parameters())
+        return
+    grads = [h.grad.clone() for h in hyp] + [p.grad.to_local().clone() for p in model.parameters()]
+    # FSDP2's settings are back: a non-root module reshards after forward, gradients are synced
+    out = mse(model(X[0, :4]), Y[0, :4])
+    assert isinstance(model[0].weight, DTensor)
+    for p in model.parameters():
+        p.grad = None
+    out.backward()
+    assert all(isinstance(p.grad, DTensor) for p in model.parameters())
+    # the same run again, the objective given as a tensor computed under FSDP2 before reverse
+    # (its graph ends at the unsharded parameters): the same hypergradients
+    for h in hyp:
+        h.grad = None
+    for t in range(T):
+        opt.zero_grad()
+        loss(t).backward()
+        opt.step()
+    s.grad = None
+    assert torch.equal(opt.reverse(loss(T), loss, fsdp=model), obj)
+    again = [h.grad for h in hyp] + [p.grad.to_local() for p in model.parameters()]
+    for a, b in zip(again, grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    # a closure that differs on rank 1 only: the reduce-scatter spreads its gradients over every
+    # rank's shards, so every rank misses w_0 and raises
+    for t in range(2):
+        opt.zero_grad()
+        loss(t).backward()
+        opt.step()
+
+    def noisy(t):
+        return loss(t) * (1 + 1e-3) if rank == 1 else loss(t)
+    with pytest.raises(RuntimeError,
+                       match=r"w_0 was not recovered bit for bit on rank\(s\) \[0, 1\] of 2"):
+        opt.reverse(loss(2), noisy, fsdp=model)
 
 
 def _shared_tmpdir():
@@ -854,6 +985,9 @@ SUITES = {
         ("reversible_ddp", check_reversible_ddp),
         ("reversible_ddp_divergence", check_reversible_ddp_divergence),
         ("reversible_fsdp2", check_reversible_fsdp2),
+        ("reversible_fsdp2_reverse", check_reversible_fsdp2_reverse),
+        ("reversible_fsdp2_reverse_parent_only",
+         lambda r, w, d: check_reversible_fsdp2_reverse(r, w, d, parent_only=True)),
         ("reversible_dcp_ddp", check_reversible_dcp_ddp),
         ("reversible_dcp_fsdp2", check_reversible_dcp_fsdp2),
         ("reversible_ddp_unrepeatable", check_reversible_ddp_unrepeatable),

@@ -350,7 +350,7 @@ class ReversibleSGD(torch.optim.Optimizer):
                                for g in self.param_groups for p in g["params"]}
         consts = [self._step_consts(g, t) for g in self.param_groups]
         backend = self._backends()
-        # DTensor (FSDP2) parameters cannot be reversed: no fingerprints for them
+        # no fingerprints of DTensor (FSDP2) parameters: their gradient shards differ by rank
         fps = [] if all(type(p) in _PLAIN for g in self.param_groups for p in g["params"]) else None
         k = 0
         for gi, group in enumerate(self.param_groups):
@@ -399,7 +399,7 @@ class ReversibleSGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ reverse
     def reverse(self, objective, closure: Callable[[int], torch.Tensor], *,
-                inputs: Iterable[torch.Tensor] | None = None, ddp=None) -> torch.Tensor:
+                inputs: Iterable[torch.Tensor] | None = None, ddp=None, fsdp=None) -> torch.Tensor:
         """Backward through training: restores w_0 exactly and accumulates hypergradients.
 
         objective: the scalar to differentiate (a tensor computed from the final
@@ -430,42 +430,64 @@ class ReversibleSGD(torch.optim.Optimizer):
             restores w_0; a rank whose state differs from the majority's (on a tie, rank 0's) is
             named in the error, and so is a rank whose closure does not repeat itself (above):
             every rank raises, none hangs. docs/distributed.md.
+        fsdp: the fully_shard-ed (FSDP2) module the forward run trained (step() after its
+            backward, on the reduce-scattered shards); needed when the parameters are DTensors.
+            closure(t) runs twice per step: once as in training (FSDP2's forward, backward and
+            reduce-scatter give the gradients step() applied, bit for bit; the .grad it touches
+            is put back), and once with every FSDPModule unsharded (resharding and gradient sync
+            off, put back afterwards) for the Hessian-vector product: its direction is
+            all-gathered, the full products averaged over the mesh's ranks in float64 and each
+            rank keeps its rows. The objective runs unsharded too (each rank's objective is its
+            share of the mean); the lr, momentum and weight decay terms are summed over the
+            ranks. Every rank restores its shards of w_0 and raises, naming the ranks that
+            missed, if any did (the step is not known: no fingerprints of sharded gradients).
+            The gradients written to .grad are DTensors laid out as the parameters. Takes
+            FSDP2's Shard(0) on a 1-D mesh (not HSDP or FSDP + TP). docs/distributed.md.
         """
         self._check_ok()
         if not callable(closure):
             raise TypeError("closure must be a callable closure(t) returning the training loss of step t")
         params, where = self._params_where()
-        if any(type(p) not in _PLAIN for p in params):
-            raise NotImplementedError(
-                "ReversibleSGD.reverse: the parameters are tensor subclasses (DTensors from FSDP2's "
-                "fully_shard); step() and state dicts work on their local shards, but reverse needs "
-                "second derivatives through the training loss, which FSDP2 does not provide. Train "
-                "under DistributedDataParallel and pass reverse(..., ddp=model) for hypergradients")
+        if fsdp is not None and ddp is not None:
+            raise ValueError("ReversibleSGD.reverse: pass ddp= or fsdp=, not both")
+        fs = None
+        if fsdp is not None:
+            fs = _FullyShardedDP(fsdp, params, lambda i: self._pname(*where[i]))
+        elif any(type(p) not in _PLAIN for p in params):
+            raise ValueError(
+                "ReversibleSGD.reverse: the parameters are DTensors (FSDP2's fully_shard); pass "
+                "reverse(..., fsdp=model), the fully_shard-ed module the forward run trained")
         dp = _DataParallel(ddp)
         if dp.group is not None:
             self._check_ranks(dp, "before reverse")
-        for p, (gi, pi) in zip(params, where):
-            self._check_size(p, self.state[p], gi, pi, grad=False)  # .grad is replaced at the end
+        # the plain tensors the kernels read and write: the parameters, or their local shards
+        loc = {id(p): (p if type(p) in _PLAIN else _data(p)) for p in params}
+        for p, (gi, pi) in zip(params, where):  # (.grad is replaced at the end)
+            self._check_size(loc[id(p)], self.state[p], gi, pi, grad=False)
         pids = {id(p) for p in params}
         T = self._t
         if T == 0:  # no step to undo: the weights are w_0 (step() fingerprints them at its first call)
             self._checksums = {id(p): self._checksum(self.state[p]) for p in params}
         fixed_inputs = None if inputs is None else [x for x in inputs if id(x) not in pids]
 
-        with torch.enable_grad(), dp.no_sync():
-            obj = objective() if callable(objective) else objective
-            if not isinstance(obj, torch.Tensor) or obj.numel() != 1:
-                raise ValueError("objective must be a scalar tensor (or a callable returning one)")
-            metas = fixed_inputs if fixed_inputs is not None else _leaves(obj, pids)
-            gr = torch.autograd.grad(obj, params + metas, allow_unused=True) if obj.requires_grad \
-                else [None] * (len(params) + len(metas))
+        if fs is not None:  # the mean over ranks of their objectives; this rank's rows of its gradient
+            obj, gr, metas = fs.objective(objective, fixed_inputs, pids)
+        else:
+            with torch.enable_grad(), dp.no_sync():
+                obj = objective() if callable(objective) else objective
+                if not isinstance(obj, torch.Tensor) or obj.numel() != 1:
+                    raise ValueError("objective must be a scalar tensor (or a callable returning one)")
+                metas = fixed_inputs if fixed_inputs is not None else _leaves(obj, pids)
+                gr = torch.autograd.grad(obj, params + metas, allow_unused=True) if obj.requires_grad \
+                    else [None] * (len(params) + len(metas))
         if dp.group is not None:  # the mean over ranks of their objectives
             red = dp.mean64(list(gr) + [obj.detach().reshape(())], list(params) + list(metas) + [obj])
             gr, obj = red[:-1], red[-1].to(obj.dtype)
         dw = {id(p): (gr[i].detach().to(torch.float64).reshape(-1).clone() if gr[i] is not None
-                      else torch.zeros(p.numel(), dtype=torch.float64, device=p.device))
+                      else torch.zeros(loc[id(p)].numel(), dtype=torch.float64, device=p.device))
               for i, p in enumerate(params)}
-        dv = {id(p): torch.zeros(p.numel(), dtype=torch.float64, device=p.device) for p in params}
+        dv = {id(p): torch.zeros(loc[id(p)].numel(), dtype=torch.float64, device=p.device)
+              for p in params}
         meta_acc: dict[int, list] = {}
         for m, gm in zip(metas, gr[len(params):]):
             _acc(meta_acc, m, gm, 1.0)
@@ -483,17 +505,18 @@ class ReversibleSGD(torch.optim.Optimizer):
             HVP direction u of step t, and the rev_step's (status, d gamma, dv.w) if any."""
             alpha, n, gamma, omg, c1s, lam = consts_t[gi]
             st = self.state[p]
-            out, copy = self._out_view(p)
-            u = torch.empty(p.numel(), dtype=self._fbuf(p), device=p.device)
+            d = loc[id(p)]
+            out, copy = self._out_view(d)
+            u = torch.empty(d.numel(), dtype=self._fbuf(d), device=d.device)
             rev = None
             if step_t1 is None:
-                da = K.rev_restore(backend(p), st["w"], st["v"], dw[id(p)], dv[id(p)], u, out,
+                da = K.rev_restore(backend(d), st["w"], st["v"], dw[id(p)], dv[id(p)], u, out,
                                    alpha, omg, self.inv_scale)
             else:
                 args, consts_t1 = step_t1
                 *rev, da = K.rev_step_restore(*args, u, out, *consts_t1, alpha, omg, self.inv_scale)
             if copy:
-                p.data.copy_(out.view_as(p))
+                d.data.copy_(out.view_as(d))
             hyp[(gi, "lr")][t] += da
             return u, rev
 
@@ -503,20 +526,25 @@ class ReversibleSGD(torch.optim.Optimizer):
             us = [restore(p, gi, T - 1, consts)[0] for p, (gi, pi) in zip(params, where)] if T else []
         for t in range(T - 1, -1, -1):
             consts_prev = consts_of(t - 1) if t > 0 else None
-            with torch.enable_grad(), dp.no_sync():
-                loss = closure(t)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise ValueError(f"closure({t}) must return the scalar training loss of step {t}")
-                metas_t = fixed_inputs if fixed_inputs is not None else _leaves(loss, pids)
-                gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-                outs, gouts = [], []
-                for p, g, u in zip(params, gs, us):
-                    if g is not None and g.requires_grad:
-                        outs.append(g)
-                        gouts.append(u.to(g.dtype).view_as(g))
-                hv = torch.autograd.grad(outs, params + metas_t, grad_outputs=gouts, allow_unused=True) \
-                    if outs else [None] * (len(params) + len(metas_t))
-            gs_local = gs
+            if fs is not None:  # FSDP2's own gradients (one closure), then the mean HVP (another)
+                gs = fs.gradients(closure, t, params, pids)
+                hv, metas_t = fs.hvp(closure, t, us, fixed_inputs, pids)
+                outs = gouts = loss = gs_local = None
+            else:
+                with torch.enable_grad(), dp.no_sync():
+                    loss = closure(t)
+                    _check_loss(loss, t)
+                    metas_t = fixed_inputs if fixed_inputs is not None else _leaves(loss, pids)
+                    gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                    outs, gouts = [], []
+                    for p, g, u in zip(params, gs, us):
+                        if g is not None and g.requires_grad:
+                            outs.append(g)
+                            gouts.append(u.to(g.dtype).view_as(g))
+                    hv = torch.autograd.grad(outs, params + metas_t, grad_outputs=gouts,
+                                             allow_unused=True) \
+                        if outs else [None] * (len(params) + len(metas_t))
+                gs_local = gs
             if dp.group is not None:  # the forward run's gradients, and the mean HVP
                 gs = dp.ddp_mean(gs, params)
                 hv = dp.mean64(hv, list(params) + list(metas_t))
@@ -532,9 +560,10 @@ class ReversibleSGD(torch.optim.Optimizer):
                 for i, (p, (gi, pi)) in enumerate(zip(params, where)):
                     alpha, n, gamma, omg, c1s, lam = consts[gi]
                     st = self.state[p]
-                    g = self._flat(gs[i], p)
-                    h = self._flat(hv[i], p)
-                    args = (backend(p), st["w"], st["v"], st["head"], st["count"], st["spill"], g, h,
+                    d = loc[id(p)]
+                    g = self._flat(gs[i], d)
+                    h = self._flat(hv[i], d)
+                    args = (backend(d), st["w"], st["v"], st["head"], st["count"], st["spill"], g, h,
                             dw[id(p)], dv[id(p)])
                     rev_consts = (self.momentum_bits, n, gamma, c1s, lam, omg)
                     if t > 0:  # this step's rev_step and step t-1's restore, in one pass
@@ -558,6 +587,17 @@ class ReversibleSGD(torch.optim.Optimizer):
             ok = ok and bool((st["head"] == K.L).all()) and bool((st["count"] == 0).all())
             if not ok:
                 bad.append(self._pname(gi, pi))
+        if fs is not None:
+            bad_ranks = fs.ranks_where(bool(bad))
+            if bad_ranks:
+                self._broken = "w_0 was not recovered"
+                raise NondeterministicClosureError(
+                    f"ReversibleSGD.reverse: w_0 was not recovered bit for bit on rank(s) {bad_ranks} "
+                    f"of {fs.world}" + (" (here: " + ", ".join(bad) + ")" if bad else "")
+                    + ": the gradients recomputed by closure(t) under FSDP2 (their local shards) were "
+                    "not bit-identical to those of the forward run (a nondeterministic closure, or one "
+                    "that differs from the forward run: another batch, seed or model, on some rank). "
+                    "The step is unknown: step() keeps no gradient fingerprints of sharded parameters")
         if dp.group is not None:
             bad_ranks = dp.ranks_where(bool(bad))
             if bad_ranks:
@@ -579,12 +619,21 @@ class ReversibleSGD(torch.optim.Optimizer):
                 " under DistributedDataParallel, pass reverse(..., ddp=model)). "
                 + _culprit_text(first_bad, culprits, 1), step=first_bad, ranks=culprits)
         self._gfp = []
+        if fs is not None:  # each rank's lr, momentum and weight decay terms are its shards' share
+            fs.sum_(list(hyp.values()))
 
         # -- write the hypergradients
         with torch.no_grad():
             for p in params:
-                gw = dw[id(p)].view_as(p).to(p.dtype)
-                p.grad = gw if p.grad is None else p.grad.copy_(gw)
+                d = loc[id(p)]
+                gw = dw[id(p)].view_as(d).to(p.dtype)
+                if d is not p:  # a DTensor parameter: its gradient is a DTensor of the same layout
+                    if p.grad is None:
+                        p.grad = fs.like(p, gw)
+                    else:
+                        _data(p.grad).copy_(gw)
+                else:
+                    p.grad = gw if p.grad is None else p.grad.copy_(gw)
                 st = self.state[p]
                 st["bound"] = 0  # the buffer is empty again: release its spill rows
                 st["spill"] = torch.zeros((0, st["spill"].shape[1]), dtype=torch.int32, device=p.device)
@@ -1084,6 +1133,245 @@ class _DataParallel:
 
     def ranks_differing(self, h: int) -> list:
         return _odd_ones(self._gather_ints(h))
+
+
+class _FullyShardedDP:
+    """What reverse needs of an FSDP2 (fully_shard) model. The gradients step() applied are
+    FSDP2's own (closure(t) and backward() as in training: its reduce-scatter, not a copy of
+    it). The Hessian-vector products need a double backward, and FSDP2's graph ends at the
+    unsharded parameters, not at the sharded DTensors: so the model is unsharded (no resharding,
+    no gradient sync), the closure differentiated twice there with the full direction
+    (all-gathered), and the full products averaged over the ranks in float64 (FSDP2 averages
+    the gradients), of which each rank keeps its own rows."""
+
+    def __init__(self, fsdp, params, pname):
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor, Shard
+
+        if not isinstance(fsdp, FSDPModule):
+            raise TypeError(f"fsdp must be the fully_shard-ed module (an FSDPModule) the forward run "
+                            f"trained, got {type(fsdp).__name__}")
+        import torch.distributed as dist
+
+        self.dist, self.model = dist, fsdp
+        self.mods = [m for m in fsdp.modules() if isinstance(m, FSDPModule)]
+        for m in self.mods:  # the root stays unsharded after a forward: name the sharded parameters
+            m.reshard()
+        names = {id(q): n for n, q in fsdp.named_parameters()}
+        self.names, self.rows, self.mesh = [], [], None
+        for i, p in enumerate(params):
+            if id(p) not in names:
+                raise ValueError(f"fsdp: {pname(i)} is not a parameter of the fsdp module")
+            if not isinstance(p, DTensor):
+                raise ValueError(f"fsdp: {pname(i)} is not sharded (not a DTensor); reverse(fsdp=) "
+                                 "takes the parameters of fully_shard-ed modules")
+            if p.dim() == 0:
+                raise NotImplementedError(f"fsdp: {pname(i)} is a 0-dim DTensor; reverse takes "
+                                          "parameters sharded on dim 0")
+            if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                raise NotImplementedError(
+                    f"fsdp: {pname(i)} is placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D "
+                    "mesh; reverse takes FSDP2's Shard(0) on a 1-D mesh (not HSDP or FSDP + TP)")
+            if self.mesh is None:
+                self.mesh = p.device_mesh
+                self.group = self.mesh.get_group()
+                self.world = dist.get_world_size(self.group)
+                self.rank = dist.get_rank(self.group)
+            elif p.device_mesh != self.mesh:
+                raise NotImplementedError(f"fsdp: {pname(i)} is on another device mesh than the "
+                                          "first parameter; reverse takes one mesh")
+            # FSDP2 shards dim 0 as torch.chunk does: ceil(rows / world) rows per rank, the last
+            # ranks shorter or empty
+            n0 = p.shape[0]
+            c = -(-n0 // self.world)
+            spans = [(min(r * c, n0), min(r * c + c, n0)) for r in range(self.world)]
+            a, b = spans[self.rank]
+            if tuple(_data(p).shape) != (b - a, *p.shape[1:]):
+                raise NotImplementedError(
+                    f"fsdp: {pname(i)} has a local shard of shape {tuple(_data(p).shape)} on rank "
+                    f"{self.rank}; reverse expects rows {a}:{b} of {tuple(p.shape)} (torch.chunk)")
+            self.names.append(names[id(p)])
+            self.rows.append((spans, c))
+        self.params = list(params)
+
+    def like(self, p, local: torch.Tensor):
+        """A DTensor laid out as parameter p, holding this rank's rows `local`."""
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+
+    # -- the model unsharded, without resharding or gradient sync
+    def _settings(self):
+        """FSDP2's reshard and sync settings, to put back: it has setters for them, not getters."""
+        try:
+            out = []
+            for m in self.mods:
+                st = m._get_fsdp_state()
+                out.append((st, st._auto_reshard_after_forward,
+                            [(g, g.post_forward_mesh_info, g.reshard_after_backward, g.reduce_grads,
+                              g.all_reduce_grads) for g in st._fsdp_param_groups]))
+            return out
+        except AttributeError as e:
+            raise RuntimeError(f"reverse(fsdp=): this torch's FSDP2 keeps its reshard and gradient "
+                               f"sync settings elsewhere ({e}); reverse cannot restore them") from e
+
+    @staticmethod
+    def _put_back(saved) -> None:
+        for st, auto, groups in saved:
+            st._auto_reshard_after_forward = auto
+            for g, mesh_info, after_bwd, reduce, all_reduce in groups:
+                g.post_forward_mesh_info = mesh_info
+                g.reshard_after_backward = after_bwd
+                g.reduce_grads, g.all_reduce_grads = reduce, all_reduce
+
+    def _unsharded(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            saved = self._settings()
+            try:
+                for m in self.mods:
+                    m.set_reshard_after_forward(False, recurse=False)
+                    m.set_reshard_after_backward(False, recurse=False)
+                    m.set_requires_gradient_sync(False, recurse=False)
+                for m in self.mods:
+                    m.unshard()
+                full = dict(self.model.named_parameters())
+                ups = [full[n] for n in self.names]
+                if any(type(u) not in _PLAIN for u in ups):
+                    raise RuntimeError("reverse(fsdp=): a parameter stayed sharded after unshard()")
+                # the model's unsharded parameters: never meta-parameters
+                yield ups, {id(q) for q in full.values()}
+            finally:
+                self._put_back(saved)
+                for m in self.mods:
+                    m.reshard()
+        return cm()
+
+    # -- what reverse computes under FSDP2
+    def gradients(self, closure, t: int, params, pids) -> list:
+        """The local shards of the gradients FSDP2 gives closure(t)'s backward() (the forward
+        run's); every .grad it touches is put back."""
+        saved = [p.grad for p in params]
+        touched = []
+        try:
+            for p in params:
+                p.grad = None  # else FSDP2 adds to it
+            with torch.enable_grad():
+                loss = closure(t)
+                _check_loss(loss, t)
+                touched = [(m, m.grad) for m in _leaves(loss, pids)]
+                loss.backward()
+            return [None if p.grad is None else _data(p.grad).detach().clone() for p in params]
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+            for m, g in touched:
+                m.grad = g
+
+    def hvp(self, closure, t: int, us, fixed_inputs, pids):
+        """This rank's rows of the mean over ranks of H u (u: the local shards of the direction),
+        as flat float64 tensors, then the meta-parameters' mean products; and the metas."""
+        full_u = self._gather(us)
+        with self._unsharded() as (ups, uids), torch.enable_grad():
+            loss = closure(t)
+            _check_loss(loss, t)
+            metas = fixed_inputs if fixed_inputs is not None else _leaves(loss, pids | uids)
+            gs = torch.autograd.grad(loss, ups, create_graph=True, allow_unused=True)
+            outs, gouts = [], []
+            for g, u in zip(gs, full_u):
+                if g is not None and g.requires_grad:
+                    outs.append(g)
+                    gouts.append(u.to(device=g.device, dtype=g.dtype).view_as(g))
+            hv = torch.autograd.grad(outs, ups + metas, grad_outputs=gouts, allow_unused=True) \
+                if outs else [None] * (len(ups) + len(metas))
+            hv = [None if h is None else h.detach() for h in hv]
+            del gs, outs, gouts, loss
+        return self._mean_rows(hv, metas), metas
+
+    def objective(self, objective, fixed_inputs, pids):
+        """The mean over ranks of the objective, this rank's rows of its gradient (flat float64)
+        and the meta-parameters' mean gradients; and the metas."""
+        with self._unsharded() as (ups, uids), torch.enable_grad():
+            obj = objective() if callable(objective) else objective
+            if not isinstance(obj, torch.Tensor) or obj.numel() != 1:
+                raise ValueError("objective must be a scalar tensor (or a callable returning one)")
+            metas = fixed_inputs if fixed_inputs is not None else _leaves(obj, pids | uids)
+            gr = torch.autograd.grad(obj, ups + metas, allow_unused=True) if obj.requires_grad \
+                else [None] * (len(ups) + len(metas))
+        red = self._mean_rows(list(gr) + [obj.detach().reshape(())], list(metas) + [obj])
+        return red[-1].to(obj.dtype), red[:-1], metas
+
+    def _gather(self, xs) -> list:
+        """The full tensors (flat float64) of the local shards xs, in one all_gather of the
+        shards padded to ceil(rows / world) rows."""
+        sizes = [c * (p.numel() // max(p.shape[0], 1)) for p, (spans, c) in zip(self.params, self.rows)]
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        mine = torch.zeros(sum(sizes), dtype=torch.float64, device=dev)
+        at = 0
+        for x, n in zip(xs, sizes):
+            mine[at:at + x.numel()] = x.reshape(-1)
+            at += n
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        self.dist.all_gather(every, mine, group=self.group)
+        out, at = [], 0
+        for p, (spans, c), n in zip(self.params, self.rows, sizes):
+            row = p.numel() // max(p.shape[0], 1)
+            out.append(torch.cat([every[r][at:at + (b - a) * row] for r, (a, b) in enumerate(spans)]))
+            at += n
+        return out
+
+    def _mean_rows(self, xs, extra) -> list:
+        """float64 means over the ranks, in one all-reduce, of the full tensors xs[:len(params)]
+        (None as zeros; returned as this rank's rows, flat) and of xs[len(params):] (shaped like
+        `extra`)."""
+        shapes = [p.shape for p in self.params] + [e.shape for e in extra]
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        flat = torch.cat([(x.detach().to(device=dev, dtype=torch.float64) if x is not None
+                           else torch.zeros(s, dtype=torch.float64, device=dev)).reshape(-1)
+                          for x, s in zip(xs, shapes)])
+        self.dist.all_reduce(flat, group=self.group)
+        flat /= self.world
+        out, at = [], 0
+        for i, s in enumerate(shapes):
+            n = math.prod(s)
+            x = flat[at:at + n]
+            if i < len(self.params):
+                (spans, c), p = self.rows[i], self.params[i]
+                a, b = spans[self.rank]
+                row = n // max(p.shape[0], 1)
+                x = x[a * row:b * row]
+            else:
+                x = x.view(s).to(extra[i - len(self.params)].device)
+            out.append(x)
+            at += n
+        return out
+
+    def sum_(self, xs) -> None:
+        """Sum the float64 tensors xs over the ranks, in place, in one all-reduce."""
+        if not xs:
+            return
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        flat = torch.cat([x.reshape(-1) for x in xs]).to(dev)
+        self.dist.all_reduce(flat, group=self.group)
+        at = 0
+        for x in xs:
+            x.copy_(flat[at:at + x.numel()].view_as(x))
+            at += x.numel()
+
+    def ranks_where(self, flag: bool) -> list:
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        t = torch.zeros(self.world, dtype=torch.int64, device=dev)
+        t[self.rank] = int(flag)
+        self.dist.all_reduce(t, group=self.group)
+        return [r for r, f in enumerate(t.tolist()) if f]
+
+
+def _check_loss(loss, t: int) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(f"closure({t}) must return the scalar training loss of step {t}")
 
 
 def _odd_ones(values: list) -> list:
