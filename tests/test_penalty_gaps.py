@@ -85,3 +85,25 @@ def test_value_defaults_dtype_and_explicit_groups():
     got = P.value([a, b], group_lasso=0.1, groups=[ga, gb])
     assert abs(float(got) - want) <= 1e-6 * want
     assert float(P.value([], l1=1.0)) == 0.0
+
+
+def test_activity_penalty_default_strengths_are_zero(gen):
+    """l1 and l2 default to 0: one given alone is the whole penalty (value and gradient)."""
+    x = torch.randn(4, 7, generator=gen, dtype=torch.float64)
+    for kw, val, grad in (({"l1": 0.3}, 0.3 * x.abs().sum(), 0.3 * torch.sign(x)),
+                          ({"l2": 0.7}, 0.7 * (x * x).sum(), 1.4 * x)):
+        xr = x.clone().requires_grad_(True)
+        y, v = fastreg.activity_penalty(xr, return_value=True, **kw)
+        torch.testing.assert_close(v.double(), val, rtol=1e-12, atol=0)
+        y.backward(torch.zeros_like(x))  # the penalty's gradient alone
+        torch.testing.assert_close(xr.grad, grad, rtol=1e-12, atol=0)
+
+
+def test_value_of_one_tensor_and_sparsity_past_an_empty_tensor():
+    """penalty.value of a single tensor; sparsity counts the tensors after a zero-size one."""
+    w = torch.tensor([[0.0, 2.0], [0.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    assert float(P.value(w, l1=0.5)) == 1.5
+    assert float(P.value([w], l2=0.25, group_lasso=0.0)) == 1.25
+    got = P.sparsity([torch.empty(0, 2), w], groups="rows")
+    assert got == P.sparsity([w], groups="rows") == {"weights": 4 / 6, "groups": 1 / 3,
+                                                    "zero_groups": 1, "num_groups": 3}
