@@ -290,6 +290,50 @@ def check_penalty_accumulate(rank, world, device):
                                            atol=1e-6, msg=lambda m, k=k: f"grad {k} {groups}: {m}")
 
 
+def check_penalty_mixed_strengths_and_dtypes(rank, world, device):
+    """Shards that the one-pass launch must not take together, and bf16 shards, which it does
+    not take at all: param groups with their own strengths, float32 mixed with float64 in one
+    call, and bfloat16; accumulate_ and prox_ equal the single-process calls."""
+    import fastreg
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = _mesh(device)
+    g = torch.Generator().manual_seed(11)
+
+    def make(shapes_dtypes):
+        full = [torch.randn(s, generator=g, dtype=torch.float64).to(dt) for s, dt in shapes_dtypes]
+        grads = [torch.randn(s, generator=g, dtype=torch.float64).to(dt) for s, dt in shapes_dtypes]
+        dts = [torch.nn.Parameter(distribute_tensor(f.to(device), mesh, [Shard(0)])) for f in full]
+        for d, gr in zip(dts, grads):
+            d.grad = distribute_tensor(gr.to(device), mesh, [Shard(0)])
+        refs = [f.clone().requires_grad_() for f in full]
+        for r, gr in zip(refs, grads):
+            r.grad = gr.clone()
+        return dts, refs
+
+    def groups_of(ps):  # two param groups with their own strengths
+        return [{"params": ps[:1], "l1": 0.3, "l2": 0.0}, {"params": ps[1:], "l1": 0.0, "l2": 0.4}]
+
+    f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
+    cases = [("strengths", [((7, 5), f32), ((5, 3), f32)], groups_of, {}),
+             ("f32+f64", [((7, 5), f32), ((4, 3), f64)], list, {"l1": 0.1, "l2": 0.2}),
+             ("bf16", [((7, 5), bf16), ((6,), bf16)], list, {"l1": 0.1, "l2": 0.2})]
+    for name, spec, wrap, kw in cases:
+        tol = dict(rtol=2e-2, atol=2e-2) if name == "bf16" else dict(rtol=1e-6, atol=1e-7)
+        dts, refs = make(spec)
+        v = fastreg.penalty.accumulate_(wrap(dts), **kw)
+        rv = fastreg.penalty.accumulate_(wrap(refs), **kw)
+        torch.testing.assert_close(v.cpu(), rv, **tol, msg=lambda m: f"value {name}: {m}")
+        for d, r in zip(dts, refs):
+            torch.testing.assert_close(d.grad.full_tensor().cpu(), r.grad, **tol,
+                                       msg=lambda m: f"grad {name}: {m}")
+        fastreg.penalty.prox_(wrap(dts), 0.5, **kw)
+        fastreg.penalty.prox_(wrap(refs), 0.5, **kw)
+        for d, r in zip(dts, refs):
+            torch.testing.assert_close(d.full_tensor().detach().cpu(), r.detach(), **tol,
+                                       msg=lambda m: f"prox {name}: {m}")
+
+
 def check_penalty_rows_local(rank, world, device):
     """Rows of Shard(0) weights are whole on each rank: no collective unless the value is
     wanted."""
@@ -976,6 +1020,7 @@ SUITES = {
         ("rng_tensor_parallel", check_rng_tensor_parallel),
         ("rng_backward_outside", check_rng_backward_outside),
         ("penalty_accumulate", check_penalty_accumulate),
+        ("penalty_mixed_strengths_and_dtypes", check_penalty_mixed_strengths_and_dtypes),
         ("penalty_rows_local", check_penalty_rows_local),
         ("penalty_prox", check_penalty_prox),
         ("penalty_sparsity", check_penalty_sparsity),
