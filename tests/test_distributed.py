@@ -300,12 +300,13 @@ def check_penalty_mixed_strengths_and_dtypes(rank, world, device):
     mesh = _mesh(device)
     g = torch.Generator().manual_seed(11)
 
-    def make(shapes_dtypes):
+    def make(shapes_dtypes, dims=(0, 0)):
         full = [torch.randn(s, generator=g, dtype=torch.float64).to(dt) for s, dt in shapes_dtypes]
         grads = [torch.randn(s, generator=g, dtype=torch.float64).to(dt) for s, dt in shapes_dtypes]
-        dts = [torch.nn.Parameter(distribute_tensor(f.to(device), mesh, [Shard(0)])) for f in full]
-        for d, gr in zip(dts, grads):
-            d.grad = distribute_tensor(gr.to(device), mesh, [Shard(0)])
+        dts = [torch.nn.Parameter(distribute_tensor(f.to(device), mesh, [Shard(d)]))
+               for f, d in zip(full, dims)]
+        for d, gr, dim in zip(dts, grads, dims):
+            d.grad = distribute_tensor(gr.to(device), mesh, [Shard(dim)])
         refs = [f.clone().requires_grad_() for f in full]
         for r, gr in zip(refs, grads):
             r.grad = gr.clone()
@@ -315,12 +316,16 @@ def check_penalty_mixed_strengths_and_dtypes(rank, world, device):
         return [{"params": ps[:1], "l1": 0.3, "l2": 0.0}, {"params": ps[1:], "l1": 0.0, "l2": 0.4}]
 
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
-    cases = [("strengths", [((7, 5), f32), ((5, 3), f32)], groups_of, {}),
-             ("f32+f64", [((7, 5), f32), ((4, 3), f64)], list, {"l1": 0.1, "l2": 0.2}),
-             ("bf16", [((7, 5), bf16), ((6,), bf16)], list, {"l1": 0.1, "l2": 0.2})]
-    for name, spec, wrap, kw in cases:
+    gl = {"l1": 0.1, "group_lasso": 0.2, "groups": ["rows", "cols"]}
+    cases = [("strengths", [((7, 5), f32), ((5, 3), f32)], groups_of, {}, (0, 0)),
+             ("f32+f64", [((7, 5), f32), ((4, 3), f64)], list, {"l1": 0.1, "l2": 0.2}, (0, 0)),
+             ("bf16", [((7, 5), bf16), ((6,), bf16)], list, {"l1": 0.1, "l2": 0.2}, (0, 0)),
+             # rows of a Shard(0) weight and cols of a Shard(1) one: both whole on each rank,
+             # one strength triple, two groupings
+             ("rows+cols", [((7, 5), f32), ((3, 6), f32)], list, gl, (0, 1))]
+    for name, spec, wrap, kw, dims in cases:
         tol = dict(rtol=2e-2, atol=2e-2) if name == "bf16" else dict(rtol=1e-6, atol=1e-7)
-        dts, refs = make(spec)
+        dts, refs = make(spec, dims)
         v = fastreg.penalty.accumulate_(wrap(dts), **kw)
         rv = fastreg.penalty.accumulate_(wrap(refs), **kw)
         torch.testing.assert_close(v.cpu(), rv, **tol, msg=lambda m: f"value {name}: {m}")
@@ -332,6 +337,19 @@ def check_penalty_mixed_strengths_and_dtypes(rank, world, device):
         for d, r in zip(dts, refs):
             torch.testing.assert_close(d.full_tensor().detach().cpu(), r.detach(), **tol,
                                        msg=lambda m: f"prox {name}: {m}")
+    # sparsity: zero columns of a Shard(0) weight are groups spanning the shards
+    w = torch.randn(7, 5, generator=g)
+    w[:, 1] = 0.0
+    w[:, 3] = 0.0
+    w[4, 0] = 0.0
+    dw = distribute_tensor(w.to(device), mesh, [Shard(0)])
+    got = fastreg.penalty.sparsity([dw], groups="cols")
+    assert got == fastreg.penalty.sparsity([w], groups="cols") == {
+        "weights": 15 / 35, "groups": 2 / 5, "zero_groups": 2, "num_groups": 5}, got
+    share = fastreg.penalty.sparsity([dw], groups="cols", global_value=False)  # shares sum up
+    counts = torch.tensor([share["zero_groups"], share["num_groups"]], dtype=torch.int64)
+    dist.all_reduce(counts)
+    assert counts.tolist() == [2, 5], (share, counts)
 
 
 def check_penalty_rows_local(rank, world, device):
