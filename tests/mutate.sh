@@ -2,6 +2,8 @@
 # Mutation testing (mutmut 3) of some of fastreg's Python files against the tests that cover them.
 #
 #   tests/mutate.sh "fastreg/penalty.py" "tests/test_penalty.py tests/test_penalty_gaps.py" [-k expr]
+#   MUTANTS='fastreg.penalty.x_accumulate_* fastreg.penalty.x__onepass*' tests/mutate.sh ...
+#     (only the mutants whose names match these globs: mutmut's names, `mutmut results`)
 #
 # mutmut rewrites the files it mutates, so it runs on a scratch copy of the tree
 # (build/mutate/<name>/, kept between runs: mutmut resumes where it stopped), never on the
@@ -46,5 +48,8 @@ find fastreg tests -name __pycache__ -prune -exec rm -rf {} +
 # absent, and the tests would then import the working tree's fastreg (no mutant ever hit)
 mkdir -p mutants
 export PYTHONPATH="$WORK/mutants" FASTREG_TEST_SEED=${FASTREG_TEST_SEED:-id}
-nice -n 10 "$PY" -m mutmut run --max-children "${MUTATE_JOBS:-1}" || true
+# MUTANTS unquoted on purpose: a space-separated list of name globs, expanded by mutmut not the shell
+set -f
+nice -n 10 "$PY" -m mutmut run --max-children "${MUTATE_JOBS:-1}" ${MUTANTS:-} || true
+set +f
 "$PY" -m mutmut results

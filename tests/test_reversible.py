@@ -781,7 +781,7 @@ def test_hypergradients_match_unrolled_autograd(seed):
         assert max(errs) <= tol, (snap, errs)
 
 
-def _quadratic_run(T, inputs_of=None, objective=None):
+def _quadratic_run(T, inputs_of=None, objective=None, grads_before=None):
     """T steps on L_t(w) = 0.5 |w - c|^2 + c2 |w|^2 (c, c2 meta-parameters), then reverse of
     objective (default |w|^2 + 3 c . 1 + c2: the metas also enter it directly). Returns
     (w parameter, c, c2, lr, the optimizer, (reverse's value, the objective before reverse))."""
@@ -800,6 +800,8 @@ def _quadratic_run(T, inputs_of=None, objective=None):
         loss(t).backward()
         opt.step()
     c.grad = c2.grad = lr.grad = None
+    if grads_before is not None:  # gradients already there: reverse adds to them
+        c.grad, c2.grad, lr.grad = (g.clone() for g in grads_before)
     obj = objective(w, c, c2) if objective else lambda: (w ** 2).sum() + 3 * c.sum() + c2
     with torch.no_grad():
         before = obj() if callable(obj) else obj  # at the final weights
@@ -834,6 +836,18 @@ def test_metas_in_the_objective_and_edge_cases(T):
     assert torch.equal(val[0], val[1])  # the objective's value at the final weights
     w2, c_, c2_, _, _, _ = _quadratic_run(T, inputs_of=lambda w, c, c2: [w, c])
     assert torch.equal(w2.grad, w.grad) and torch.equal(c_.grad, c.grad) and c2_.grad is None
+
+
+def test_reverse_adds_to_existing_meta_and_hyper_gradients():
+    """Like backward(), reverse adds to a meta-parameter's or a hyperparameter's .grad that is
+    already there (a hyperparameter shared by several objectives) instead of replacing it."""
+    _, c, c2, lr, _, _ = _quadratic_run(3)
+    before = (torch.full((5,), 1.5, dtype=torch.float64), torch.tensor(-0.25, dtype=torch.float64),
+              torch.arange(3, dtype=torch.float64))
+    _, c_, c2_, lr_, _, _ = _quadratic_run(3, grads_before=before)
+    for got, fresh, pre in ((c_.grad, c.grad, before[0]), (c2_.grad, c2.grad, before[1]),
+                            (lr_.grad, lr.grad, before[2])):
+        assert torch.equal(got, pre + fresh)
 
 
 def test_reverse_objective_without_parameters_and_bad_objective():
