@@ -504,7 +504,7 @@ def test_word_equal_to_the_threshold_is_kept(backend):
 
 def test_reference_and_numba_kernel_start_offset(gen):
     """start shifts the logical index: the n elements from start are elements start.. of one long
-    run, in the reference and in the Numba kernels (the Triton ones: the high-index test)."""
+    run, in the reference and in the Numba kernels (the GPU ones: the high-index test)."""
     from fastreg.kernels.numba import dropout as nb
 
     n, seed, stream, p, start = 37, 555, 6, 0.45, 24
