@@ -339,6 +339,38 @@ def test_bad_input_errors():
 
 
 
+def test_dropout_add_errors_name_the_op_and_the_argument():
+    """Every dropout_add check names fastreg.dropout_add and the argument at fault."""
+    x, r = torch.randn(4), torch.randn(4)
+    cases = [
+        (TypeError, "fastreg.dropout_add: input must have a floating dtype",
+         lambda: fastreg.dropout_add(torch.ones(4, dtype=torch.int32), r)),
+        (TypeError, "fastreg.dropout_add: residual must be a torch.Tensor",
+         lambda: fastreg.dropout_add(x, [1.0] * 4)),
+        (ValueError, r"fastreg.dropout_add: residual must have the same shape as input: "
+                     r"input.shape=torch.Size\(\[4\]\), residual.shape",
+         lambda: fastreg.dropout_add(x, torch.randn(5))),
+        (ValueError, "fastreg.dropout_add: p must be in", lambda: fastreg.dropout_add(x, r, 2.0)),
+        (TypeError, "fastreg.dropout_add: training must be a bool",
+         lambda: fastreg.dropout_add(x, r, 0.5, 1)),
+        (ValueError, "fastreg.dropout_add: stream must be in",
+         lambda: fastreg.dropout_add(x, r, 0.5, stream=-1)),
+        (ValueError, "fastreg.dropout_add: seed must be in",
+         lambda: fastreg.dropout_add(x, r, 0.5, seed=-1)),
+    ]
+    for exc, msg, call in cases:
+        with pytest.raises(exc, match="^" + msg):
+            call()
+
+
+def test_dropout_add_defaults():
+    """p=0.5, training=True and stream=0 by default: the documented signature."""
+    x, r = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    ref, _ = D.dropout_reference(x, 12, 0, 0.5)
+    assert torch.equal(fastreg.dropout_add(x, r, seed=12), r + ref)
+    assert torch.equal(fastreg.dropout(x, seed=12), ref)
+
+
 def test_direct_ops_check_sizes():
     """torch.ops.fastreg.* called directly (no wrapper checks): inconsistent sizes are refused
     before the Numba kernels, which read residual and bits at x's indices, could read past them."""
