@@ -363,12 +363,20 @@ def test_dropout_add_errors_name_the_op_and_the_argument():
             call()
 
 
-def test_dropout_add_defaults():
-    """p=0.5, training=True and stream=0 by default: the documented signature."""
+def test_dropout_add_defaults_and_shortcuts():
+    """p=0.5, training=True and stream=0 by default (the documented signature); training=False
+    and p=0 give input + residual, p=1 gives residual, and a one-element input is dropped
+    like any other."""
     x, r = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
     ref, _ = D.dropout_reference(x, 12, 0, 0.5)
     assert torch.equal(fastreg.dropout_add(x, r, seed=12), r + ref)
     assert torch.equal(fastreg.dropout(x, seed=12), ref)
+    assert torch.equal(fastreg.dropout_add(x, r, 0.5, False, seed=12), r + x)
+    assert torch.equal(fastreg.dropout_add(x, r, 0.0, seed=12), r + x)
+    assert torch.equal(fastreg.dropout_add(x, r, 1.0, seed=12), r)
+    for seed in range(8):  # some of these seeds drop the element
+        one, _ = D.dropout_reference(x[:1], seed, 3, 0.5)
+        assert torch.equal(fastreg.dropout_add(x[:1], r[:1], seed=seed, stream=3), r[:1] + one)
 
 
 def test_direct_ops_check_sizes():
