@@ -185,8 +185,18 @@ def test_bad_arguments():
         P.loss([w, 3.0])
     with pytest.raises(TypeError, match="int64"):
         P.loss([torch.ones(3, dtype=torch.int64)])
-    with pytest.raises(TypeError, match="dicts"):
-        P.loss([{"params": [w]}])
+    with pytest.raises(TypeError, match=r"params\[1\] must be a tensor, got dict \(param-group"):
+        P.loss([w, {"params": [w]}])
+    with pytest.raises(TypeError, match="^fastreg.penalty.loss: params must be a tensor or an "
+                                        "iterable of tensors, got float$"):
+        P.loss(3.0)
+    with pytest.raises(ValueError, match="^fastreg.penalty.loss: l1 must be a number, a 0-dim tensor "
+                                         r"or a 1-D tensor .* got shape \(1, 1\)"):
+        P.loss([w], l1=torch.ones(1, 1))
+    with pytest.raises(ValueError, match=r"^fastreg.penalty.loss: l2\[1\] must be"):
+        P.loss([w, w], l2=[0.1, -1.0])
+    with pytest.raises(ValueError, match="^fastreg.penalty.loss: l2 must be"):
+        P.loss([w], l2=-1.0)
 
     class Sub(torch.Tensor):
         pass
@@ -194,6 +204,14 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="plain tensors"):
         P.loss([w.detach().as_subclass(Sub)])
     assert float(P.loss([])) == 0.0
+
+
+def test_default_strengths_are_zero():
+    """l1, l2 and group_lasso default to 0: a penalty names only the terms it wants."""
+    w = torch.randn(3, 4, dtype=torch.float64)
+    assert float(P.loss([w])) == 0.0
+    torch.testing.assert_close(P.loss([w], l2=0.5), 0.5 * (w * w).sum(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(P.loss([w], l1=0.5), 0.5 * w.abs().sum(), rtol=1e-14, atol=0)
 
 
 # ------------------------------------------------------------ hypergradients through reverse
