@@ -197,13 +197,47 @@ def test_bad_arguments():
         P.loss([w, w], l2=[0.1, -1.0])
     with pytest.raises(ValueError, match="^fastreg.penalty.loss: l2 must be"):
         P.loss([w], l2=-1.0)
+    with pytest.raises(ValueError, match="^fastreg.penalty.loss: l1 must be finite"):
+        P.loss([w], l1=torch.tensor(-1.0))
+    with pytest.raises(ValueError, match="^fastreg.penalty.loss: group_lasso must be"):
+        P.loss([w], group_lasso=-1.0)
+    with pytest.raises(ValueError, match="^fastreg.penalty.loss: group_lasso=0.5 for params"
+                                         r"\[0\] needs groups \('rows', 'cols'"):
+        P.loss([w], group_lasso=torch.tensor(0.5))  # a tensor strength is checked as well
+    with pytest.raises(ValueError, match=r"^fastreg.penalty.loss: groups\[1\] must be one of"):
+        P.loss([w, w], groups=["rows", "diagonal"])
+    with pytest.raises(ValueError, match=r"^fastreg.penalty.loss: groups must be one of"):
+        P.loss([w, w], groups="diagonal")
+    with pytest.raises(ValueError, match=r"^fastreg.penalty.loss: groups index tensor must have "
+                                         "one entry per element: numel 5 != parameter numel 12"):
+        P.loss([w], group_lasso=0.1, groups=torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"^fastreg.penalty.loss: params\[0\] must be dense, got "
+                                        "torch.sparse_coo"):
+        P.loss([torch.eye(3).to_sparse()])
+    with pytest.raises(ValueError, match="^fastreg.penalty.loss: params must all be on one device, "
+                                         "got cpu and meta"):
+        P.loss([w, torch.empty(3, device="meta")])
 
     class Sub(torch.Tensor):
         pass
 
-    with pytest.raises(TypeError, match="plain tensors"):
+    with pytest.raises(TypeError, match=r"^fastreg.penalty.loss: params\[0\] is a Sub; only plain "
+                                        "tensors and Parameters are accepted"):
         P.loss([w.detach().as_subclass(Sub)])
     assert float(P.loss([])) == 0.0
+    torch.set_default_dtype(torch.float64)
+    try:  # float32 for no tensors, as for float32 ones, whatever the default dtype
+        assert P.loss([]).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_one_index_tensor_for_one_tensor():
+    """groups given as one index tensor (not a list) applies to the single tensor of params."""
+    w = torch.randn(6, 4, dtype=torch.float64)
+    idx = torch.randint(0, 3, (6, 4), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(P.loss([w], group_lasso=0.3, groups=idx),
+                               plain([w], 0.0, 0.0, 0.3, [idx]), rtol=1e-13, atol=0)
 
 
 def test_default_strengths_are_zero():
