@@ -134,8 +134,10 @@ def _flatten(params, op, l1, l2, group_lasso, groups):
                                  f"{dev} and {p.device}; call once per device")
             if shared is not None:
                 mode, idx = shared
-            else:
-                mode, idx = _group_spec(gspec[j] if per_tensor else gspec, p, op, "groups")
+            elif per_tensor:
+                mode, idx = _group_spec(gspec[j], p, op, f"groups[{j}]")
+            else:  # one index tensor for every tensor of the block
+                mode, idx = _group_spec(gspec, p, op, "groups")
             if cgl > 0.0 and mode == MODE_NONE:
                 raise ValueError(f"fastreg.penalty.{op}: group_lasso={cgl} needs groups ('rows', "
                                  f"'cols', 'filters', 'channels' or an index tensor) for {where}")

@@ -107,3 +107,35 @@ def test_value_of_one_tensor_and_sparsity_past_an_empty_tensor():
     got = P.sparsity([torch.empty(0, 2), w], groups="rows")
     assert got == P.sparsity([w], groups="rows") == {"weights": 4 / 6, "groups": 1 / 3,
                                                     "zero_groups": 1, "num_groups": 3}
+
+
+def test_accumulate_errors_name_the_op_and_no_params_give_float32(monkeypatch):
+    """accumulate_'s checks on the general path (explicit groups) name
+    fastreg.penalty.accumulate_ and what is at fault; with no tensors it returns a float32 0
+    whatever the default dtype (as value does)."""
+
+    class Sub(torch.Tensor):
+        pass
+
+    idx = torch.zeros(3, 4, dtype=torch.int64)
+    sub = torch.randn(3, 4).as_subclass(Sub).requires_grad_()
+    with pytest.raises(TypeError, match=r"^fastreg.penalty.accumulate_: params\[0\] is a tensor "
+                                        "subclass"):
+        P.accumulate_([sub], group_lasso=0.1, groups=idx)
+    for bad, what in ((torch.randn(3, 4).to_sparse(), "must be a dense"),
+                      (torch.randn(3, 4).as_subclass(Sub), "is a tensor subclass")):
+        w = torch.randn(3, 4, requires_grad=True)
+        w.grad = bad
+        with pytest.raises(TypeError, match=r"^fastreg.penalty.accumulate_: params' .grad\[0\] "
+                                            + what):
+            P.accumulate_([w], group_lasso=0.1, groups=idx)
+    with pytest.raises(ValueError, match=r"^fastreg.penalty.accumulate_: groups\[1\] must be one"):
+        P.accumulate_([torch.randn(2, requires_grad=True)] * 2, groups=["rows", "x"])
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert P.accumulate_([]).dtype == torch.float32
+        assert P.accumulate_([], group_lasso=0.1, groups=[]).dtype == torch.float32
+        monkeypatch.setattr(P, "_onepass", lambda *a, **k: (False, None))
+        assert P.accumulate_([]).dtype == torch.float32  # the general path's own early return
+    finally:
+        torch.set_default_dtype(torch.float32)
