@@ -308,26 +308,30 @@ def test_saved_bytes():
 
 def test_bad_input_errors():
     x = torch.randn(4)
-    with pytest.raises(ValueError, match="p must be in"):
+    with pytest.raises(ValueError, match="^fastreg.dropout: p must be in"):
         fastreg.dropout(x, 1.5)
-    with pytest.raises(ValueError, match="p must be in"):
+    with pytest.raises(ValueError, match="^fastreg.dropout: p must be in"):
         fastreg.dropout(x, float("nan"))
-    with pytest.raises(TypeError, match="p must be a real"):
+    with pytest.raises(TypeError, match="^fastreg.dropout: p must be a real"):
         fastreg.dropout(x, True)
     for bad in (torch.ones(3, dtype=torch.int32), torch.ones(3, dtype=torch.bool),
                 torch.ones(3, dtype=torch.complex64)):
-        with pytest.raises(TypeError, match="input must have a floating dtype"):
+        with pytest.raises(TypeError, match="^fastreg.dropout: input must have a floating dtype"):
             fastreg.dropout(bad)
-    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+    with pytest.raises(TypeError, match="^fastreg.dropout: input must be a torch.Tensor"):
         fastreg.dropout([1.0, 2.0])
     with pytest.raises(ValueError, match="mask must be one of"):
         fastreg.dropout(x, mask="bytes")
-    with pytest.raises(ValueError, match="seed must be in"):
+    with pytest.raises(ValueError, match="^fastreg.dropout: seed must be in"):
         fastreg.dropout(x, seed=2**63)
-    with pytest.raises(ValueError, match="seed must be in"):
+    with pytest.raises(ValueError, match="^fastreg.dropout: seed must be in"):
         fastreg.dropout(x, seed=-1)
-    with pytest.raises(TypeError, match="seed must be an int"):
+    with pytest.raises(TypeError, match="^fastreg.dropout: seed must be an int"):
         fastreg.dropout(x, seed=1.0)
+    with pytest.raises(TypeError, match="^fastreg.dropout: training must be a bool, got 1$"):
+        fastreg.dropout(x, 0.5, 1)
+    with pytest.raises(ValueError, match="^fastreg.dropout: stream must be in"):
+        fastreg.dropout(x, 0.5, stream=-1)
     with pytest.raises(ValueError, match="residual must have the same shape"):
         fastreg.dropout_add(x, torch.randn(5))
     with pytest.raises(ValueError, match="residual must have the same dtype"):

@@ -131,6 +131,14 @@ def test_accumulate_errors_name_the_op_and_no_params_give_float32(monkeypatch):
             P.accumulate_([w], group_lasso=0.1, groups=idx)
     with pytest.raises(ValueError, match=r"^fastreg.penalty.accumulate_: groups\[1\] must be one"):
         P.accumulate_([torch.randn(2, requires_grad=True)] * 2, groups=["rows", "x"])
+    for dtype in (torch.float32, torch.float16):  # one-pass path (a .grad there), general path
+        w = torch.randn(2, 3, dtype=dtype, requires_grad=True)
+        w.grad = torch.zeros_like(w)
+        with pytest.raises(ValueError, match="^fastreg.penalty.accumulate_: groups must be one of"):
+            P.accumulate_([w], group_lasso=0.1, groups="x")
+        with pytest.raises(ValueError, match="^fastreg.penalty.accumulate_: params l1 must be a "
+                                             "finite number >= 0, got -1.0$"):
+            P.accumulate_([w], l1=-1.0)
     torch.set_default_dtype(torch.float64)
     try:
         assert P.accumulate_([]).dtype == torch.float32
