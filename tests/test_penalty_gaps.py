@@ -136,9 +136,20 @@ def test_accumulate_errors_name_the_op_and_no_params_give_float32(monkeypatch):
         w.grad = torch.zeros_like(w)
         with pytest.raises(ValueError, match="^fastreg.penalty.accumulate_: groups must be one of"):
             P.accumulate_([w], group_lasso=0.1, groups="x")
-        with pytest.raises(ValueError, match="^fastreg.penalty.accumulate_: params l1 must be a "
-                                             "finite number >= 0, got -1.0$"):
-            P.accumulate_([w], l1=-1.0)
+        for name in ("l1", "l2", "group_lasso"):
+            with pytest.raises(ValueError, match=f"^fastreg.penalty.accumulate_: params {name} must "
+                                                 "be a finite number >= 0, got -1.0$"):
+                P.accumulate_([w], **{name: -1.0})
+    w = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="^fastreg.penalty.accumulate_: groups has 3 entries but "
+                                         "params has 2$"):
+        P.accumulate_([w, w], groups=["rows"] * 3)
+    with pytest.raises(ValueError, match=r"^fastreg.penalty.accumulate_: params\[1\] \(a dict\) "
+                                         "needs a 'params' entry$"):
+        P.accumulate_([w, {"l1": 0.1}])
+    with pytest.raises(TypeError, match="^fastreg.penalty.accumulate_: params must be an iterable "
+                                        r"of tensors or of dicts \(param groups\), got int$"):
+        P.accumulate_(3)
     torch.set_default_dtype(torch.float64)
     try:
         assert P.accumulate_([]).dtype == torch.float32
@@ -147,3 +158,61 @@ def test_accumulate_errors_name_the_op_and_no_params_give_float32(monkeypatch):
         assert P.accumulate_([]).dtype == torch.float32  # the general path's own early return
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def _grads(params_spec, **kw):
+    """accumulate_ on fresh float64 copies of the tensors named in params_spec (tensors, or
+    dicts of them), returning the gradients in order of appearance."""
+    import copy
+
+    spec = copy.deepcopy(params_spec)
+    seen = []
+
+    def fresh(t):
+        t = t.detach().clone().requires_grad_()
+        seen.append(t)
+        return t
+
+    spec = [fresh(e) if isinstance(e, torch.Tensor) else
+            {k: (fresh(v) if isinstance(v, torch.Tensor) else [fresh(t) for t in v])
+             if k == "params" else v for k, v in e.items()} for e in spec]
+    value = P.accumulate_(spec, **kw)
+    return value, [t.grad for t in seen]
+
+
+def test_param_group_dicts_and_explicit_groups_without_group_term(gen):
+    """Dicts take the call's groups (a per-tensor list applies within each dict) and may hold one
+    tensor as 'params'; an index-tensor group with group_lasso 0 in one dict leaves the other
+    dict's index groups where they belong. Each is compared with calls on plain lists."""
+    a = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    b = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    ia = torch.randint(0, 3, (4, 6), generator=gen)
+    ib = torch.randint(0, 5, (4, 6), generator=gen)
+    kw = dict(l1=0.1, group_lasso=0.2, groups=["rows", "cols"])
+    v1, g1 = _grads([{"params": [a, b]}], **kw)
+    v2, g2 = _grads([a, b], **kw)
+    assert torch.equal(v1, v2) and all(torch.equal(x, y) for x, y in zip(g1, g2))
+    v1, g1 = _grads([{"params": a, "l2": 0.3}], group_lasso=0.2, groups="cols")
+    v2, g2 = _grads([a], l2=0.3, group_lasso=0.2, groups="cols")
+    assert torch.equal(v1, v2) and torch.equal(g1[0], g2[0])
+    v, g = _grads([{"params": [a], "group_lasso": 0.0, "groups": [ia]},
+                   {"params": [b], "group_lasso": 0.3, "groups": [ib]}], l1=0.1)
+    va, ga = _grads([a], l1=0.1)
+    vb, gb = _grads([b], l1=0.1, group_lasso=0.3, groups=[ib])
+    torch.testing.assert_close(v, va + vb, rtol=1e-6, atol=0)  # float32 values
+    assert torch.equal(g[0], ga[0]) and torch.equal(g[1], gb[0])
+
+
+def test_one_pass_with_group_lasso_one(gen, monkeypatch):
+    """The one-pass path with group_lasso = 1.0 exactly (groups planned from the shapes) equals
+    the general path."""
+    w = torch.randn(3, 8, generator=gen)
+    kw = dict(l1=0.05, group_lasso=1.0, groups="rows")
+    outs = []
+    for one_pass in (True, False):
+        if not one_pass:
+            monkeypatch.setattr(P, "_onepass", lambda *a, **k: (False, None))
+        p = w.clone().requires_grad_()
+        p.grad = torch.zeros_like(p)
+        outs.append((P.accumulate_([p], **kw), p.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
