@@ -44,13 +44,12 @@ from fastreg.ops.penalty import GROUP_NAMES, MODE_EXPLICIT, MODE_NONE
 __all__ = ["accumulate_", "prox_", "sparsity", "value", "activity_penalty", "loss"]
 
 
-def _real(v, name, op, *, positive=False):
+def _real(v, name, op):
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"fastreg.{op}: {name} must be a real number >= 0, got {v!r}")
     v = float(v)
-    if not (math.isfinite(v) and v >= 0.0) or (positive and v <= 0.0):
-        raise ValueError(f"fastreg.{op}: {name} must be a finite number "
-                         f"{'> 0' if positive else '>= 0'}, got {v}")
+    if not (math.isfinite(v) and v >= 0.0):
+        raise ValueError(f"fastreg.{op}: {name} must be a finite number >= 0, got {v}")
     return v
 
 

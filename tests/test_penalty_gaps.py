@@ -216,3 +216,34 @@ def test_one_pass_with_group_lasso_one(gen, monkeypatch):
         p.grad = torch.zeros_like(p)
         outs.append((P.accumulate_([p], **kw), p.grad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_group_errors_name_the_op_and_int32_index_groups(gen):
+    """Group specifications are checked with messages that name fastreg.penalty.<op> and the
+    entry at fault; an int32 index tensor groups as its int64 copy does."""
+    w = torch.randn(3, 4, generator=gen, requires_grad=True)
+    A = "^fastreg.penalty.accumulate_: "
+    cases = [
+        (ValueError, A + "groups index tensor must have one entry per element: numel 5",
+         dict(group_lasso=0.1, groups=torch.zeros(5, dtype=torch.int64))),
+        (ValueError, A + r"groups\[0\] index tensor must have one entry per element",
+         dict(group_lasso=0.1, groups=[torch.zeros(5, dtype=torch.int64)])),
+        (ValueError, A + "groups index tensor must be >= 0$",
+         dict(group_lasso=0.1, groups=torch.full((3, 4), -1))),
+        (ValueError, A + "groups index tensor is on meta but its parameter is on cpu$",
+         dict(group_lasso=0.1, groups=torch.zeros(3, 4, dtype=torch.int64, device="meta"))),
+        (TypeError, A + "groups must be a str, an index tensor, a list of those, or None; got float$",
+         dict(group_lasso=0.1, groups=3.5)),
+    ]
+    for exc, msg, kw in cases:
+        with pytest.raises(exc, match=msg):
+            P.accumulate_([w], **kw)
+    with pytest.raises(TypeError, match=A + "params must hold tensors, got float$"):
+        P.accumulate_([w, 3.0])
+    with pytest.raises(ValueError, match=r"^fastreg.penalty.accumulate_: params\[0\]: groups has 1 "
+                                         "entries but there are 2 tensors$"):
+        P.accumulate_([{"params": [w, w], "groups": ["rows"]}])
+    idx = torch.randint(0, 3, (3, 4), generator=gen)
+    v64, g64 = _grads([w], l1=0.1, group_lasso=0.2, groups=idx)
+    v32, g32 = _grads([w], l1=0.1, group_lasso=0.2, groups=idx.to(torch.int32))
+    assert torch.equal(v64, v32) and torch.equal(g64[0], g32[0])
