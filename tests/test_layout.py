@@ -84,7 +84,9 @@ def test_dropout_float16_and_float64(backend, gen):
     x = torch.randn(2, 8, 4, 4, generator=gen).contiguous(memory_format=CL)
     for dtype in (torch.float16, torch.float64):
         with fastreg.use_backend(backend):
-            for mask in ("seed", "bits"):  # the bits backward walks the grad in memory order; p = 0.3: a scale float32 cannot hold
+            # the bits backward walks the grad in memory order; p = 0.3: a scale that float32
+            # cannot hold exactly
+            for mask in ("seed", "bits"):
                 _check(lambda t: fastreg.dropout(t, 0.3, seed=3, mask=mask), x.to(dtype))
             _check(lambda t: fastreg.gaussian_dropout(t, 0.2, seed=3), x.to(dtype))
             _check(lambda m, v: vd_sample(m, v, seed=3), x.to(dtype), extra=(x.abs().to(dtype),))
