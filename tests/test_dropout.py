@@ -383,6 +383,20 @@ def test_dropout_add_defaults_and_shortcuts():
         assert torch.equal(fastreg.dropout_add(x[:1], r[:1], seed=seed, stream=3), r[:1] + one)
 
 
+def test_bits_apply_op_keeps_half_dtypes():
+    """torch.ops.fastreg.dropout_bits_apply called directly on float16/bfloat16 gradients
+    (contiguous and channels_last) returns their dtype, values as the float32 computation
+    rounded once (autograd would cast a float32 result back and hide it)."""
+    g32 = torch.randn(2, 8, 3, 3)
+    keep = torch.rand(g32.numel(), generator=torch.Generator().manual_seed(4)) > 0.3
+    bits = D.pack_bits_reference(keep)
+    for dtype in (torch.float16, torch.bfloat16):
+        for g in (g32.to(dtype), g32.to(dtype).contiguous(memory_format=torch.channels_last)):
+            out = torch.ops.fastreg.dropout_bits_apply(g, bits, 0.3)
+            want = (g.float().reshape(-1) * torch.where(keep, D.dropout_scale(0.3), 0.0)).to(dtype)
+            assert out.dtype == dtype and torch.equal(out.reshape(-1), want)
+
+
 def test_direct_ops_check_sizes():
     """torch.ops.fastreg.* called directly (no wrapper checks): inconsistent sizes are refused
     before the Numba kernels, which read residual and bits at x's indices, could read past them."""

@@ -82,8 +82,18 @@ def test_module_and_saved_bytes(gen):
     torch.testing.assert_close(x.grad, 1 + 0.5 * torch.sign(x.detach()))
     with pytest.raises(ValueError, match="l1"):
         fastreg.nn.ActivityPenalty(l1=-1)
-    with pytest.raises(TypeError, match="x"):
+    with pytest.raises(TypeError, match="^fastreg.activity_penalty: x must have a floating dtype"):
         fastreg.activity_penalty(torch.arange(4), l1=1.0)
+    for name in ("l1", "l2"):
+        with pytest.raises(ValueError, match=f"^fastreg.activity_penalty: {name} must be a finite "
+                                             "number >= 0, got -1.0$"):
+            fastreg.activity_penalty(x, **{name: -1.0})
+
+    class Sub(torch.Tensor):
+        pass
+
+    with pytest.raises(TypeError, match="^fastreg.activity_penalty: x is a tensor subclass"):
+        fastreg.activity_penalty(x.detach().as_subclass(Sub), l1=1.0)
 
 
 def test_no_grad_path_and_compile(gen):

@@ -247,3 +247,15 @@ def test_group_errors_name_the_op_and_int32_index_groups(gen):
     v64, g64 = _grads([w], l1=0.1, group_lasso=0.2, groups=idx)
     v32, g32 = _grads([w], l1=0.1, group_lasso=0.2, groups=idx.to(torch.int32))
     assert torch.equal(v64, v32) and torch.equal(g64[0], g32[0])
+
+
+def test_sparsity_errors_name_the_op():
+    class Sub(torch.Tensor):
+        pass
+
+    w = torch.randn(3, 4)
+    with pytest.raises(TypeError, match=r"^fastreg.penalty.sparsity: params\[0\] is a tensor "
+                                        "subclass"):
+        P.sparsity([w.as_subclass(Sub)])
+    with pytest.raises(ValueError, match="^fastreg.penalty.sparsity: groups must be one of"):
+        P.sparsity([w], groups="x")
