@@ -70,6 +70,24 @@ def test_dropout(backend, mask, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_direct_dropout_op_bits_on_every_layout(backend, gen):
+    """torch.ops.fastreg.dropout_fwd on every layout: the packed mask equals the contiguous
+    call's ((n + 7) // 8 uint8 bytes in logical order), and without bits the second output is
+    an empty uint8 tensor, as the fake kernel says."""
+    st = torch.tensor(21)
+    sliced_by_8 = ("sliced, numel % 8 == 0", torch.randn(4, 16, generator=gen)[:, ::2])
+    for name, x in [*_inputs(gen), sliced_by_8]:
+        with fastreg.use_backend(backend):
+            out, bits = torch.ops.fastreg.dropout_fwd(x, st, 5, 0.35, True)
+            ref, ref_bits = torch.ops.fastreg.dropout_fwd(x.contiguous(), st, 5, 0.35, True)
+            _same(out, ref)
+            assert bits.shape == ((x.numel() + 7) // 8,), name
+            _same(bits, ref_bits)
+            _, none = torch.ops.fastreg.dropout_fwd(x, st, 5, 0.35, False)
+            assert none.dtype == torch.uint8 and none.shape == (0,), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_add(backend, gen):
     for name, x in _inputs(gen):
         same = x.detach().clone().mul_(2)  # residual in x's layout
