@@ -475,6 +475,29 @@ def test_closure_error_names_the_step_and_whether_it_repeats():
     assert "nondeterministic closure (unseeded" not in str(other)
 
 
+def test_spill_grows_over_a_long_run_and_reverses_exactly():
+    """Low momentum discards about 5.6 bits per element per step, so 150 steps spill 26 words
+    per element: the spill buffer grows from 0 rows (8 at a time, then by a quarter) while
+    the optimizer runs, and reverse() still recovers w_0 bit for bit (it raises otherwise)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(16, dtype=torch.float64))
+    c = torch.randn(16, dtype=torch.float64)
+    opt = ReversibleSGD([w], lr=0.3, momentum=0.02)
+
+    def loss(t):
+        return 0.5 * ((w - c) ** 2).sum()
+
+    for t in range(150):
+        opt.zero_grad()
+        loss(t).backward()
+        opt.step()
+        st = opt.state[w]
+        assert st["spill"].shape[0] >= int(st["count"].max())  # room for every spilled word
+    assert int(st["count"].max()) > 16 and st["spill"].shape[0] >= 24  # grown three times
+    opt.reverse(lambda: (w ** 2).sum(), loss)
+    assert int(opt.state[w]["count"].max()) == 0
+
+
 def test_buffer_bits_counts_every_parameter():
     """used/allocated bits, information held and numel summed over two parameters in two groups,
     from the state: 64 bits per head plus 32 per spill word in use (allocated: the spill's
