@@ -1141,7 +1141,8 @@ def test_add_param_group_after_a_step_is_refused_cleanly():
     opt = ReversibleSGD([p], lr=0.1, momentum=0.9)
     p.grad = torch.ones(5, dtype=torch.float64)
     opt.step()
-    with pytest.raises(RuntimeError, match="before the first step"):
+    with pytest.raises(RuntimeError, match="^ReversibleSGD: parameter groups can only be added "
+                                           "before the first step$"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))]})
     assert len(opt.param_groups) == 1  # nothing half-added: the optimizer carries on
     opt.step()
