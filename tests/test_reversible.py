@@ -1165,3 +1165,22 @@ def test_a_refused_group_leaves_the_optimizer_as_it_was():
 def test_meta_parameter_is_refused_by_name():
     with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\].*meta"):
         ReversibleSGD([torch.nn.Parameter(torch.empty(4, device="meta"))], lr=0.1, momentum=0.9)
+
+
+def test_bit_width_ranges_and_momentum_default():
+    """frac_bits in [8, 60] and momentum_bits in [2, 24], both ends included, each refused one
+    past its range by its message; momentum is quantized to 16 bits by default."""
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    for fb in (8, 60):
+        ReversibleSGD([p], lr=0.1, momentum=0.9, frac_bits=fb)
+    for mb in (2, 24):
+        ReversibleSGD([p], lr=0.1, momentum=0.9, momentum_bits=mb)
+    for fb in (7, 61, 16.0):
+        with pytest.raises(ValueError, match=r"^frac_bits must be an int in \[8, 60\], got "):
+            ReversibleSGD([p], lr=0.1, momentum=0.9, frac_bits=fb)
+    for mb in (1, 25, 16.0):
+        with pytest.raises(ValueError, match=r"^momentum_bits must be an int in \[2, 24\], got "):
+            ReversibleSGD([p], lr=0.1, momentum=0.9, momentum_bits=mb)
+    opt = ReversibleSGD([p], lr=0.1, momentum=0.9)  # 2^17 * 0.9 rounds to an odd number
+    assert opt.quantized_momentum() == round(0.9 * 2**16) / 2**16
+    ReversibleSGD([p], lr=0.1, momentum=0.9, backend="cuda")  # a valid name (the device is checked at step())
