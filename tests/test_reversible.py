@@ -1184,3 +1184,6 @@ def test_bit_width_ranges_and_momentum_default():
     opt = ReversibleSGD([p], lr=0.1, momentum=0.9)  # 2^17 * 0.9 rounds to an odd number
     assert opt.quantized_momentum() == round(0.9 * 2**16) / 2**16
     ReversibleSGD([p], lr=0.1, momentum=0.9, backend="cuda")  # a valid name (the device is checked at step())
+    with pytest.raises(ValueError, match="^backend must be None, 'numba', 'cpp', 'cuda' or 'torch', "
+                                         "got 'gpu'$"):
+        ReversibleSGD([p], lr=0.1, momentum=0.9, backend="gpu")
