@@ -259,3 +259,23 @@ def test_sparsity_errors_name_the_op():
         P.sparsity([w.as_subclass(Sub)])
     with pytest.raises(ValueError, match="^fastreg.penalty.sparsity: groups must be one of"):
         P.sparsity([w], groups="x")
+
+
+def test_prox_errors_name_the_op():
+    """prox_'s checks, on the one-pass path (float32) and the general one (float16), name
+    fastreg.penalty.prox_ and the argument."""
+
+    class Sub(torch.Tensor):
+        pass
+
+    with pytest.raises(ValueError, match="^fastreg.penalty.prox_: lr must be a finite number >= 0, "
+                                         "got -1.0$"):
+        P.prox_([torch.randn(3)], -1.0, l1=0.1)
+    for dtype in (torch.float32, torch.float16):
+        w = torch.randn(2, 3, dtype=dtype)
+        with pytest.raises(ValueError, match="^fastreg.penalty.prox_: groups must be one of"):
+            P.prox_([w], 0.1, group_lasso=0.1, groups="x")
+        with pytest.raises(ValueError, match="^fastreg.penalty.prox_: params l1 must be"):
+            P.prox_([w], 0.1, l1=-1.0)
+    with pytest.raises(TypeError, match=r"^fastreg.penalty.prox_: params\[0\] is a tensor subclass"):
+        P.prox_([torch.randn(3).as_subclass(Sub)], 0.1, l1=0.1, groups=[None])
