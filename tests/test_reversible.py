@@ -1187,3 +1187,8 @@ def test_bit_width_ranges_and_momentum_default():
     with pytest.raises(ValueError, match="^backend must be None, 'numba', 'cpp', 'cuda' or 'torch', "
                                          "got 'gpu'$"):
         ReversibleSGD([p], lr=0.1, momentum=0.9, backend="gpu")
+    ReversibleSGD([p], lr=0.1, momentum=1.0)  # (0, 1]: 1 included
+    ReversibleSGD([p], lr=0.1, momentum=2.0**-15)  # the smallest: 2 / 2^momentum_bits
+    for m in (1.4 * 2.0**-16, 1.0 + 2.0**-20):
+        with pytest.raises(ValueError, match=r"^momentum must lie in \(0, 1\] and be at least 2\^-15 "):
+            ReversibleSGD([p], lr=0.1, momentum=m)
