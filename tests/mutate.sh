@@ -3,7 +3,8 @@
 #
 #   tests/mutate.sh "fastreg/penalty.py" "tests/test_penalty.py tests/test_penalty_gaps.py" [-k expr]
 #   MUTANTS='fastreg.penalty.x_accumulate_* fastreg.penalty.x__onepass*' tests/mutate.sh ...
-#     (only the mutants whose names match these globs: mutmut's names, `mutmut results`)
+#     (only the mutants whose names match these globs: mutmut's names, `mutmut results`;
+#     named mutants are run again even when they have a result, so this also re-checks survivors)
 #
 # mutmut rewrites the files it mutates, so it runs on a scratch copy of the tree
 # (build/mutate/<name>/, kept between runs: mutmut resumes where it stopped), never on the

@@ -109,21 +109,22 @@ def test_value_of_one_tensor_and_sparsity_past_an_empty_tensor():
                                                     "zero_groups": 1, "num_groups": 3}
 
 
+class _Sub(torch.Tensor):
+    """A tensor subclass, which the native kernels refuse."""
+
+
 def test_accumulate_errors_name_the_op_and_no_params_give_float32(monkeypatch):
     """accumulate_'s checks on the general path (explicit groups) name
     fastreg.penalty.accumulate_ and what is at fault; with no tensors it returns a float32 0
     whatever the default dtype (as value does)."""
 
-    class Sub(torch.Tensor):
-        pass
-
     idx = torch.zeros(3, 4, dtype=torch.int64)
-    sub = torch.randn(3, 4).as_subclass(Sub).requires_grad_()
+    sub = torch.randn(3, 4).as_subclass(_Sub).requires_grad_()
     with pytest.raises(TypeError, match=r"^fastreg.penalty.accumulate_: params\[0\] is a tensor "
                                         "subclass"):
         P.accumulate_([sub], group_lasso=0.1, groups=idx)
     for bad, what in ((torch.randn(3, 4).to_sparse(), "must be a dense"),
-                      (torch.randn(3, 4).as_subclass(Sub), "is a tensor subclass")):
+                      (torch.randn(3, 4).as_subclass(_Sub), "is a tensor subclass")):
         w = torch.randn(3, 4, requires_grad=True)
         w.grad = bad
         with pytest.raises(TypeError, match=r"^fastreg.penalty.accumulate_: params' .grad\[0\] "
@@ -161,11 +162,8 @@ def test_accumulate_errors_name_the_op_and_no_params_give_float32(monkeypatch):
 
 
 def _grads(params_spec, **kw):
-    """accumulate_ on fresh float64 copies of the tensors named in params_spec (tensors, or
-    dicts of them), returning the gradients in order of appearance."""
-    import copy
-
-    spec = copy.deepcopy(params_spec)
+    """accumulate_ on fresh copies of the tensors named in params_spec (tensors, or dicts of
+    them), returning the value and the gradients in order of appearance."""
     seen = []
 
     def fresh(t):
@@ -175,7 +173,7 @@ def _grads(params_spec, **kw):
 
     spec = [fresh(e) if isinstance(e, torch.Tensor) else
             {k: (fresh(v) if isinstance(v, torch.Tensor) else [fresh(t) for t in v])
-             if k == "params" else v for k, v in e.items()} for e in spec]
+             if k == "params" else v for k, v in e.items()} for e in params_spec]
     value = P.accumulate_(spec, **kw)
     return value, [t.grad for t in seen]
 
@@ -250,13 +248,10 @@ def test_group_errors_name_the_op_and_int32_index_groups(gen):
 
 
 def test_sparsity_errors_name_the_op():
-    class Sub(torch.Tensor):
-        pass
-
     w = torch.randn(3, 4)
     with pytest.raises(TypeError, match=r"^fastreg.penalty.sparsity: params\[0\] is a tensor "
                                         "subclass"):
-        P.sparsity([w.as_subclass(Sub)])
+        P.sparsity([w.as_subclass(_Sub)])
     with pytest.raises(ValueError, match="^fastreg.penalty.sparsity: groups must be one of"):
         P.sparsity([w], groups="x")
 
@@ -264,9 +259,6 @@ def test_sparsity_errors_name_the_op():
 def test_prox_errors_name_the_op():
     """prox_'s checks, on the one-pass path (float32) and the general one (float16), name
     fastreg.penalty.prox_ and the argument."""
-
-    class Sub(torch.Tensor):
-        pass
 
     with pytest.raises(ValueError, match="^fastreg.penalty.prox_: lr must be a finite number >= 0, "
                                          "got -1.0$"):
@@ -278,4 +270,4 @@ def test_prox_errors_name_the_op():
         with pytest.raises(ValueError, match="^fastreg.penalty.prox_: params l1 must be"):
             P.prox_([w], 0.1, l1=-1.0)
     with pytest.raises(TypeError, match=r"^fastreg.penalty.prox_: params\[0\] is a tensor subclass"):
-        P.prox_([torch.randn(3).as_subclass(Sub)], 0.1, l1=0.1, groups=[None])
+        P.prox_([torch.randn(3).as_subclass(_Sub)], 0.1, l1=0.1, groups=[None])
