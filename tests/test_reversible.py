@@ -1168,8 +1168,9 @@ def test_meta_parameter_is_refused_by_name():
 
 
 def test_bit_width_ranges_and_momentum_default():
-    """frac_bits in [8, 60] and momentum_bits in [2, 24], both ends included, each refused one
-    past its range by its message; momentum is quantized to 16 bits by default."""
+    """frac_bits in [8, 60], momentum_bits in [2, 24] and momentum in (0, 1] with at least two
+    quanta, both ends included, each refused one past its range by its message; momentum is
+    quantized to 16 bits by default; the backend names are checked at construction."""
     p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
     for fb in (8, 60):
         ReversibleSGD([p], lr=0.1, momentum=0.9, frac_bits=fb)
@@ -1183,7 +1184,7 @@ def test_bit_width_ranges_and_momentum_default():
             ReversibleSGD([p], lr=0.1, momentum=0.9, momentum_bits=mb)
     opt = ReversibleSGD([p], lr=0.1, momentum=0.9)  # 2^17 * 0.9 rounds to an odd number
     assert opt.quantized_momentum() == round(0.9 * 2**16) / 2**16
-    ReversibleSGD([p], lr=0.1, momentum=0.9, backend="cuda")  # a valid name (the device is checked at step())
+    ReversibleSGD([p], lr=0.1, momentum=0.9, backend="cuda")  # a valid name (its kernels run at step())
     with pytest.raises(ValueError, match="^backend must be None, 'numba', 'cpp', 'cuda' or 'torch', "
                                          "got 'gpu'$"):
         ReversibleSGD([p], lr=0.1, momentum=0.9, backend="gpu")
