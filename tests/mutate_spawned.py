@@ -11,8 +11,11 @@ the deadline) or survived.
     python tests/mutate_spawned.py build/mutate/fastreg_penalty --checks penalty_ modules_ \\
         --sample 20 --seed 0
 
---sample N picks N of the folder's "no tests" mutants at random (seeded), or of those whose
-name matches --functions REGEX; --mutants NAME ... runs those. Before any mutant, the checks must pass unmutated and fail with mutmut's "fail"
+--sample N picks N of the folder's "no tests" mutants (those of functions that no test of the
+in-process run reached) at random (seeded), or of those whose name matches --functions REGEX;
+without --sample it runs them all. --mutants NAME ... runs those. The ranks are forked from this
+process once it has imported torch, fastreg and the checks (and run nothing), so a mutant costs
+only its checks; --start spawn starts them afresh instead. Before any mutant, the checks must pass unmutated and fail with mutmut's "fail"
 mutant (every trampoline raises): otherwise the run would prove nothing. Results (JSON) go to
 <folder>/spawned-results.json; survivors are printed with their diffs (`mutmut show`).
 """
@@ -72,13 +75,13 @@ def _worker(rank, world, port, prefixes, outdir):
     dist.destroy_process_group()
 
 
-def _run_checks(prefixes, deadline_s):
+def _run_checks(prefixes, deadline_s, start_method):
     """'ok', or why the checks failed (first failure, a dead rank, or the deadline)."""
     import torch.multiprocessing as mp
 
     outdir = tempfile.mkdtemp(prefix="fastreg-mutate-")
     ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), prefixes, outdir),
-                             nprocs=WORLD, join=False, start_method="spawn")
+                             nprocs=WORLD, join=False, start_method=start_method)
     end = time.monotonic() + deadline_s
     verdict = None
     try:
@@ -106,13 +109,29 @@ def _run_checks(prefixes, deadline_s):
 
 
 def _pool(folder, functions):
-    """The folder's "no tests" mutants, or every mutant whose name matches the regex functions."""
+    """Every mutant whose name matches the regex functions or, without it, the mutants of the
+    functions that no test of the in-process run reached (mutants/mutmut-stats.json, written by
+    mutmut's stats pass; read from there so that a run restricted with MUTANTS= still names them)."""
     out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=folder,
                          capture_output=True, text=True, check=True).stdout
-    rows = [line.strip().rsplit(": ", 1) for line in out.splitlines() if ": " in line]
+    names = [line.strip().rsplit(": ", 1)[0] for line in out.splitlines() if ": " in line]
     if functions:
-        return [n for n, _ in rows if re.search(functions, n)]
-    return [n for n, status in rows if status == "no tests"]
+        return [n for n in names if re.search(functions, n)]
+    with open(os.path.join(folder, "mutants", "mutmut-stats.json")) as f:
+        reached = {k for k, tests in json.load(f)["tests_by_mangled_function_name"].items() if tests}
+    return [n for n in names if n.rsplit("__mutmut_", 1)[0] not in reached]
+
+
+def _import_all(package):
+    """Import every module of the package here, so that forked ranks inherit them: importing
+    fastreg's mutated files (every mutant of a file is in it) costs seconds a mutant otherwise.
+    Importing runs no kernel, so no thread pool exists yet to be broken by the fork."""
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    for m in pkgutil.walk_packages(pkg.__path__, package + "."):
+        importlib.import_module(m.name)
 
 
 def _set_mutant(name):
@@ -133,6 +152,15 @@ def main():
                     help="a regex: pick among every mutant whose name matches it (whatever mutmut "
                          "recorded), instead of the 'no tests' ones")
     ap.add_argument("--mutants", nargs="*", default=None, help="mutant names to run instead")
+    ap.add_argument("--start", choices=("fork", "spawn"), default="fork",
+                    help="how the ranks start: fork (default) from this process, which has "
+                         "imported torch, fastreg and the checks but run nothing, so that a "
+                         "mutant costs only its checks; spawn re-imports everything per mutant")
+    ap.add_argument("--results", default=None,
+                    help="the JSON file of verdicts, written after every mutant (default "
+                         "<folder>/spawned-results.json); give each of several runs at once its own")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip the mutants that the results file already has a verdict for")
     args = ap.parse_args()
 
     folder = os.path.abspath(args.folder)
@@ -144,6 +172,8 @@ def main():
     os.environ["PYTHONPATH"] = os.pathsep.join([mutants, os.path.join(folder, "tests")])
     sys.path[:0] = [mutants, os.path.join(folder, "tests")]
     checks = [n for n, _ in _checks_of(args.checks)]
+    if args.start == "fork":
+        _import_all("fastreg")
     if not checks:
         raise SystemExit(f"--checks: no check of tests/test_distributed.py starts with {args.checks}")
 
@@ -152,33 +182,39 @@ def main():
     else:
         pool = _pool(folder, args.functions)
         names = random.Random(args.seed).sample(pool, min(args.sample or len(pool), len(pool)))
+    out_path = os.path.abspath(args.results or os.path.join(folder, "spawned-results.json"))
+    results = {}
+    if args.resume and os.path.exists(out_path):
+        with open(out_path) as f:
+            results = json.load(f)["results"]
+        names = [n for n in names if n not in results]
     print(f"checks: {' '.join(checks)}\nmutants: {len(names)}", flush=True)
 
     t0 = time.monotonic()
     _set_mutant(None)
-    base = _run_checks(args.checks, 300)
+    base = _run_checks(args.checks, 300, args.start)
     base_s = time.monotonic() - t0
     if base != "ok":
         raise SystemExit(f"the checks fail without a mutant ({base}): fix them first")
     _set_mutant("fail")
-    if _run_checks(args.checks, 300) == "ok":
+    if _run_checks(args.checks, 300, args.start) == "ok":
         raise SystemExit("the checks pass with every trampoline raising: the mutants are not "
                          "reached (is mutants/ first on the ranks' path?)")
     deadline = 3 * base_s + 30
     print(f"unmutated: {base_s:.1f} s; deadline per mutant {deadline:.0f} s", flush=True)
 
-    results = {}
     for i, name in enumerate(names):
         t = time.monotonic()
         _set_mutant(name)
-        verdict = _run_checks(args.checks, deadline)
+        verdict = _run_checks(args.checks, deadline, args.start)
         results[name] = "survived" if verdict == "ok" else verdict
         print(f"[{i + 1}/{len(names)}] {name}: {results[name]} ({time.monotonic() - t:.0f} s)",
               flush=True)
+        with open(out_path + ".tmp", "w") as f:  # after every mutant: a stopped run loses nothing
+            json.dump({"checks": checks, "results": results}, f, indent=1)
+        os.replace(out_path + ".tmp", out_path)
     _set_mutant(None)
 
-    with open(os.path.join(folder, "spawned-results.json"), "w") as f:
-        json.dump({"checks": checks, "results": results}, f, indent=1)
     survivors = [n for n, v in results.items() if v == "survived"]
     print(f"\nkilled {len(results) - len(survivors)}, survived {len(survivors)} of {len(results)}")
     for n in survivors:

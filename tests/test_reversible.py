@@ -733,6 +733,98 @@ def test_state_dict_keeps_the_gradient_fingerprints():
     assert run(False).step is None and "unknown" in str(run(False))
 
 
+@pytest.mark.parametrize("spilled", [True, False])
+def test_dcp_round_trip_in_one_process(tmp_path, spilled):
+    """torch.distributed.checkpoint in one process, without a process group (plain parameters):
+    a run saved after T1 steps and loaded into a fresh model and optimizer goes on bit for bit,
+    keeps its gradient fingerprints and reverses to w_0 with the uninterrupted run's
+    hypergradients. The hyperparameters come back whatever the new optimizer was built with: a
+    saved float replaces a tensor, a saved schedule replaces a 0-dim tensor, a saved 0-dim tensor
+    is copied into one in place. spilled=False: no step spilled a word (a spill of 0 rows)."""
+    import warnings
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    assert not (dist.is_available() and dist.is_initialized())
+    X, y = _data(3)
+    T1, T = (20, 26) if spilled else (3, 5)
+    mom = 0.2 if spilled else 0.9
+
+    def make(seed, lr, wd):
+        model = _mlp(torch.float64, seed)
+        return model, ReversibleSGD(model.parameters(), lr=lr, momentum=mom, weight_decay=wd,
+                                    frac_bits=40)
+
+    def run(model, opt, ts):
+        for t in ts:
+            opt.zero_grad()
+            _loss(model, X, y, t).backward()
+            opt.step()
+
+    def rev(model, opt):
+        opt.reverse(lambda: _loss(model, X, y, 0, bs=48), lambda t: _loss(model, X, y, t))
+
+    lr = torch.full((T,), 0.05, dtype=torch.float64, requires_grad=True)
+    wd = torch.tensor(1e-3, dtype=torch.float64, requires_grad=True)
+    model, opt = make(5, lr, wd)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    run(model, opt, range(T))
+    wT = [p.detach().clone() for p in model.parameters()]
+    rev(model, opt)
+    ref = [lr.grad.clone(), wd.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+
+    lr1, wd1 = lr.detach().clone().requires_grad_(), wd.detach().clone().requires_grad_()
+    model1, opt1 = make(5, lr1, wd1)
+    run(model1, opt1, range(T1))
+    used = max(int(opt1.state[p]["count"].max()) for p in model1.parameters())
+    assert (used > 0) == spilled
+    with warnings.catch_warnings():  # DCP warns that it runs without a process group
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model1.state_dict(), "optim": opt1.dcp_state_dict()}, checkpoint_id=tmp_path)
+        lr2 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)  # 0-dim: replaced
+        wd2 = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)  # same shape: in place
+        model2, opt2 = make(6, lr2, wd2)
+        sd = {"model": model2.state_dict(), "optim": opt2.dcp_state_dict(tmp_path)}
+        dcp.load(sd, checkpoint_id=tmp_path)
+    model2.load_state_dict(sd["model"])
+    opt2.load_dcp_state_dict(sd["optim"])
+    g = opt2.param_groups[0]
+    assert g["weight_decay"] is wd2 and float(wd2.detach()) == 1e-3 and wd2.requires_grad
+    assert g["lr"] is not lr2 and torch.equal(g["lr"], lr1.detach())
+    assert g["momentum"] == mom and opt2.steps == T1
+    fa, fb = opt1._gfp_table(), opt2._gfp_table()
+    assert fb is not None and fa["first"] == fb["first"] and torch.equal(fa["table"], fb["table"])
+    for p, q in zip(model1.parameters(), model2.parameters()):
+        for key in ("w", "v", "head", "count"):
+            assert torch.equal(opt1.state[p][key], opt2.state[q][key]), key
+        u = int(opt1.state[p]["count"].max())
+        assert torch.equal(opt1.state[p]["spill"][:u], opt2.state[q]["spill"][:u])
+    g["lr"].requires_grad_()  # the loaded schedule, to receive d objective / d lr
+    run(model2, opt2, range(T1, T))
+    for a, q in zip(wT, model2.parameters()):
+        assert torch.equal(a, q.detach())
+    rev(model2, opt2)
+    for a, q in zip(w0, model2.parameters()):
+        assert torch.equal(a, q.detach())
+    got = [g["lr"].grad, wd2.grad] + [p.grad for p in model2.parameters()]
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+
+    # a float hyperparameter saved replaces a tensor
+    model3, opt3 = make(5, 0.05, 0.0)
+    run(model3, opt3, range(T1))
+    path = tmp_path / "floats"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"optim": opt3.dcp_state_dict()}, checkpoint_id=path)
+        model4, opt4 = make(5, torch.full((T,), 0.3, dtype=torch.float64), wd2)
+        sd = {"optim": opt4.dcp_state_dict(path)}
+        dcp.load(sd, checkpoint_id=path)
+    opt4.load_dcp_state_dict(sd["optim"])
+    assert opt4.param_groups[0]["lr"] == 0.05 and opt4.param_groups[0]["weight_decay"] == 0.0
+
+
 # ---------------------------------------------------------------- hypergradients
 def _unrolled(model, w0, X, y, T, lr, mom, wd, traj=None, meta=None):
     """float64 unrolled autograd through T steps of the same update (what higher/TorchOpt do).
