@@ -623,7 +623,23 @@ def check_reversible_fsdp2(rank, world, device):
         opt.reverse(lambda: loss(T), loss, fsdp=model[1])
     with pytest.raises(ValueError, match="pass ddp= or fsdp=, not both"):
         opt.reverse(lambda: loss(T), loss, fsdp=model, ddp=model)
+    with pytest.raises(ValueError, match=r"fsdp: parameter param_groups\[0\]\['params'\]\[2\] \(shape \(3, 7\)\) is not a "
+                                         "parameter of the fsdp module"):
+        opt.reverse(lambda: loss(T), loss, fsdp=model[0])  # the first layer's module only
     assert opt.steps == T
+    # a layer sharded on dim 1 (FSDP2's shard_placement_fn): refused by name, nothing changed
+    from torch.distributed.tensor import Shard
+
+    torch.manual_seed(2)
+    cols = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).to(device)
+    fully_shard(cols[2], shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else None)  # 6 columns
+    fully_shard(cols)
+    copt, _, _, closs = _reversible_run(cols, cols, X, Y, rows, T)
+    before = [p.to_local().clone() for p in cols.parameters()]
+    with pytest.raises(NotImplementedError, match=r"params'\]\[2\] \(shape \(3, 6\)\) is placed \(Shard\(dim=1\),\) on a "
+                                                  r"1-D mesh; reverse takes FSDP2's Shard\(0\)"):
+        copt.reverse(lambda: closs(T), closs, fsdp=cols)
+    assert copt.steps == T and all(torch.equal(p.to_local(), b) for p, b in zip(cols.parameters(), before))
 
 
 def check_reversible_fsdp2_reverse(rank, world, device, parent_only=False):
