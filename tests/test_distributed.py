@@ -584,6 +584,15 @@ def check_reversible_ddp_divergence(rank, world, device):
         opt.reverse(lambda: loss(T), loss, ddp=ddp)
     opt.load_state_dict(sd)  # per-rank state dicts restore a usable optimizer
     opt.check_ranks(ddp)
+    # the gradient fingerprints are part of the state compared (DDP gives every rank the same
+    # gradients, so only a corrupted state differs: made by hand here)
+    saved = opt._gfp[1].clone()
+    if rank == 1:
+        opt._gfp[1][0] += 1
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] differs from the majority's"):
+        opt.check_ranks(ddp)
+    opt._gfp[1] = saved
+    opt.check_ranks(ddp)
 
     def noisy(t):
         out = loss(t)
@@ -675,8 +684,9 @@ def check_reversible_fsdp2_reverse(rank, world, device, parent_only=False):
             opt.zero_grad()
             loss(t).backward()
             opt.step()
-        s.grad = None
-        sharded = isinstance(next(model.parameters()), DTensor)
+        s.grad = torch.full_like(s, 0.25)  # reverse adds to a meta-parameter's gradient
+        if sharded := isinstance(next(model.parameters()), DTensor):
+            model.zero_grad()  # none yet: reverse makes DTensor gradients laid out as the shards
         # reverse's own collectives (FSDP2's are not counted): per step one all-gather and one
         # all-reduce; one each for the objective, the w_0 check and the lr/momentum/decay sums
         with CountCollectives() as c:
@@ -748,7 +758,7 @@ def check_reversible_fsdp2_reverse(rank, world, device, parent_only=False):
         opt.zero_grad()
         loss(t).backward()
         opt.step()
-    s.grad = None
+    s.grad = torch.full_like(s, 0.25)
     assert torch.equal(opt.reverse(loss(T), loss, fsdp=model), obj)
     again = [h.grad for h in hyp] + [p.grad.to_local() for p in model.parameters()]
     for a, b in zip(again, grads):
@@ -919,6 +929,9 @@ def check_reversible_dcp_fsdp2(rank, world, device):
     try:
         osd = opt1.dcp_state_dict()
         assert all(isinstance(v, DTensor) for s in osd["state"].values() for v in s.values())
+        # laid out as contiguous global tensors (DCP and full_tensor() read the strides)
+        assert all(v.stride() == torch.empty(v.shape).stride() for s in osd["state"].values()
+                   for v in s.values())
         dcp.save({"model": model1.state_dict(), "optim": osd}, checkpoint_id=path)
         md = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         for i in range(6):  # the ranks agreed on the spill's words: one global shape

@@ -1263,6 +1263,8 @@ class _FullyShardedDP:
                 loss = closure(t)
                 _check_loss(loss, t)
                 touched = [(m, m.grad) for m in _leaves(loss, pids)]
+                for m, _ in touched:
+                    m.grad = None  # else backward() adds this step's gradient to it in place
                 loss.backward()
             return [None if p.grad is None else _data(p.grad).detach().clone() for p in params]
         finally:
