@@ -232,8 +232,12 @@ def _params(device, placements_of):
     place.update(placements_of)
     full = {k: torch.randn(s, generator=g, dtype=torch.float64).to(torch.float32)
             for k, s in shapes.items()}
-    full["w1"][2] = 0.0  # a zero row and a zero column: sparsity and subgradients at 0
+    # zero groups (sparsity, subgradients at 0): on one rank (w1's row 2, w2's column 1) and
+    # spanning the ranks (w1's column 0, w2's row 0: first, where an offset error shows)
+    full["w1"][2] = 0.0
+    full["w1"][:, 0] = 0.0
     full["w2"][:, 1] = 0.0
+    full["w2"][0] = 0.0
     grads = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     mesh = _mesh(device)
     dts, dgs = {}, {}
@@ -419,6 +423,11 @@ def check_penalty_sparsity(rank, world, device):
         t = torch.tensor([share["zero_groups"], share["num_groups"]], dtype=torch.float64)
         dist.all_reduce(t)
         assert (int(t[0]), int(t[1])) == (ref["zero_groups"], ref["num_groups"]), (groups, t, ref)
+        # replicated tensors only: no collective, every rank counts them
+        with CountCollectives() as cc:
+            got = fastreg.penalty.sparsity([dts["rep"]], groups=None if groups == "index" else groups)
+        assert cc.count == 0
+        assert got == fastreg.penalty.sparsity([full["rep"]], groups=None if groups == "index" else groups)
 
 
 def check_penalty_errors(rank, world, device):
