@@ -164,6 +164,7 @@ def main():
     args = ap.parse_args()
 
     folder = os.path.abspath(args.folder)
+    out_path = os.path.abspath(args.results or os.path.join(folder, "spawned-results.json"))
     mutants = os.path.join(folder, "mutants")
     if not os.path.isdir(mutants):
         raise SystemExit(f"folder: {folder} has no mutants/ (run `make mutate` first)")
@@ -182,7 +183,6 @@ def main():
     else:
         pool = _pool(folder, args.functions)
         names = random.Random(args.seed).sample(pool, min(args.sample or len(pool), len(pool)))
-    out_path = os.path.abspath(args.results or os.path.join(folder, "spawned-results.json"))
     results = {}
     if args.resume and os.path.exists(out_path):
         with open(out_path) as f:
