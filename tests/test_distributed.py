@@ -283,6 +283,14 @@ def check_penalty_accumulate(rank, world, device):
                 v = fastreg.penalty.accumulate_(ps, groups=gspec, global_value=gv, **kw)
             spans = groups is not None  # w2 Shard(1) rows, w1 Shard(0) cols, index: all span
             assert cc.count == (1 if (gv or spans) else 0), (groups, gv, cc.count)
+            if groups is not None and not gv:  # groups named but no group term: no collective
+                kept = [p.grad.clone() for p in ps]
+                with CountCollectives() as cc:
+                    fastreg.penalty.accumulate_(ps, groups=gspec, global_value=False,
+                                                **dict(kw, group_lasso=0.0))
+                assert cc.count == 0, (groups, cc.count)
+                for p, g in zip(ps, kept):
+                    p.grad = g
             if not gv:
                 shares = v.to(torch.float64).reshape(1).to(device)
                 dist.all_reduce(shares)
@@ -433,7 +441,7 @@ def check_penalty_sparsity(rank, world, device):
 def check_penalty_errors(rank, world, device):
     import fastreg
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Partial, Shard, distribute_tensor
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 
     full, grads, dts, dgs = _params(device, {})
     plain = torch.zeros(3, device=device, requires_grad=True)
@@ -455,6 +463,13 @@ def check_penalty_errors(rank, world, device):
     bad_idx = distribute_tensor(_index_groups((7, 5)).to(device), _mesh(device), [Shard(0)])
     with pytest.raises(TypeError, match="index tensor .* DTensor"):
         fastreg.penalty.accumulate_([dts["w1"]], group_lasso=1.0, groups=[bad_idx])
+    # a .grad laid out otherwise than its parameter: its shards are other elements
+    dts["w1"].grad = distribute_tensor(grads["w1"].to(device), _mesh(device), [Replicate()])
+    before = dts["w1"].grad.to_local().clone()
+    with pytest.raises(TypeError, match=r"accumulate_: tensor 1 is a DTensor with placements "
+                                        r"\(Shard\(dim=0\),\), but its \.grad is \(Replicate\(\),\)"):
+        fastreg.penalty.accumulate_([dts["b"], dts["w1"]], l2=1.0)
+    assert torch.equal(dts["w1"].grad.to_local(), before)
     # nothing reached a native kernel as a plain tensor, and nothing was half written
     assert plain.grad is None
 
