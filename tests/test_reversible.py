@@ -825,6 +825,62 @@ def test_dcp_round_trip_in_one_process(tmp_path, spilled):
     assert opt4.param_groups[0]["lr"] == 0.05 and opt4.param_groups[0]["weight_decay"] == 0.0
 
 
+def test_dcp_refuses_other_checkpoints(tmp_path):
+    """A DCP checkpoint of another model is refused by name before anything loads: another
+    shape, another parameter count (odd, so that counting by twos would miss it), no optimizer
+    state under the prefix; load_dcp_state_dict refuses a dict that dcp_state_dict did not make,
+    one of another parameter count, and a w_0 checksum that is not 3 int64 words."""
+    import copy
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    def make(*sizes):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(n, dtype=torch.float64)) for n in sizes]
+        opt = ReversibleSGD(ps, lr=0.1, momentum=0.9)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        return ps, opt
+
+    ps, opt = make(4, 3, 2)
+    with warnings.catch_warnings():  # DCP warns that it runs without a process group
+        warnings.simplefilter("ignore")
+        dcp.save({"optim": opt.dcp_state_dict()}, checkpoint_id=tmp_path)
+        with pytest.raises(ValueError, match=r"params'\]\[1\] \(shape \(5,\)\) was saved with shape \(3,\); a checkpoint "
+                                             "of another model"):
+            make(4, 5, 2)[1].dcp_state_dict(tmp_path)
+        with pytest.raises(ValueError, match="the checkpoint holds 3 parameters, this optimizer 2"):
+            make(4, 3)[1].dcp_state_dict(tmp_path)
+        with pytest.raises(ValueError, match="the checkpoint holds 3 parameters, this optimizer 4"):
+            make(4, 3, 2, 1)[1].dcp_state_dict(tmp_path)
+        with pytest.raises(ValueError, match="holds no ReversibleSGD state under 'opt'"):
+            make(4, 3, 2)[1].dcp_state_dict(tmp_path, prefix="opt")
+        make(4, 3, 2)[1].dcp_state_dict(tmp_path)  # the same layout: accepted
+        top = tmp_path / "top"  # saved at the top level: prefix=""
+        dcp.save(opt.dcp_state_dict(), checkpoint_id=top)
+        sd = make(4, 3, 2)[1].dcp_state_dict(top, prefix="")
+        assert sorted(sd) == ["param_groups", "reversible", "state"]
+    good = opt.dcp_state_dict()
+    _, fresh = make(4, 3, 2)
+    with pytest.raises(ValueError, match="not a dict made by ReversibleSGD.dcp_state_dict"):
+        fresh.load_dcp_state_dict({"reversible": {}})
+    with pytest.raises(ValueError, match="it holds 3 parameters, this optimizer 2"):
+        make(4, 3)[1].load_dcp_state_dict(good)
+    fewer = copy.copy(good)
+    fewer["state"] = {k: v for k, v in good["state"].items() if k != "2"}
+    with pytest.raises(ValueError, match="it holds 3 parameters, this optimizer 3"):
+        fresh.load_dcp_state_dict(fewer)
+    bad = copy.deepcopy(good)
+    bad["state"]["1"]["w0_hash"] = bad["state"]["1"]["w0_hash"].to(torch.int32)
+    with pytest.raises(ValueError, match=r"'w0_hash' of parameter .*\]\[1\] \(shape \(3,\)\) must be 3 int64 words"):
+        fresh.load_dcp_state_dict(bad)
+    assert fresh.steps == 2 and torch.equal(fresh.state[fresh.param_groups[0]["params"][0]]["w"],
+                                            opt.state[ps[0]]["w"])  # nothing loaded, same run
+
+
 # ---------------------------------------------------------------- hypergradients
 def _unrolled(model, w0, X, y, T, lr, mom, wd, traj=None, meta=None):
     """float64 unrolled autograd through T steps of the same update (what higher/TorchOpt do).
