@@ -656,6 +656,8 @@ def check_reversible_fsdp2(rank, world, device):
         opt.reverse(lambda: loss(T), loss, fsdp=model[1])
     with pytest.raises(ValueError, match="pass ddp= or fsdp=, not both"):
         opt.reverse(lambda: loss(T), loss, fsdp=model, ddp=model)
+    with pytest.raises(ValueError, match=r"^objective must be a scalar tensor \(or a callable"):
+        opt.reverse(lambda: torch.ones(2), loss, fsdp=model)
     with pytest.raises(ValueError, match=r"fsdp: parameter param_groups\[0\]\['params'\]\[2\] \(shape \(3, 7\)\) is not a "
                                          "parameter of the fsdp module"):
         opt.reverse(lambda: loss(T), loss, fsdp=model[0])  # the first layer's module only

@@ -863,6 +863,12 @@ def test_dcp_refuses_other_checkpoints(tmp_path):
         dcp.save(opt.dcp_state_dict(), checkpoint_id=top)
         sd = make(4, 3, 2)[1].dcp_state_dict(top, prefix="")
         assert sorted(sd) == ["param_groups", "reversible", "state"]
+        reader = dcp.FileSystemReader(str(tmp_path))  # the checkpoint as a reader or its Metadata
+        for where in (reader, reader.read_metadata()):
+            assert sorted(make(4, 3, 2)[1].dcp_state_dict(where)) == sorted(sd)
+        with pytest.raises(TypeError, match="checkpoint must be a path, a StorageReader or a "
+                                            "Metadata, got int"):
+            make(4, 3, 2)[1].dcp_state_dict(3)
     good = opt.dcp_state_dict()
     _, fresh = make(4, 3, 2)
     with pytest.raises(ValueError, match="not a dict made by ReversibleSGD.dcp_state_dict"):
