@@ -677,7 +677,7 @@ def check_reversible_fsdp2(rank, world, device):
     assert copt.steps == T and all(torch.equal(p.to_local(), b) for p, b in zip(cols.parameters(), before))
 
 
-def check_reversible_fsdp2_reverse(rank, world, device, parent_only=False):
+def check_reversible_fsdp2_reverse(rank, world, device, parent_only=False, dtype=torch.float32):
     """FSDP2: reverse(..., fsdp=model) restores every rank's shards of w_0 bit for bit (shards of
     4+3, 2+1 and 1+0 rows: uneven and empty), and the hypergradients (an lr schedule, momentum,
     weight decay, a meta-parameter scaling the inputs, d objective / d w_0) and the objective
@@ -685,21 +685,24 @@ def check_reversible_fsdp2_reverse(rank, world, device, parent_only=False):
     are put back: training goes on resharding after forward and syncing gradients. An objective
     given as a tensor gives the same; a closure differing on one rank raises on every rank.
     parent_only: only the whole model is sharded (the root, which FSDP2 leaves unsharded after
-    forward): the first part, then a closure raising inside reverse leaves FSDP2 usable."""
+    forward): the first part, then a closure raising inside reverse leaves FSDP2 usable.
+    dtype=float64: the first part only, to 1e-10 relative (what reverse sums and gathers across
+    the ranks stays in float64)."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from fastreg.optim import ReversibleSGD
 
     T = 5
     X, Y = _batches(T, device)
-    Y = Y[..., :1]
+    X, Y = X.to(dtype), Y[..., :1].to(dtype)
     mse = torch.nn.functional.mse_loss
+    tol = 1e-6 if dtype == torch.float32 else 1e-10
 
     def run(model, rows):
         lr = torch.linspace(0.05, 0.1, T, dtype=torch.float64).requires_grad_()
         mom = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
         wd = torch.tensor(1e-2, dtype=torch.float64, requires_grad=True)
-        s = torch.linspace(0.5, 1.5, 5, device=device).requires_grad_()  # a meta-parameter
+        s = torch.linspace(0.5, 1.5, 5, device=device, dtype=dtype).requires_grad_()  # a meta-parameter
         opt = ReversibleSGD(model.parameters(), lr=lr, momentum=mom, weight_decay=wd)
         w0 = [(p.to_local() if isinstance(p, DTensor) else p).detach().clone()
               for p in model.parameters()]
@@ -720,7 +723,7 @@ def check_reversible_fsdp2_reverse(rank, world, device, parent_only=False):
         assert c.count == (2 * T + 3 if sharded else 0), c.count
         return opt, w0, obj, (lr, mom, wd, s)
 
-    model = _fsdp_mlp(4, device)
+    model = _fsdp_mlp(4, device).to(dtype)
     for i in () if parent_only else (0, 2, 4):
         fully_shard(model[i])
     fully_shard(model)
@@ -728,19 +731,21 @@ def check_reversible_fsdp2_reverse(rank, world, device, parent_only=False):
     for p, w in zip(model.parameters(), w0):
         assert isinstance(p, DTensor) and torch.equal(p.to_local(), w), "w_0 not restored bit for bit"
     assert opt.steps == 0
-    ref = _fsdp_mlp(4, device)
+    ref = _fsdp_mlp(4, device).to(dtype)
     ropt, rw0, robj, rhyp = run(ref, slice(0, 8))
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p.full_tensor(), q.detach())
-    torch.testing.assert_close(obj, robj, rtol=1e-6, atol=0)
+    torch.testing.assert_close(obj, robj, rtol=tol, atol=0)
     for name, h, r in zip(("lr", "momentum", "weight_decay", "meta"), hyp, rhyp):
         rel = float((h.grad - r.grad).norm() / r.grad.norm())
-        assert rel <= 1e-6, (name, rel, h.grad, r.grad)
+        assert rel <= tol, (name, rel, h.grad, r.grad)
         assert (r.grad != 0).all(), name
     for p, q in zip(model.parameters(), ref.parameters()):  # d objective / d w_0
         assert isinstance(p.grad, DTensor) and p.grad.to_local().shape == p.to_local().shape
         rel = float((p.grad.full_tensor() - q.grad).norm() / q.grad.norm())
-        assert rel <= 1e-6, rel
+        assert rel <= tol, rel
+    if dtype != torch.float32:
+        return
     s = hyp[3]  # the meta-parameter
     rows = slice(4 * rank, 4 * rank + 4)
 
@@ -1117,6 +1122,8 @@ SUITES = {
         ("reversible_fsdp2_reverse", check_reversible_fsdp2_reverse),
         ("reversible_fsdp2_reverse_parent_only",
          lambda r, w, d: check_reversible_fsdp2_reverse(r, w, d, parent_only=True)),
+        ("reversible_fsdp2_reverse_float64",
+         lambda r, w, d: check_reversible_fsdp2_reverse(r, w, d, dtype=torch.float64)),
         ("reversible_dcp_ddp", check_reversible_dcp_ddp),
         ("reversible_dcp_fsdp2", check_reversible_dcp_fsdp2),
         ("reversible_ddp_unrepeatable", check_reversible_ddp_unrepeatable),
