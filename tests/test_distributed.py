@@ -781,6 +781,12 @@ def check_reversible_fsdp2_reverse(rank, world, device, parent_only=False, dtype
         p.grad = None
     out.backward()
     assert all(isinstance(p.grad, DTensor) for p in model.parameters())
+    # ... and they are this batch's gradients: nothing reverse computed was left behind where
+    # FSDP2's backward accumulates (every rank has the same batch; the mean is the batch's)
+    ref.zero_grad()
+    mse(ref(X[0, :4]), Y[0, :4]).backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-7)
     # the same run again, the objective given as a tensor computed under FSDP2 before reverse
     # (its graph ends at the unsharded parameters): the same hypergradients
     for h in hyp:
