@@ -151,7 +151,7 @@ def main():
     ap.add_argument("--functions", default=None,
                     help="a regex: pick among every mutant whose name matches it (whatever mutmut "
                          "recorded), instead of the 'no tests' ones")
-    ap.add_argument("--mutants", nargs="*", default=None, help="mutant names to run instead")
+    ap.add_argument("--mutants", nargs="+", default=None, help="mutant names to run instead")
     ap.add_argument("--start", choices=("fork", "spawn"), default="fork",
                     help="how the ranks start: fork (default) from this process, which has "
                          "imported torch, fastreg and the checks but run nothing, so that a "
