@@ -623,6 +623,8 @@ def check_reversible_ddp_divergence(rank, world, device):
         return out * (1 + 1e-3) if (rank == 1 and t == 1) else out
     with pytest.raises(RuntimeError, match=r"w_0 was not recovered bit for bit on rank\(s\)"):
         opt.reverse(lambda: loss(T), noisy, ddp=ddp)
+    with pytest.raises(RuntimeError, match=r"state is invalid after an earlier error \(w_0 was not"):
+        opt.step()  # every rank refuses to go on
 
 
 def check_reversible_fsdp2(rank, world, device):
@@ -812,6 +814,8 @@ def check_reversible_fsdp2_reverse(rank, world, device, parent_only=False, dtype
     with pytest.raises(RuntimeError,
                        match=r"w_0 was not recovered bit for bit on rank\(s\) \[0, 1\] of 2"):
         opt.reverse(loss(2), noisy, fsdp=model)
+    with pytest.raises(RuntimeError, match=r"state is invalid after an earlier error \(w_0 was not"):
+        opt.step()  # every rank refuses to go on
 
 
 def _shared_tmpdir():

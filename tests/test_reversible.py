@@ -1154,17 +1154,53 @@ def test_gpu_kernels_match_reference(gen):
         assert torch.equal(x, y)
 
 
+def test_failed_reverse_is_caught_and_leaves_the_optimizer_refusing():
+    """One fixed-point weight corrupted after training (one ulp) under a loss linear in the
+    weights (gradients that do not depend on them): reverse pops the same words, so the
+    information buffers end empty, and only the w_0 checksum sees the miss. The optimizer then
+    refuses to step until a checkpoint is loaded."""
+    from fastreg.optim.reversible import NondeterministicClosureError
+
+    g = torch.Generator().manual_seed(4)
+    p = torch.nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64))
+    c = torch.randn(5, generator=g, dtype=torch.float64)
+
+    def loss(t):
+        return (p * c).sum() * (t + 1)
+    opt = ReversibleSGD([p], lr=0.1, momentum=0.9)
+    for t in range(3):
+        opt.zero_grad()
+        loss(t).backward()
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    opt.state[p]["w"][0] += 1
+    with pytest.raises(NondeterministicClosureError, match=r"w_0 was not recovered bit for bit for "
+                                                          r"parameter param_groups\[0\]\['params'\]\[0\]"):
+        opt.reverse(lambda: (p * p).sum(), loss)
+    st = opt.state[p]
+    assert bool((st["head"] == K.L).all()) and not bool(st["count"].any())  # buffers clean
+    with pytest.raises(RuntimeError, match=r"the state is invalid after an earlier error \(w_0 was not "
+                                           r"recovered\); load a checkpoint"):
+        opt.step()
+    opt.load_state_dict(sd)
+    opt.step()
+
+
 def test_train_reverse_train_again_and_missing_grads():
-    """After reverse the optimizer is at step 0 with an empty buffer: it can run and reverse again;
-    a parameter without .grad is stepped with a zero gradient (the decay still applies)."""
+    """After reverse the optimizer is at step 0 with an empty buffer: it can run (spilling words
+    into the buffer again) and reverse again; a parameter without .grad is stepped with a zero
+    gradient (the decay still applies)."""
     model = _mlp(torch.float32, 12)
     extra = torch.nn.Parameter(torch.randn(4))  # never receives a gradient
     X, y = _data(12)
-    opt = ReversibleSGD(list(model.parameters()) + [extra], lr=0.1, momentum=0.7, weight_decay=0.1)
+    opt = ReversibleSGD(list(model.parameters()) + [extra], lr=0.1, momentum=0.2, weight_decay=0.1,
+                        frac_bits=40)
     w0 = [p.detach().clone() for p in model.parameters()] + [extra.detach().clone()]
     grads = []
     for _ in range(2):
-        _train(model, opt, X, y, 10)
+        _train(model, opt, X, y, 20)
+        assert max(int(opt.state[p]["count"].max()) for p in model.parameters()) > 0, "nothing spilled"
+        assert opt.state[extra]["spill"].dtype == torch.int32
         assert not torch.equal(extra.detach(), w0[-1])  # weight decay moved it
         opt.reverse(lambda: _loss(model, X, y, 0, bs=48), lambda t: _loss(model, X, y, t))
         for a, p in zip(w0, list(model.parameters()) + [extra]):
