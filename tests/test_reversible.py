@@ -830,7 +830,6 @@ def test_dcp_refuses_other_checkpoints(tmp_path):
     shape, another parameter count (odd, so that counting by twos would miss it), no optimizer
     state under the prefix; load_dcp_state_dict refuses a dict that dcp_state_dict did not make,
     one of another parameter count, and a w_0 checksum that is not 3 int64 words."""
-    import copy
     import warnings
 
     import torch.distributed.checkpoint as dcp
