@@ -15,9 +15,11 @@ the deadline) or survived.
 in-process run reached) at random (seeded), or of those whose name matches --functions REGEX;
 without --sample it runs them all. --mutants NAME ... runs those. The ranks are forked from this
 process once it has imported torch, fastreg and the checks (and run nothing), so a mutant costs
-only its checks; --start spawn starts them afresh instead. Before any mutant, the checks must pass unmutated and fail with mutmut's "fail"
-mutant (every trampoline raises): otherwise the run would prove nothing. Results (JSON) go to
-<folder>/spawned-results.json; survivors are printed with their diffs (`mutmut show`).
+only its checks; --start spawn starts them afresh instead. Before any mutant, the checks must
+pass unmutated and fail with mutmut's "fail" mutant (every trampoline raises): otherwise the run
+would prove nothing. Verdicts (JSON) go to <folder>/spawned-results.json, or --results FILE,
+after every mutant (--resume skips those it has); survivors are printed with their diffs
+(`mutmut show`).
 """
 
 from __future__ import annotations
@@ -173,10 +175,10 @@ def main():
     os.environ["PYTHONPATH"] = os.pathsep.join([mutants, os.path.join(folder, "tests")])
     sys.path[:0] = [mutants, os.path.join(folder, "tests")]
     checks = [n for n, _ in _checks_of(args.checks)]
-    if args.start == "fork":
-        _import_all("fastreg")
     if not checks:
         raise SystemExit(f"--checks: no check of tests/test_distributed.py starts with {args.checks}")
+    if args.start == "fork":
+        _import_all("fastreg")
 
     if args.mutants:
         names = args.mutants

@@ -848,8 +848,8 @@ def test_dcp_refuses_other_checkpoints(tmp_path):
     with warnings.catch_warnings():  # DCP warns that it runs without a process group
         warnings.simplefilter("ignore")
         dcp.save({"optim": opt.dcp_state_dict()}, checkpoint_id=tmp_path)
-        with pytest.raises(ValueError, match=r"params'\]\[1\] \(shape \(5,\)\) was saved with shape \(3,\); a checkpoint "
-                                             "of another model"):
+        with pytest.raises(ValueError, match=r"params'\]\[1\] \(shape \(5,\)\) was saved with "
+                                             r"shape \(3,\); a checkpoint of another model"):
             make(4, 5, 2)[1].dcp_state_dict(tmp_path)
         with pytest.raises(ValueError, match="the checkpoint holds 3 parameters, this optimizer 2"):
             make(4, 3)[1].dcp_state_dict(tmp_path)
@@ -880,7 +880,8 @@ def test_dcp_refuses_other_checkpoints(tmp_path):
         fresh.load_dcp_state_dict(fewer)
     bad = copy.deepcopy(good)
     bad["state"]["1"]["w0_hash"] = bad["state"]["1"]["w0_hash"].to(torch.int32)
-    with pytest.raises(ValueError, match=r"'w0_hash' of parameter .*\]\[1\] \(shape \(3,\)\) must be 3 int64 words"):
+    with pytest.raises(ValueError, match=r"'w0_hash' of parameter .*\]\[1\] \(shape \(3,\)\) must "
+                                         "be 3 int64 words"):
         fresh.load_dcp_state_dict(bad)
     assert fresh.steps == 2 and torch.equal(fresh.state[fresh.param_groups[0]["params"][0]]["w"],
                                             opt.state[ps[0]]["w"])  # nothing loaded, same run
