@@ -331,6 +331,15 @@ class ReversibleSGD(torch.optim.Optimizer):
         self._broken = msg
         raise ReversibleOverflowError(msg)
 
+    def _w0_lost(self, here: list, where: str, why: str, step=None, ranks=None) -> None:
+        """reverse() ended away from w_0: the state no longer holds a training run, so the optimizer
+        refuses to step until a checkpoint is loaded. `here`: this rank's parameters that missed
+        (named in parentheses after `where`)."""
+        self._broken = "w_0 was not recovered"
+        raise NondeterministicClosureError(
+            f"ReversibleSGD.reverse: w_0 was not recovered bit for bit {where}"
+            + (" (here: " + ", ".join(here) + ")" if here else "") + why, step=step, ranks=ranks)
+
     def _checksum(self, st: dict) -> str:
         return hashlib.blake2b(st["w"].cpu().numpy().tobytes(), digest_size=16).hexdigest()
 
@@ -590,34 +599,28 @@ class ReversibleSGD(torch.optim.Optimizer):
         if fs is not None:
             bad_ranks = fs.ranks_where(bool(bad))
             if bad_ranks:
-                self._broken = "w_0 was not recovered"
-                raise NondeterministicClosureError(
-                    f"ReversibleSGD.reverse: w_0 was not recovered bit for bit on rank(s) {bad_ranks} "
-                    f"of {fs.world}" + (" (here: " + ", ".join(bad) + ")" if bad else "")
-                    + ": the gradients recomputed by closure(t) under FSDP2 (their local shards) were "
-                    "not bit-identical to those of the forward run (a nondeterministic closure, or one "
-                    "that differs from the forward run: another batch, seed or model, on some rank). "
-                    "The step is unknown: step() keeps no gradient fingerprints of sharded parameters")
+                self._w0_lost(
+                    bad, f"on rank(s) {bad_ranks} of {fs.world}", ": the gradients recomputed by "
+                    "closure(t) under FSDP2 (their local shards) were not bit-identical to those of the "
+                    "forward run (a nondeterministic closure, or one that differs from the forward run: "
+                    "another batch, seed or model, on some rank). The step is unknown: step() keeps no "
+                    "gradient fingerprints of sharded parameters")
         if dp.group is not None:
             bad_ranks = dp.ranks_where(bool(bad))
             if bad_ranks:
-                self._broken = "w_0 was not recovered"
-                raise NondeterministicClosureError(
-                    f"ReversibleSGD.reverse: w_0 was not recovered bit for bit on rank(s) {bad_ranks} "
-                    f"of {dp.world}" + (" (here: " + ", ".join(bad) + ")" if bad else "")
-                    + ": the gradients recomputed by closure(t) and averaged over the ranks were not "
-                    "bit-identical to those of the forward run. "
-                    + _culprit_text(first_bad, culprits, dp.world),
+                self._w0_lost(
+                    bad, f"on rank(s) {bad_ranks} of {dp.world}", ": the gradients recomputed by "
+                    "closure(t) and averaged over the ranks were not bit-identical to those of the "
+                    "forward run. " + _culprit_text(first_bad, culprits, dp.world),
                     step=first_bad, ranks=culprits)
             self._check_ranks(dp, "after reverse")
         if bad:
-            self._broken = "w_0 was not recovered"
-            raise NondeterministicClosureError(
-                "ReversibleSGD.reverse: w_0 was not recovered bit for bit for " + ", ".join(bad)
-                + ": the gradients recomputed by closure(t) were not bit-identical to those of the forward run "
-                "(a nondeterministic closure: different batches, random seeds, or nondeterministic kernels;"
-                " under DistributedDataParallel, pass reverse(..., ddp=model)). "
-                + _culprit_text(first_bad, culprits, 1), step=first_bad, ranks=culprits)
+            self._w0_lost(
+                [], "for " + ", ".join(bad), ": the gradients recomputed by closure(t) were not "
+                "bit-identical to those of the forward run (a nondeterministic closure: different "
+                "batches, random seeds, or nondeterministic kernels; under DistributedDataParallel, "
+                "pass reverse(..., ddp=model)). " + _culprit_text(first_bad, culprits, 1),
+                step=first_bad, ranks=culprits)
         self._gfp = []
         if fs is not None:  # each rank's lr, momentum and weight decay terms are its shards' share
             fs.sum_(list(hyp.values()))
