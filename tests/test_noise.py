@@ -528,3 +528,173 @@ def test_float64_values_and_gradients(backend, gen):
 
 
 DISTS_ALL = ("gaussian", "uniform")
+
+
+# ---------------------------------------------------------------- paths that choose by layout,
+# dtype and tensor kind: each must give the op's values
+
+
+def _channels_last(gen, dtype=torch.float32):
+    """A (2, 2, 4, 4) channels_last tensor: H*W % 4 == 0, so the Numba memory-order walk applies
+    to a scalar sigma."""
+    return torch.randn(2, 2, 4, 4, generator=gen).to(dtype).to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_channels_last_with_scalar_and_per_channel_sigma(backend, gen):
+    """A channels_last input with a scalar sigma (the memory-order walk) and with a per-channel
+    sigma (which must not take it: the walk reads one sigma), forward and the grad_x-only
+    backward, bit for bit against the reference (uniform eps: the same float32 words); an
+    unrequested grad_sigma is empty on every path."""
+    x, g = _channels_last(gen), _channels_last(gen)
+    for s in (torch.tensor(0.3), torch.tensor([0.2, 0.45]).view(2, 1, 1)):
+        with fastreg.use_backend(backend):
+            y = torch.ops.fastreg.noise_fwd(x, s, torch.tensor(9), 4, 1, False)
+            gx, gs = torch.ops.fastreg.noise_bwd(g, x, s, torch.tensor(9), 4, 1, False, True,
+                                                 False)
+        assert torch.equal(y, N.noise_reference(x, s, 9, 4, 1, False)), s.shape
+        want = N.noise_bwd_reference(g, x, s, 9, 4, 1, False, True, False)[0]
+        assert torch.equal(gx, want), s.shape
+        assert gs.shape == (0,), s.shape
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_sigma_of_another_dtype_is_rounded_to_the_compute_dtype(backend, gen):
+    """A float64 sigma with a float32 input is rounded to float32 before use, as the kernels
+    do, on the contiguous and channels_last paths, for a scalar and a per-channel sigma: the
+    values equal those computed with sigma.float(), bit for bit (uniform eps)."""
+    x, g = _channels_last(gen), _channels_last(gen)
+    for xv, gv in ((x, g), (x.contiguous(), g.contiguous())):
+        for s in (torch.tensor(0.1 + 1e-9, dtype=torch.float64),
+                  torch.tensor([0.2 + 1e-9, 0.45 + 3e-9], dtype=torch.float64).view(2, 1, 1)):
+            for additive in (False, True):
+                with fastreg.use_backend(backend):
+                    y = torch.ops.fastreg.noise_fwd(xv, s, torch.tensor(5), 1, 1, additive)
+                    gx, gs = torch.ops.fastreg.noise_bwd(gv, xv, s, torch.tensor(5), 1, 1,
+                                                         additive, not additive, False)
+                s32 = s.float()
+                assert torch.equal(y, N.noise_reference(xv, s32, 5, 1, 1, additive))
+                if not additive:
+                    want = N.noise_bwd_reference(gv, xv, s32, 5, 1, 1, False, True, False)[0]
+                    assert torch.equal(gx, want), (s.shape, xv.stride())
+
+
+@pytest.mark.parametrize("n", [12, (1 << 16) + 5])
+def test_float64_input_with_a_number_sigma_stays_float64(n, gen):
+    """gaussian_dropout and multiplicative_noise with a number sigma on float64 input (the lean
+    path, serial below 2^16 elements and parallel above, and the strided path) keep float64
+    and equal the registered op given a float64 sigma tensor, forward and backward."""
+    base = torch.randn(2, n, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, n, generator=gen, dtype=torch.float64)
+    sig = math.sqrt(0.3 / 0.7)
+    for name, x, gv in (("contiguous", base, g), ("strided", base[:, ::2], g[:, ::2])):
+        for fn in (lambda a: fastreg.gaussian_dropout(a, 0.3, seed=4, stream=2),
+                   lambda a: fastreg.multiplicative_noise(a, sig, seed=4, stream=2)):
+            xr = x.detach().requires_grad_()  # a new leaf with x's strides
+            y = fn(xr)
+            y.backward(gv)
+            st = torch.tensor(sig, dtype=torch.float64)
+            want = torch.ops.fastreg.noise_fwd(x, st, torch.tensor(4), 2, 0, False)
+            want_gx = torch.ops.fastreg.noise_bwd(gv, x, st, torch.tensor(4), 2, 0,
+                                                  False, True, False)[0]
+            assert y.dtype == torch.float64 and xr.grad.dtype == torch.float64, name
+            assert torch.equal(y, want), name
+            assert torch.equal(xr.grad, want_gx), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_op_autograd_with_either_input_requiring_grad(backend, gen):
+    """The registered op's backward (torch.compile's and dispatch modes' route) when only x,
+    only sigma, or both require grad, multiplicative and additive: the gradients equal the
+    reference's, bit for bit (uniform eps; float64 sums of one term per sigma element)."""
+    x0 = torch.randn(3, 5, generator=gen)
+    s0 = torch.rand(3, 5, generator=gen) + 0.1
+    g = torch.randn(3, 5, generator=gen)
+    for additive in (False, True):
+        for need_x, need_s in ((True, False), (False, True), (True, True)):
+            x = x0.clone().requires_grad_(need_x)
+            s = s0.clone().requires_grad_(need_s)
+            with fastreg.use_backend(backend):
+                torch.ops.fastreg.noise_fwd(x, s, torch.tensor(8), 3, 1, additive).backward(g)
+            rgx, rgs = N.noise_bwd_reference(g, x0, s0, 8, 3, 1, additive, True, True)
+            case = (additive, need_x, need_s)
+            if need_x:
+                assert torch.equal(x.grad, g if additive else rgx), case
+            else:
+                assert x.grad is None, case
+            if need_s:
+                assert torch.equal(s.grad, rgs), case
+            else:
+                assert s.grad is None, case
+
+
+class _Wrapper(torch.Tensor):
+    """A wrapper subclass without storage of its own (as DTensor is); unwraps on dispatch."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype,
+                                                   device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda t: t.inner if isinstance(t, _Wrapper) else t  # noqa: E731
+        return func(*torch.utils._pytree.tree_map(unwrap, args),
+                    **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+
+
+@pytest.mark.parametrize("where", ["input", "sigma", "seed"])
+def test_a_subclass_anywhere_takes_the_op_route(where, monkeypatch, gen):
+    """A tensor subclass as input, sigma or seed sends the public functions through the
+    registered op (whose dispatch unwraps it), never into the eager fast paths that hand
+    tensors to the kernels directly; the values are the plain tensors'."""
+    x = torch.randn(4, 3, generator=gen)
+    s = torch.full((3,), 0.2)
+    plain = [fastreg.multiplicative_noise(x, s, seed=3), fastreg.input_noise(x, s, seed=3),
+             fastreg.gaussian_dropout(x, 0.3, seed=3)]
+
+    def refuse(*a, **k):
+        raise AssertionError("an eager fast path took a subclass")
+
+    monkeypatch.setattr(N, "_lean_noise", refuse)
+    monkeypatch.setattr(N._NoiseFn, "apply", refuse)
+    xw = _Wrapper(x) if where == "input" else x
+    sw = _Wrapper(s) if where == "sigma" else s
+    seed = _Wrapper(torch.tensor(3)) if where == "seed" else 3
+    got = [fastreg.multiplicative_noise(xw, sw, seed=seed), fastreg.input_noise(xw, sw, seed=seed)]
+    if where != "sigma":
+        got.append(fastreg.gaussian_dropout(xw, 0.3, seed=seed))
+    for a, b in zip(got, plain):
+        assert torch.equal(a.inner if isinstance(a, _Wrapper) else a, b)
+
+
+_ERR = [  # (function, arguments, error, argument named first in the message)
+    (fastreg.gaussian_dropout, dict(input=torch.arange(3)), TypeError, "input"),
+    (fastreg.gaussian_dropout, dict(p=1.5), ValueError, "p"),
+    (fastreg.gaussian_dropout, dict(p=1.0), ValueError, "p"),
+    (fastreg.gaussian_dropout, dict(training=1), TypeError, "training"),
+    (fastreg.gaussian_dropout, dict(stream=-1), ValueError, "stream"),
+    (fastreg.gaussian_dropout, dict(seed=1.5), TypeError, "seed"),
+]
+for _f in (fastreg.multiplicative_noise, fastreg.input_noise):
+    _ERR += [(_f, dict(input=torch.arange(3)), TypeError, "input"),
+             (_f, dict(dist="normal"), ValueError, "dist"),
+             (_f, dict(sigma=torch.rand(7)), ValueError, "sigma"),
+             (_f, dict(stream=-1), ValueError, "stream"),
+             (_f, dict(seed="a"), TypeError, "seed")]
+
+
+@pytest.mark.parametrize("fn, kwargs, error, arg", _ERR,
+                         ids=[f"{f.__name__}-{a}-{i}" for i, (f, _, _, a) in enumerate(_ERR)])
+def test_errors_name_the_function_and_the_argument(fn, kwargs, error, arg):
+    """Each refusal starts 'fastreg.<function>: <argument> ' (the public name, as typed)."""
+    args = dict(input=torch.randn(4, 3))
+    if fn is not fastreg.gaussian_dropout:
+        args["sigma"] = 0.2
+    args.update(kwargs)
+    with pytest.raises(error, match=rf"^fastreg\.{fn.__name__}: {arg} "):
+        fn(args.pop("input"), **args)
