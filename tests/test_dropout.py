@@ -575,3 +575,103 @@ def test_reference_and_numba_kernel_start_offset(gen):
     nb.dropout_fwd(x[start:].numpy().copy(), out, seed, stream, D.keep_threshold(p),
                    np.float64(D.dropout_scale(p)), start)
     assert torch.equal(torch.from_numpy(out), part)
+
+
+# ---------------------------------------------------------------- paths that choose by length,
+# layout and tensor kind: each must give the op's values
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_packed_mask_of_every_length(backend, gen):
+    """dropout_fwd's packed mask has (n + 7) // 8 bytes, bit b of byte k = keep[8k + b], for
+    lengths around and far from a multiple of 8, contiguous and strided (the two Numba paths)."""
+    for n in (1, 7, 8, 9, 64, 65, 1000, 1001):
+        x = torch.randn(n, 2, generator=gen)
+        for name, xv in (("contiguous", x[:, 0].contiguous()), ("strided", x[:, 0])):
+            with fastreg.use_backend(backend):
+                out, bits = torch.ops.fastreg.dropout_fwd(xv, torch.tensor(6), 2, 0.3, True)
+            ref, keep = D.dropout_reference(xv, 6, 2, 0.3)
+            assert bits.dtype == torch.uint8 and bits.shape == ((n + 7) // 8,), (n, name)
+            assert torch.equal(bits, D.pack_bits_reference(keep)), (n, name)
+            assert torch.equal(out, ref), (n, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dropout_add_channels_last_every_dtype(dtype, gen):
+    """dropout_add on channels_last input and residual (the Numba memory-order walk, which
+    converts a float16/bfloat16 residual to float32 first) equals dropout_add on the
+    contiguous tensors, bit for bit, laid out channels_last; forward and gradients."""
+    x0 = torch.randn(2, 3, 4, 4, generator=gen).to(dtype)
+    r0 = torch.randn(2, 3, 4, 4, generator=gen).to(dtype)
+    g = torch.randn(2, 3, 4, 4, generator=gen).to(dtype)
+    got, want = [], []
+    for layout, out in ((torch.channels_last, got), (torch.contiguous_format, want)):
+        x = x0.to(memory_format=layout).requires_grad_()
+        r = r0.to(memory_format=layout).requires_grad_()
+        with fastreg.use_backend("numba"):
+            y = fastreg.dropout_add(x, r, 0.3, seed=5, stream=1)
+        y.backward(g)
+        out += [y, x.grad, r.grad]
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_bits_apply_keeps_a_sliced_channels_last_layout(backend, gen):
+    """dropout_bits_apply on a channels_last gradient sliced in W (not dense: the logical-order
+    path) returns it laid out as torch.empty_like(grad), channels_last, with the values of the
+    contiguous gradient."""
+    from helpers import assert_layout_like
+
+    g = torch.randn(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last)[..., :3]
+    keep = D.dropout_reference(g.contiguous(), 4, 0, 0.3)[1]
+    bits = D.pack_bits_reference(keep.reshape(-1))
+    with fastreg.use_backend(backend):
+        out = torch.ops.fastreg.dropout_bits_apply(g, bits, 0.3)
+        want = torch.ops.fastreg.dropout_bits_apply(g.contiguous(), bits, 0.3)
+    assert_layout_like(out, g)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, want)
+
+
+class _Wrapper(torch.Tensor):
+    """A wrapper subclass without storage of its own (as DTensor is); unwraps on dispatch."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype,
+                                                   device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda t: t.inner if isinstance(t, _Wrapper) else t  # noqa: E731
+        return func(*torch.utils._pytree.tree_map(unwrap, args),
+                    **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+
+
+@pytest.mark.parametrize("where", ["input", "residual", "seed"])
+def test_a_subclass_anywhere_takes_the_op_route(where, monkeypatch, gen):
+    """A tensor subclass as input, residual or seed sends dropout and dropout_add through the
+    registered op (whose dispatch unwraps it), never into the eager fast path that hands
+    tensors to the kernels directly; the values are the plain tensors'."""
+    x = torch.randn(4, 3, generator=gen)
+    r = torch.randn(4, 3, generator=gen)
+    plain = [fastreg.dropout_add(x, r, 0.3, seed=3), fastreg.dropout(x, 0.3, seed=3)]
+
+    def refuse(*a, **k):
+        raise AssertionError("the eager fast path took a subclass")
+
+    monkeypatch.setattr(D._DropoutFn, "apply", refuse)
+    monkeypatch.setattr(D._DropoutAddFn, "apply", refuse)
+    xw = _Wrapper(x) if where == "input" else x
+    rw = _Wrapper(r) if where == "residual" else r
+    seed = _Wrapper(torch.tensor(3)) if where == "seed" else 3
+    got = [fastreg.dropout_add(xw, rw, 0.3, seed=seed)]
+    if where != "residual":
+        got.append(fastreg.dropout(xw, 0.3, seed=seed))
+    for a, b in zip(got, plain):
+        assert torch.equal(a.inner if isinstance(a, _Wrapper) else a, b)
