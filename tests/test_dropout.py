@@ -675,3 +675,21 @@ def test_a_subclass_anywhere_takes_the_op_route(where, monkeypatch, gen):
         got.append(fastreg.dropout(xw, 0.3, seed=seed))
     for a, b in zip(got, plain):
         assert torch.equal(a.inner if isinstance(a, _Wrapper) else a, b)
+
+
+def test_identity_cases_draw_no_seed(gen):
+    """training=False, p=0 or an empty input return at once, without drawing a seed: torch's
+    default generator is left as it was (what seed=None would otherwise advance), for dropout
+    and dropout_add alike, and the values are the identity's."""
+    x = torch.randn(5, 3, generator=gen)
+    r = torch.randn(5, 3, generator=gen)
+    e = torch.empty(0, 3)
+    for call, want in ((lambda: fastreg.dropout(x, 0.0), x),
+                       (lambda: fastreg.dropout(x, 0.4, training=False), x),
+                       (lambda: fastreg.dropout(e, 0.4), e),
+                       (lambda: fastreg.dropout_add(x, r, 0.0), x + r),
+                       (lambda: fastreg.dropout_add(x, r, 0.4, training=False), x + r),
+                       (lambda: fastreg.dropout_add(e, e, 0.4), e)):
+        state = torch.get_rng_state()
+        assert torch.equal(call(), want)
+        assert torch.equal(torch.get_rng_state(), state)
