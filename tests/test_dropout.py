@@ -693,3 +693,17 @@ def test_identity_cases_draw_no_seed(gen):
         state = torch.get_rng_state()
         assert torch.equal(call(), want)
         assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bits_apply_matches_the_reference_in_every_dtype(backend, dtype, gen):
+    """dropout_bits_apply (the packed-mask backward) returns the gradient's dtype with the
+    reference's values bit for bit: the scale 1 / (1 - p) in the compute dtype (float64 for
+    float64: 1 / 0.7 is not a float32), the product rounded once."""
+    g = torch.randn(37, 5, generator=gen).to(dtype)
+    want, keep = D.dropout_reference(g, 11, 3, 0.3)
+    with fastreg.use_backend(backend):
+        out = torch.ops.fastreg.dropout_bits_apply(g, D.pack_bits_reference(keep.reshape(-1)), 0.3)
+    assert out.dtype == dtype
+    assert torch.equal(out, want)
