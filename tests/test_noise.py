@@ -698,3 +698,30 @@ def test_errors_name_the_function_and_the_argument(fn, kwargs, error, arg):
     args.update(kwargs)
     with pytest.raises(error, match=rf"^fastreg\.{fn.__name__}: {arg} "):
         fn(args.pop("input"), **args)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch", "triton"])
+def test_float64_grad_sigma_of_every_sigma_shape(backend, gen):
+    """grad_sigma for float64 with a scalar, a per-channel, a 2-element and a per-element
+    sigma, over 2100 elements (three 1024-element programs for the scalar's partial sums):
+    float64 arithmetic on the backend's own eps at ~1e-12 (float32 partials or buffers would be
+    off by ~1e-7), and the forward. Multiplicative with the gaussian eps, additive with the
+    uniform one."""
+    shape = (2, 3, 350)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    for sshape in ((), (3, 1), (2, 1, 1), shape):
+        s = torch.rand(sshape, generator=gen, dtype=torch.float64) + 0.1
+        for dist, additive in (("gaussian", False), ("uniform", True)):
+            eps = _eps_of(backend, shape, dist, 7, 2)
+            f = fastreg.input_noise if additive else fastreg.multiplicative_noise
+            sr = s.clone().requires_grad_()
+            with fastreg.use_backend(backend):
+                y = f(x, sr, dist=dist, seed=7, stream=2)
+                y.backward(g)
+            d = g * eps if additive else g * x * eps
+            want_y = x + s * eps if additive else x * (1 + s * eps)
+            case = (sshape, dist, additive)
+            torch.testing.assert_close(y, want_y, rtol=1e-13, atol=1e-14, msg=str(case))
+            torch.testing.assert_close(sr.grad, d.sum_to_size(sshape), rtol=1e-12, atol=1e-12,
+                                       msg=str(case))
