@@ -707,3 +707,34 @@ def test_bits_apply_matches_the_reference_in_every_dtype(backend, dtype, gen):
         out = torch.ops.fastreg.dropout_bits_apply(g, D.pack_bits_reference(keep.reshape(-1)), 0.3)
     assert out.dtype == dtype
     assert torch.equal(out, want)
+
+
+def test_each_op_launches_its_triton_kernel(monkeypatch, gen):
+    """Under the Triton backend each op launches its own kernel once, for 40 elements and for
+    one (the torch reference computes the same values, so only the launch tells the two apart;
+    a skipped launch leaves the output uninitialised); under the torch backend none is
+    launched."""
+    from fastreg import _backend
+    from fastreg.kernels.triton import dropout as tk
+
+    launched = []
+    real = _backend.launcher
+    monkeypatch.setattr(_backend, "launcher",
+                        lambda kernel, direct: launched.append(kernel) or real(kernel, direct))
+    x = torch.randn(40, generator=gen)
+    r = torch.randn(40, generator=gen)
+    seed = torch.tensor(2)
+    bits = torch.ops.fastreg.dropout_fwd(x, seed, 0, 0.3, True)[1]
+    calls = {tk.dropout_fwd_kernel: lambda: torch.ops.fastreg.dropout_fwd(x, seed, 0, 0.3, True),
+             tk.dropout_add_fwd_kernel: lambda: torch.ops.fastreg.dropout_add_fwd(x, r, seed, 0,
+                                                                                   0.3),
+             tk.dropout_bits_apply_kernel: lambda: torch.ops.fastreg.dropout_bits_apply(x, bits,
+                                                                                        0.3)}
+    for n in (40, 1):
+        x, r, bits = x[:n], r[:n], bits[:(n + 7) // 8]
+        for kernel, call in calls.items():
+            for backend, want in (("triton", [kernel]), ("torch", [])):
+                launched.clear()
+                with fastreg.use_backend(backend):
+                    call()
+                assert launched == want, (kernel, backend, n)
