@@ -702,22 +702,24 @@ def test_errors_name_the_function_and_the_argument(fn, kwargs, error, arg):
 
 @pytest.mark.parametrize("backend", ["numba", "torch", "triton"])
 def test_float64_grad_sigma_of_every_sigma_shape(backend, gen):
-    """grad_sigma for float64 with a scalar, a per-channel, a 2-element and a per-element
-    sigma, over 2100 elements (three 1024-element programs for the scalar's partial sums):
-    float64 arithmetic on the backend's own eps at ~1e-12 (float32 partials or buffers would be
-    off by ~1e-7), and the forward. Multiplicative with the gaussian eps, additive with the
-    uniform one."""
+    """grad_sigma and grad_x for float64 with a scalar, a per-channel, a 2-element and a
+    per-element sigma (values up to 3: an index misread as sigma's value shows), over 2100
+    elements (three 1024-element programs for the scalar's partial sums): float64 arithmetic
+    on the backend's own eps at ~1e-12 (float32 partials or buffers would be off by ~1e-7),
+    and the forward. Multiplicative with the gaussian eps, additive with the uniform one."""
     shape = (2, 3, 350)
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
     g = torch.randn(shape, generator=gen, dtype=torch.float64)
     for sshape in ((), (3, 1), (2, 1, 1), shape):
-        s = torch.rand(sshape, generator=gen, dtype=torch.float64) + 0.1
+        s = torch.rand(sshape, generator=gen, dtype=torch.float64) * 3 + 0.1
+        if sshape == ():
+            s.fill_(2.5)  # read as a layout (size 2, stride 2) it would index past sigma
         for dist, additive in (("gaussian", False), ("uniform", True)):
             eps = _eps_of(backend, shape, dist, 7, 2)
             f = fastreg.input_noise if additive else fastreg.multiplicative_noise
-            sr = s.clone().requires_grad_()
+            xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
             with fastreg.use_backend(backend):
-                y = f(x, sr, dist=dist, seed=7, stream=2)
+                y = f(xr, sr, dist=dist, seed=7, stream=2)
                 y.backward(g)
             d = g * eps if additive else g * x * eps
             want_y = x + s * eps if additive else x * (1 + s * eps)
@@ -725,3 +727,30 @@ def test_float64_grad_sigma_of_every_sigma_shape(backend, gen):
             torch.testing.assert_close(y, want_y, rtol=1e-13, atol=1e-14, msg=str(case))
             torch.testing.assert_close(sr.grad, d.sum_to_size(sshape), rtol=1e-12, atol=1e-12,
                                        msg=str(case))
+            want_gx = g if additive else g * (1 + s * eps)
+            torch.testing.assert_close(xr.grad, want_gx, rtol=1e-13, atol=1e-14, msg=str(case))
+
+
+def test_each_op_launches_its_triton_kernel(monkeypatch, gen):
+    """Under the Triton backend noise_fwd and noise_bwd launch their kernels once, for 40
+    elements and for one (a skipped launch leaves the output uninitialised); under the torch
+    backend neither is launched."""
+    from fastreg import _backend
+    from fastreg.kernels.triton import noise as tk
+
+    launched = []
+    real = _backend.launcher
+    monkeypatch.setattr(_backend, "launcher",
+                        lambda kernel, direct: launched.append(kernel) or real(kernel, direct))
+    seed = torch.tensor(2)
+    for n in (40, 1):
+        x, g, s = torch.randn(n, generator=gen), torch.randn(n, generator=gen), torch.tensor(0.3)
+        calls = {tk.noise_fwd_kernel: lambda: torch.ops.fastreg.noise_fwd(x, s, seed, 0, 0, False),
+                 tk.noise_bwd_kernel: lambda: torch.ops.fastreg.noise_bwd(g, x, s, seed, 0, 0,
+                                                                          False, True, True)}
+        for kernel, call in calls.items():
+            for backend, want in (("triton", [kernel]), ("torch", [])):
+                launched.clear()
+                with fastreg.use_backend(backend):
+                    call()
+                assert launched == want, (kernel, backend, n)
