@@ -754,3 +754,21 @@ def test_each_op_launches_its_triton_kernel(monkeypatch, gen):
                 with fastreg.use_backend(backend):
                     call()
                 assert launched == want, (kernel, backend, n)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba", "triton"])
+def test_noise_bwd_lays_grad_x_out_like_the_gradient(backend, gen):
+    """noise_bwd's grad_x is laid out as torch.empty_like(grad) for a transposed and a
+    channels_last gradient, with the contiguous gradient's values."""
+    from helpers import assert_layout_like
+
+    x = torch.randn(2, 3, 4, 4, generator=gen)
+    s = torch.tensor([0.2, 0.3, 0.4]).view(3, 1, 1)
+    g0 = torch.randn(2, 3, 4, 4, generator=gen)
+    with fastreg.use_backend(backend):
+        want = torch.ops.fastreg.noise_bwd(g0, x, s, torch.tensor(3), 0, 1, False, True, False)[0]
+        for g in (g0.transpose(1, 3).contiguous().transpose(1, 3),
+                  g0.to(memory_format=torch.channels_last)):
+            gx = torch.ops.fastreg.noise_bwd(g, x, s, torch.tensor(3), 0, 1, False, True, False)[0]
+            assert_layout_like(gx, g)
+            assert torch.equal(gx, want)
