@@ -51,3 +51,34 @@ def assert_layout_like(out, x):
     """out is laid out as torch.empty_like(x) (docs/layout.md)."""
     assert out.shape == x.shape
     assert layout_of(out) == layout_of(torch.empty_like(x)), (out.stride(), x.stride())
+
+
+class Wrapper(torch.Tensor):
+    """A minimal wrapper subclass (as DTensor is): no storage of its own, unwraps on dispatch."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype,
+                                                   device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda x: x.inner if isinstance(x, Wrapper) else x  # noqa: E731
+        args = torch.utils._pytree.tree_map(unwrap, args)
+        kwargs = torch.utils._pytree.tree_map(unwrap, kwargs or {})
+        return func(*args, **kwargs)
+
+
+def record_launches(monkeypatch) -> list:
+    """The Triton kernels the ops hand to fastreg._backend.launcher from now on, in order
+    (the launches still run)."""
+    from fastreg import _backend
+
+    launched = []
+    real = _backend.launcher
+    monkeypatch.setattr(_backend, "launcher",
+                        lambda kernel, direct: launched.append(kernel) or real(kernel, direct))
+    return launched

@@ -12,25 +12,7 @@ import fastreg
 import fastreg.penalty as P
 from fastreg import _boundary, _native
 from fastreg.ops import reversible as rops
-
-
-class Wrapper(torch.Tensor):
-    """A minimal wrapper subclass (as DTensor is): no storage of its own, unwraps on dispatch."""
-
-    @staticmethod
-    def __new__(cls, inner):
-        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype,
-                                                   device=inner.device)
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        unwrap = lambda x: x.inner if isinstance(x, Wrapper) else x  # noqa: E731
-        args = torch.utils._pytree.tree_map(unwrap, args)
-        kwargs = torch.utils._pytree.tree_map(unwrap, kwargs or {})
-        return func(*args, **kwargs)
+from helpers import Wrapper
 
 
 class Plain(torch.Tensor):

@@ -4,7 +4,7 @@ import torch
 
 import fastreg
 from fastreg.ops import dropout as D
-from helpers import views
+from helpers import Wrapper, assert_layout_like, record_launches, views
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (3,), (7, 5), (2, 3, 13), (4, 1, 9, 3), (257,)]
@@ -622,8 +622,6 @@ def test_bits_apply_keeps_a_sliced_channels_last_layout(backend, gen):
     """dropout_bits_apply on a channels_last gradient sliced in W (not dense: the logical-order
     path) returns it laid out as torch.empty_like(grad), channels_last, with the values of the
     contiguous gradient."""
-    from helpers import assert_layout_like
-
     g = torch.randn(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last)[..., :3]
     keep = D.dropout_reference(g.contiguous(), 4, 0, 0.3)[1]
     bits = D.pack_bits_reference(keep.reshape(-1))
@@ -633,24 +631,6 @@ def test_bits_apply_keeps_a_sliced_channels_last_layout(backend, gen):
     assert_layout_like(out, g)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, want)
-
-
-class _Wrapper(torch.Tensor):
-    """A wrapper subclass without storage of its own (as DTensor is); unwraps on dispatch."""
-
-    @staticmethod
-    def __new__(cls, inner):
-        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype,
-                                                   device=inner.device)
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        unwrap = lambda t: t.inner if isinstance(t, _Wrapper) else t  # noqa: E731
-        return func(*torch.utils._pytree.tree_map(unwrap, args),
-                    **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
 
 
 @pytest.mark.parametrize("where", ["input", "residual", "seed"])
@@ -667,14 +647,14 @@ def test_a_subclass_anywhere_takes_the_op_route(where, monkeypatch, gen):
 
     monkeypatch.setattr(D._DropoutFn, "apply", refuse)
     monkeypatch.setattr(D._DropoutAddFn, "apply", refuse)
-    xw = _Wrapper(x) if where == "input" else x
-    rw = _Wrapper(r) if where == "residual" else r
-    seed = _Wrapper(torch.tensor(3)) if where == "seed" else 3
+    xw = Wrapper(x) if where == "input" else x
+    rw = Wrapper(r) if where == "residual" else r
+    seed = Wrapper(torch.tensor(3)) if where == "seed" else 3
     got = [fastreg.dropout_add(xw, rw, 0.3, seed=seed)]
     if where != "residual":
         got.append(fastreg.dropout(xw, 0.3, seed=seed))
     for a, b in zip(got, plain):
-        assert torch.equal(a.inner if isinstance(a, _Wrapper) else a, b)
+        assert torch.equal(a.inner if isinstance(a, Wrapper) else a, b)
 
 
 def test_identity_cases_draw_no_seed(gen):
@@ -714,13 +694,9 @@ def test_each_op_launches_its_triton_kernel(monkeypatch, gen):
     one (the torch reference computes the same values, so only the launch tells the two apart;
     a skipped launch leaves the output uninitialised); under the torch backend none is
     launched."""
-    from fastreg import _backend
     from fastreg.kernels.triton import dropout as tk
 
-    launched = []
-    real = _backend.launcher
-    monkeypatch.setattr(_backend, "launcher",
-                        lambda kernel, direct: launched.append(kernel) or real(kernel, direct))
+    launched = record_launches(monkeypatch)
     x = torch.randn(40, generator=gen)
     r = torch.randn(40, generator=gen)
     seed = torch.tensor(2)

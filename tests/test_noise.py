@@ -8,7 +8,7 @@ import torch
 import fastreg
 from fastreg.ops import noise as N
 from fastreg.ops import rng
-from helpers import assert_layout_like, saved_bytes, views
+from helpers import Wrapper, assert_layout_like, record_launches, saved_bytes, views
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # per-dtype tolerances: eps is float32 on every backend and agrees to a few ulp
@@ -629,24 +629,6 @@ def test_op_autograd_with_either_input_requiring_grad(backend, gen):
                 assert s.grad is None, case
 
 
-class _Wrapper(torch.Tensor):
-    """A wrapper subclass without storage of its own (as DTensor is); unwraps on dispatch."""
-
-    @staticmethod
-    def __new__(cls, inner):
-        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype,
-                                                   device=inner.device)
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        unwrap = lambda t: t.inner if isinstance(t, _Wrapper) else t  # noqa: E731
-        return func(*torch.utils._pytree.tree_map(unwrap, args),
-                    **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
-
-
 @pytest.mark.parametrize("where", ["input", "sigma", "seed"])
 def test_a_subclass_anywhere_takes_the_op_route(where, monkeypatch, gen):
     """A tensor subclass as input, sigma or seed sends the public functions through the
@@ -662,14 +644,14 @@ def test_a_subclass_anywhere_takes_the_op_route(where, monkeypatch, gen):
 
     monkeypatch.setattr(N, "_lean_noise", refuse)
     monkeypatch.setattr(N._NoiseFn, "apply", refuse)
-    xw = _Wrapper(x) if where == "input" else x
-    sw = _Wrapper(s) if where == "sigma" else s
-    seed = _Wrapper(torch.tensor(3)) if where == "seed" else 3
+    xw = Wrapper(x) if where == "input" else x
+    sw = Wrapper(s) if where == "sigma" else s
+    seed = Wrapper(torch.tensor(3)) if where == "seed" else 3
     got = [fastreg.multiplicative_noise(xw, sw, seed=seed), fastreg.input_noise(xw, sw, seed=seed)]
     if where != "sigma":
         got.append(fastreg.gaussian_dropout(xw, 0.3, seed=seed))
     for a, b in zip(got, plain):
-        assert torch.equal(a.inner if isinstance(a, _Wrapper) else a, b)
+        assert torch.equal(a.inner if isinstance(a, Wrapper) else a, b)
 
 
 _ERR = [  # (function, arguments, error, argument named first in the message)
@@ -735,13 +717,9 @@ def test_each_op_launches_its_triton_kernel(monkeypatch, gen):
     """Under the Triton backend noise_fwd and noise_bwd launch their kernels once, for 40
     elements and for one (a skipped launch leaves the output uninitialised); under the torch
     backend neither is launched."""
-    from fastreg import _backend
     from fastreg.kernels.triton import noise as tk
 
-    launched = []
-    real = _backend.launcher
-    monkeypatch.setattr(_backend, "launcher",
-                        lambda kernel, direct: launched.append(kernel) or real(kernel, direct))
+    launched = record_launches(monkeypatch)
     seed = torch.tensor(2)
     for n in (40, 1):
         x, g, s = torch.randn(n, generator=gen), torch.randn(n, generator=gen), torch.tensor(0.3)
@@ -760,8 +738,6 @@ def test_each_op_launches_its_triton_kernel(monkeypatch, gen):
 def test_noise_bwd_lays_grad_x_out_like_the_gradient(backend, gen):
     """noise_bwd's grad_x is laid out as torch.empty_like(grad) for a transposed and a
     channels_last gradient, with the contiguous gradient's values."""
-    from helpers import assert_layout_like
-
     x = torch.randn(2, 3, 4, 4, generator=gen)
     s = torch.tensor([0.2, 0.3, 0.4]).view(3, 1, 1)
     g0 = torch.randn(2, 3, 4, 4, generator=gen)
