@@ -82,3 +82,16 @@ def record_launches(monkeypatch) -> list:
     monkeypatch.setattr(_backend, "launcher",
                         lambda kernel, direct: launched.append(kernel) or real(kernel, direct))
     return launched
+
+
+def assert_each_launches_its_kernel(launched: list, calls: dict, *label) -> None:
+    """For each kernel -> call of `calls`: the call launches that kernel exactly once under the
+    Triton backend and nothing under the torch backend (launched: record_launches' list)."""
+    import fastreg
+
+    for kernel, call in calls.items():
+        for backend, want in (("triton", [kernel]), ("torch", [])):
+            launched.clear()
+            with fastreg.use_backend(backend):
+                call()
+            assert launched == want, (kernel, backend, *label)

@@ -8,7 +8,8 @@ import torch
 import fastreg
 from fastreg.ops import noise as N
 from fastreg.ops import rng
-from helpers import Wrapper, assert_layout_like, record_launches, saved_bytes, views
+from helpers import (Wrapper, assert_each_launches_its_kernel, assert_layout_like, record_launches,
+                     saved_bytes, views)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # per-dtype tolerances: eps is float32 on every backend and agrees to a few ulp
@@ -726,12 +727,7 @@ def test_each_op_launches_its_triton_kernel(monkeypatch, gen):
         calls = {tk.noise_fwd_kernel: lambda: torch.ops.fastreg.noise_fwd(x, s, seed, 0, 0, False),
                  tk.noise_bwd_kernel: lambda: torch.ops.fastreg.noise_bwd(g, x, s, seed, 0, 0,
                                                                           False, True, True)}
-        for kernel, call in calls.items():
-            for backend, want in (("triton", [kernel]), ("torch", [])):
-                launched.clear()
-                with fastreg.use_backend(backend):
-                    call()
-                assert launched == want, (kernel, backend, n)
+        assert_each_launches_its_kernel(launched, calls, n)
 
 
 @pytest.mark.parametrize("backend", ["torch", "numba", "triton"])
