@@ -248,6 +248,22 @@ def test_default_strengths_are_zero():
     torch.testing.assert_close(P.loss([w], l1=0.5), 0.5 * w.abs().sum(), rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(), (2,)])
+def test_float32_strengths_with_float64_tensors(shape):
+    """Strength tensors of another dtype are taken in float64: with an outer gradient other
+    than 1, a float32 strength kept float32 rounds gout * strength to float32 (an error of
+    ~4e-8 in the float64 weight gradients)."""
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True),
+          torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)]
+    s = torch.tensor([0.1, 0.3] if shape else 0.3, dtype=torch.float32)
+    (P.loss(ws, l1=s, l2=s) / 3).backward()
+    for i, w in enumerate(ws):
+        c = float(s[i] if shape else s)
+        want = (c * torch.sign(w.detach()) + 2 * c * w.detach()) / 3
+        torch.testing.assert_close(w.grad, want, rtol=1e-13, atol=0)
+
+
 # ------------------------------------------------------------ hypergradients through reverse
 def _unrolled_l1(model, w0, X, y, T, lr, mom, l1, l2, bs=16):
     """float64 unrolled autograd through T momentum-SGD steps with the plain-torch penalty."""
