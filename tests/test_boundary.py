@@ -75,9 +75,18 @@ def test_check_names_argument_and_kind(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("backend", [None, "numba", "torch"])
-def test_penalty_params_refused(kind, backend):
+@pytest.mark.parametrize("backend", [None, "hot", "numba", "torch"])
+def test_penalty_params_refused(kind, backend, monkeypatch):
+    """backend "hot": the C++ host hot path switched on (it is off on a CPU without AVX-512),
+    so the one-pass eager path's own check (`_plain_on`) is the one that must refuse."""
     make, word = KINDS[kind]
+    if backend == "hot":
+        if _native.native() is None:
+            pytest.skip("fastreg._C not built")
+        from fastreg.ops import penalty as ops
+
+        monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
+        backend = None
     other = torch.randn(3, 3, device="meta" if kind == "meta" else "cpu")  # one device per call
     ctx = fastreg.use_backend(backend) if backend else torch.no_grad()
     with ctx:

@@ -6,6 +6,8 @@ import torch
 
 import fastreg
 import fastreg.penalty as P
+from fastreg import _native
+from fastreg.ops import penalty as ops
 
 
 def test_sparsity_values_explicit_groups_cols_and_whole_tensors():
@@ -85,6 +87,12 @@ def test_value_defaults_dtype_and_explicit_groups():
     got = P.value([a, b], group_lasso=0.1, groups=[ga, gb])
     assert abs(float(got) - want) <= 1e-6 * want
     assert float(P.value([], l1=1.0)) == 0.0
+    # its refusals name fastreg.penalty.value and the argument
+    with pytest.raises(ValueError, match=r"^fastreg.penalty.value: params l2 must be a finite "
+                                         r"number >= 0, got -1.0$"):
+        P.value([a], l2=-1.0)
+    with pytest.raises(ValueError, match=r"^fastreg.penalty.value: groups must be one of"):
+        P.value([a], group_lasso=0.1, groups="x")
 
 
 def test_activity_penalty_default_strengths_are_zero(gen):
@@ -132,6 +140,8 @@ def test_accumulate_errors_name_the_op_and_no_params_give_float32(monkeypatch):
             P.accumulate_([w], group_lasso=0.1, groups=idx)
     with pytest.raises(ValueError, match=r"^fastreg.penalty.accumulate_: groups\[1\] must be one"):
         P.accumulate_([torch.randn(2, requires_grad=True)] * 2, groups=["rows", "x"])
+    if _native.native() is not None:  # the one-pass path needs the host hot path (AVX-512)
+        monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
     for dtype in (torch.float32, torch.float16):  # one-pass path (a .grad there), general path
         w = torch.randn(2, 3, dtype=dtype, requires_grad=True)
         w.grad = torch.zeros_like(w)
@@ -202,9 +212,21 @@ def test_param_group_dicts_and_explicit_groups_without_group_term(gen):
 
 
 def test_one_pass_with_group_lasso_one(gen, monkeypatch):
-    """The one-pass path with group_lasso = 1.0 exactly (groups planned from the shapes) equals
-    the general path."""
-    w = torch.randn(3, 8, generator=gen)
+    """The one-pass paths of accumulate_ and prox_ with group_lasso = 1.0 exactly (groups
+    planned from the shapes) and one tensor equal the general path."""
+    if _native.native() is None:
+        pytest.skip("fastreg._C not built")
+    monkeypatch.setattr(ops, "HOST_HOT_PATH", True)  # else the one-pass path is not taken
+    real, taken = P._onepass, []
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        taken.append(out[0])
+        return out
+
+    monkeypatch.setattr(P, "_onepass", spy)
+    # row norms about 0.3, 3 and 30: the prox (threshold 0.5 sqrt(8)) zeroes the first row only
+    w = torch.randn(3, 8, generator=gen) * torch.tensor([[0.1], [1.0], [10.0]])
     kw = dict(l1=0.05, group_lasso=1.0, groups="rows")
     outs = []
     for one_pass in (True, False):
@@ -213,7 +235,14 @@ def test_one_pass_with_group_lasso_one(gen, monkeypatch):
         p = w.clone().requires_grad_()
         p.grad = torch.zeros_like(p)
         outs.append((P.accumulate_([p], **kw), p.grad))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        q = w.clone()
+        P.prox_([q], 0.5, **kw)
+        outs[-1] += (q,)
+        if one_pass:
+            assert taken == [True, True]
+    a, b = outs
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    assert not a[2][0].any() and a[2][2].all()
 
 
 def test_group_errors_name_the_op_and_int32_index_groups(gen):
@@ -256,9 +285,11 @@ def test_sparsity_errors_name_the_op():
         P.sparsity([w], groups="x")
 
 
-def test_prox_errors_name_the_op():
+def test_prox_errors_name_the_op(monkeypatch):
     """prox_'s checks, on the one-pass path (float32) and the general one (float16), name
     fastreg.penalty.prox_ and the argument."""
+    if _native.native() is not None:  # the one-pass path needs the host hot path (AVX-512)
+        monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
 
     with pytest.raises(ValueError, match="^fastreg.penalty.prox_: lr must be a finite number >= 0, "
                                          "got -1.0$"):
