@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
@@ -95,3 +96,18 @@ def assert_each_launches_its_kernel(launched: list, calls: dict, *label) -> None
             with fastreg.use_backend(backend):
                 call()
             assert launched == want, (kernel, backend, *label)
+
+
+def host_hot_path_on(monkeypatch, required=True) -> bool:
+    """Switches penalty's C++ host hot path on for this test (it is off on CPUs without
+    AVX-512, and the one-pass eager path of accumulate_/prox_ needs it). Without the native
+    build: skips the test when `required`, else leaves the path off; returns whether it is on."""
+    from fastreg import _native
+    from fastreg.ops import penalty as ops
+
+    if _native.native() is None:
+        if required:
+            pytest.skip("fastreg._C not built")
+        return False
+    monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
+    return True

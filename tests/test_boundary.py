@@ -12,7 +12,7 @@ import fastreg
 import fastreg.penalty as P
 from fastreg import _boundary, _native
 from fastreg.ops import reversible as rops
-from helpers import Wrapper
+from helpers import Wrapper, host_hot_path_on
 
 
 class Plain(torch.Tensor):
@@ -81,11 +81,7 @@ def test_penalty_params_refused(kind, backend, monkeypatch):
     so the one-pass eager path's own check (`_plain_on`) is the one that must refuse."""
     make, word = KINDS[kind]
     if backend == "hot":
-        if _native.native() is None:
-            pytest.skip("fastreg._C not built")
-        from fastreg.ops import penalty as ops
-
-        monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
+        host_hot_path_on(monkeypatch)
         backend = None
     other = torch.randn(3, 3, device="meta" if kind == "meta" else "cpu")  # one device per call
     ctx = fastreg.use_backend(backend) if backend else torch.no_grad()

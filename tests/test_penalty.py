@@ -9,6 +9,7 @@ import fastreg
 import fastreg.penalty as P
 from fastreg import _native
 from fastreg.ops import penalty as ops
+from helpers import host_hot_path_on
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # tolerance on the result (grad or new weight) relative to max(1, |ref|): one rounding of the
@@ -234,10 +235,8 @@ def test_mixed_devices_rejected():
 def test_stale_grad_rejected(gen, monkeypatch, one_pass):
     """`p.data = ...` can change a tensor's shape or dtype and leave its old .grad: refused
     with an error naming the tensor, never written past the gradient's end."""
-    if one_pass:  # taken only with the host hot path on (off on CPUs without AVX-512)
-        if _native.native() is None:
-            pytest.skip("fastreg._C not built")
-        monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
+    if one_pass:
+        host_hot_path_on(monkeypatch)
     else:
         monkeypatch.setattr(P, "_onepass", lambda *a, **k: (False, None))
     ok = torch.nn.Parameter(torch.randn(3, generator=gen))

@@ -6,8 +6,7 @@ import torch
 
 import fastreg
 import fastreg.penalty as P
-from fastreg import _native
-from fastreg.ops import penalty as ops
+from helpers import host_hot_path_on
 
 
 def test_sparsity_values_explicit_groups_cols_and_whole_tensors():
@@ -140,8 +139,7 @@ def test_accumulate_errors_name_the_op_and_no_params_give_float32(monkeypatch):
             P.accumulate_([w], group_lasso=0.1, groups=idx)
     with pytest.raises(ValueError, match=r"^fastreg.penalty.accumulate_: groups\[1\] must be one"):
         P.accumulate_([torch.randn(2, requires_grad=True)] * 2, groups=["rows", "x"])
-    if _native.native() is not None:  # the one-pass path needs the host hot path (AVX-512)
-        monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
+    host_hot_path_on(monkeypatch, required=False)
     for dtype in (torch.float32, torch.float16):  # one-pass path (a .grad there), general path
         w = torch.randn(2, 3, dtype=dtype, requires_grad=True)
         w.grad = torch.zeros_like(w)
@@ -214,9 +212,7 @@ def test_param_group_dicts_and_explicit_groups_without_group_term(gen):
 def test_one_pass_with_group_lasso_one(gen, monkeypatch):
     """The one-pass paths of accumulate_ and prox_ with group_lasso = 1.0 exactly (groups
     planned from the shapes) and one tensor equal the general path."""
-    if _native.native() is None:
-        pytest.skip("fastreg._C not built")
-    monkeypatch.setattr(ops, "HOST_HOT_PATH", True)  # else the one-pass path is not taken
+    host_hot_path_on(monkeypatch)
     real, taken = P._onepass, []
 
     def spy(*a, **k):
@@ -288,8 +284,7 @@ def test_sparsity_errors_name_the_op():
 def test_prox_errors_name_the_op(monkeypatch):
     """prox_'s checks, on the one-pass path (float32) and the general one (float16), name
     fastreg.penalty.prox_ and the argument."""
-    if _native.native() is not None:  # the one-pass path needs the host hot path (AVX-512)
-        monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
+    host_hot_path_on(monkeypatch, required=False)
 
     with pytest.raises(ValueError, match="^fastreg.penalty.prox_: lr must be a finite number >= 0, "
                                          "got -1.0$"):
