@@ -1383,3 +1383,190 @@ def test_bit_width_ranges_and_momentum_default():
     for m in (1.4 * 2.0**-16, 1.0 + 2.0**-20):
         with pytest.raises(ValueError, match=r"^momentum must lie in \(0, 1\] and be at least 2\^-15 "):
             ReversibleSGD([p], lr=0.1, momentum=m)
+
+
+# ---------------------------------------------------------------- gaps found by mutation testing
+@pytest.mark.parametrize("backend", [None, "numba", "torch"])
+def test_the_chosen_backend_is_the_one_that_steps(monkeypatch, backend):
+    """backend= picks the kernels step() calls, for every parameter; None picks by device
+    (Numba on CPU). The backends give the same bits, so only the call shows which one ran."""
+    seen = []
+    real = K.fwd_step
+
+    def spy(name, *args):
+        seen.append(name)
+        return real(name, *args)
+    monkeypatch.setattr(K, "fwd_step", spy)
+    ps = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3, dtype=torch.float64))]
+    opt = ReversibleSGD(ps, lr=0.1, momentum=0.5, backend=backend)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert seen == [backend or "numba"] * 2
+
+
+def test_quantized_momentum_reads_step_0_by_default():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = ReversibleSGD([p], lr=0.1, momentum=torch.tensor([0.5, 0.9], dtype=torch.float64))
+    assert opt.quantized_momentum() == 0.5
+    assert opt.quantized_momentum(0, 1) == round(0.9 * 2**16) / 2**16
+
+
+@pytest.mark.parametrize("bad", ["vector", "float"])
+def test_reverse_refuses_a_closure_that_returns_no_scalar(bad):
+    p = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    opt = ReversibleSGD([p], lr=0.1, momentum=0.5)
+    for _ in range(2):
+        p.grad = torch.ones_like(p)
+        opt.step()
+
+    def closure(t):
+        return p * p if bad == "vector" else 1.0
+    with pytest.raises(ValueError, match=r"^closure\(1\) must return the scalar training loss of step 1$"):
+        opt.reverse(torch.zeros(()), closure)
+
+
+@pytest.mark.parametrize("which", ["velocity", "weight"])
+def test_overflow_names_the_velocity_or_the_weight(which):
+    """frac_bits 56: |w|, |v| < 64. A gradient of 300 at momentum 0.9 (increments of 30, below
+    the 32 a gradient may add) takes v to -30, -57, then -81 (the weight moves by lr * v,
+    tiny); a gradient of -10 at momentum 0.5 with lr 2 moves a weight of 60 by 10 at once."""
+    w0, g, lr, mom, t = (0.0, 300.0, 1e-4, 0.9, 2) if which == "velocity" else (60.0, -10.0, 2.0, 0.5, 0)
+    p = torch.nn.Parameter(torch.full((3,), w0, dtype=torch.float64))
+    opt = ReversibleSGD([p], lr=lr, momentum=mom, frac_bits=56)
+    p.grad = torch.full((3,), g, dtype=torch.float64)
+    for _ in range(t):
+        opt.step()
+    sym = "v" if which == "velocity" else "w"
+    with pytest.raises(ReversibleOverflowError, match=rf"forward step {t}: parameter param_groups\[0\]\['params'\]"
+                       rf"\[0\] \(shape \(3,\)\) got a {which} outside the fixed-point range \|{sym}\| < 64 "):
+        opt.step()
+
+
+def test_load_state_dict_names_what_is_missing():
+    p, q = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))
+    opt = ReversibleSGD([p, q], lr=0.1, momentum=0.5)
+    p.grad, q.grad = torch.ones(4), torch.ones(3)
+    opt.step()
+    with pytest.raises(ValueError, match=r"^state_dict: not a ReversibleSGD state dict \(no 'reversible' entry\)$"):
+        opt.load_state_dict(torch.optim.SGD([p, q], lr=0.1).state_dict())
+    with pytest.raises(ValueError, match=r"^state_dict: it holds 2 parameters, this optimizer 1$"):
+        ReversibleSGD([p], lr=0.1, momentum=0.5).load_state_dict(opt.state_dict())
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][1]
+    with pytest.raises(ValueError, match=r"^state_dict: no state for parameter param_groups\[0\]\['params'\]\[1\] "
+                                         r"\(shape \(3,\)\)$"):
+        opt.load_state_dict(sd)
+
+
+def test_a_loaded_spill_keeps_its_words_and_grows():
+    """At momentum 2^-15 a step discards 15 bits per weight: three weights spill over 40 words
+    each in 100 steps. Loaded into a new optimizer, the spill is int32 with those words and 8
+    free rows, and its room is checked from the loaded words (not from the number of weights,
+    3): 30 more steps spill past the 8 rows, and reverse() still recovers w_0 bit for bit."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    c = torch.randn(3, dtype=torch.float64)
+
+    def loss(t):
+        return 0.5 * ((w - c) ** 2).sum()
+
+    def train(opt, steps):
+        for t in steps:
+            opt.zero_grad()
+            loss(t).backward()
+            opt.step()
+    opt = ReversibleSGD([w], lr=0.3, momentum=2.0**-15)
+    w0 = w.detach().clone()  # on the grid
+    train(opt, range(100))
+    sd = copy.deepcopy(opt.state_dict())
+    opt = ReversibleSGD([w], lr=0.3, momentum=2.0**-15)
+    opt.load_state_dict(sd)
+    st = opt.state[w]
+    used = int(st["count"].max())
+    assert used > 40 and st["spill"].dtype == torch.int32 and st["spill"].shape == (used + 8, 3)
+    assert torch.equal(st["spill"][:used], sd["state"][0]["spill"]) and not st["spill"][used:].any()
+    train(opt, range(100, 130))
+    assert int(opt.state[w]["count"].max()) > used + 8
+    opt.reverse(lambda: (w ** 2).sum(), loss)
+    assert torch.equal(w.detach(), w0)
+
+
+def _culprit(dtype, change, s, save_at=None, T=6, strip=False, resave=False):
+    """A run of T steps (optionally saved after `save_at` steps and loaded into a new optimizer,
+    `strip`: without its fingerprints, `resave`: then saved and loaded once more at the end),
+    reversed with a closure that differs from the forward run only at step s: `sign` flips the
+    sign of one gradient element, `nudge` moves it by 1e-10 (a change of a few million in its
+    bit pattern: invisible to a fingerprint rounded to float32, large enough to move the
+    weight on the 2^-44 grid). Returns the NondeterministicClosureError."""
+    from fastreg.optim.reversible import NondeterministicClosureError
+
+    model = _mlp(dtype, 5)
+    X, y = _data(5)
+    opt = ReversibleSGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def reload(sd):
+        new = ReversibleSGD(model.parameters(), lr=0.1, momentum=0.9)
+        new.load_state_dict(sd)
+        return new
+    _train(model, opt, X, y, save_at or T)
+    if save_at is not None:
+        sd = copy.deepcopy(opt.state_dict())
+        if strip:
+            del sd["reversible"]["grad_fingerprints"]
+        opt = reload(sd)
+        for t in range(save_at, T):
+            opt.zero_grad()
+            _loss(model, X, y, t).backward()
+            opt.step()
+    if resave:
+        opt = reload(copy.deepcopy(opt.state_dict()))
+    first = next(model.parameters())
+
+    def closure(t):
+        loss = _loss(model, X, y, t)
+        if t != s:
+            return loss
+        if change == "sign":
+            g0 = torch.autograd.grad(loss, first, retain_graph=True)[0].reshape(-1)[0]
+            return loss - 2 * g0.detach() * first.reshape(-1)[0]
+        return loss + 1e-10 * first.reshape(-1)[0]
+    with pytest.raises(NondeterministicClosureError) as err:
+        opt.reverse(lambda: _loss(model, X, y, 0), closure)
+    return err.value
+
+
+@pytest.mark.parametrize("dtype,change,save_at", [
+    (torch.float64, "sign", None), (torch.float32, "sign", None), (torch.float64, "sign", 3),
+    (torch.float64, "nudge", None), (torch.float64, "nudge", 3), (torch.float64, "nudge", 1)])
+def test_fingerprints_see_a_sign_or_a_low_bit_at_their_step(dtype, change, save_at):
+    """The fingerprint of a step sees one gradient element's sign (the top bit of its pattern)
+    and a change in its low bits, before and after a checkpoint (save_at=1: a table of one
+    step)."""
+    err = _culprit(dtype, change, s=0 if save_at == 1 else 1, save_at=save_at)
+    assert err.step == (0 if save_at == 1 else 1) and err.ranks == []
+
+
+def test_fingerprints_known_from_a_later_step_survive_a_checkpoint():
+    """Saved without fingerprints after 3 steps, loaded, 3 more steps, saved and loaded again:
+    the checkpoint holds the fingerprints of steps 3-5 only. A change at step 4 is named; one
+    at step 1 (unknown) is not blamed on any step."""
+    assert _culprit(torch.float64, "nudge", s=4, save_at=3, strip=True, resave=True).step == 4
+    err = _culprit(torch.float64, "nudge", s=1, save_at=3, strip=True, resave=True)
+    assert err.step is None and "unknown" in str(err)
+
+
+def test_a_noisy_closure_is_named_with_a_parameter_it_does_not_use():
+    """A parameter outside the loss (no gradient: stepped with zeros) does not stop reverse()
+    from asking the noisy step's closure again and naming it."""
+    model = _mlp(torch.float64, 5)
+    extra = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    X, y = _data(5)
+    opt = ReversibleSGD(list(model.parameters()) + [extra], lr=0.1, momentum=0.9)
+    _train(model, opt, X, y, 4)
+    from fastreg.optim.reversible import NondeterministicClosureError
+
+    with pytest.raises(NondeterministicClosureError) as err:
+        opt.reverse(lambda: _loss(model, X, y, 0),
+                    lambda t: _loss(model, X, y, t) * (1 + 1e-3 * torch.rand(()) if t == 2 else 1))
+    assert err.value.step == 2 and err.value.ranks == [0]
