@@ -494,6 +494,8 @@ def test_spill_grows_over_a_long_run_and_reverses_exactly():
         opt.step()
         st = opt.state[w]
         assert st["spill"].shape[0] >= int(st["count"].max())  # room for every spilled word
+        # grown only when full, by a quarter (8 rows at least): no more rows than that
+        assert st["spill"].shape[0] <= 1.25 * int(st["count"].max()) + 8
     assert int(st["count"].max()) > 40 and st["spill"].shape[0] >= 50  # grown by 8s, then by 10
     opt.reverse(lambda: (w ** 2).sum(), loss)
     assert int(opt.state[w]["count"].max()) == 0
@@ -1570,3 +1572,64 @@ def test_a_noisy_closure_is_named_with_a_parameter_it_does_not_use():
         opt.reverse(lambda: _loss(model, X, y, 0),
                     lambda t: _loss(model, X, y, t) * (1 + 1e-3 * torch.rand(()) if t == 2 else 1))
     assert err.value.step == 2 and err.value.ranks == [0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_noncontiguous_parameter_steps_as_its_contiguous_twin(dtype):
+    """A transposed float64 parameter is written through a float64 buffer (no float32 on the
+    way) and a float16 one through float32, as their contiguous twins are: the same bits."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(7, 5, generator=g, dtype=torch.float64).to(dtype)
+    p = torch.nn.Parameter(base.clone().t())
+    q = torch.nn.Parameter(base.t().contiguous())
+    assert not p.is_contiguous()
+    opts = [ReversibleSGD([x], lr=0.1, momentum=0.8) for x in (p, q)]
+    for t in range(5):
+        grad = torch.randn(5, 7, generator=g, dtype=torch.float64).to(dtype)
+        for x, opt in zip((p, q), opts):
+            x.grad = grad.clone()
+            opt.step()
+        assert torch.equal(p.detach(), q.detach())
+
+
+def test_a_parameter_without_elements():
+    """A zero-element parameter next to another one steps, checkpoints (an empty spill) and
+    reverses with it."""
+    a = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    e = torch.nn.Parameter(torch.empty(0, dtype=torch.float64))
+    opt = ReversibleSGD([a, e], lr=0.1, momentum=0.5)
+    a0 = a.detach().clone()
+
+    def loss(t):
+        return (a * a).sum() * (t + 1) + e.sum()
+    for t in range(3):
+        opt.zero_grad()
+        loss(t).backward()
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["state"][1]["spill"].shape == (0, 0)
+    opt = ReversibleSGD([a, e], lr=0.1, momentum=0.5)
+    opt.load_state_dict(sd)
+    opt.reverse(lambda: (a ** 3).sum(), loss)
+    assert torch.equal(a.detach(), a0) and e.grad.shape == (0,)
+
+
+def test_spill_at_the_lowest_momentum_has_room_every_step():
+    """momentum_bits 24 and momentum 2^-23: 23 bits leave each weight every step, a word on
+    most steps, so the spill fills as fast as it can; every step still finds room (the kernels
+    raise 'an information buffer without room' otherwise) and reverse() gets w_0 back."""
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(64, dtype=torch.float64))
+    c = torch.randn(64, dtype=torch.float64)
+    opt = ReversibleSGD([w], lr=0.3, momentum=2.0**-23, momentum_bits=24)
+    w0 = w.detach().clone()
+
+    def loss(t):
+        return 0.5 * ((w - c) ** 2).sum()
+    for t in range(300):
+        opt.zero_grad()
+        loss(t).backward()
+        opt.step()
+    assert int(opt.state[w]["count"].max()) > 150
+    opt.reverse(lambda: (w ** 2).sum(), loss)
+    assert torch.equal(w.detach(), w0)
