@@ -468,10 +468,20 @@ def test_closure_error_names_the_step_and_whether_it_repeats():
 
     noisy = run(lambda m, X, y, t: _loss(m, X, y, t) * (1 + 1e-3 * torch.rand(()) if t == 2 else 1))
     assert noisy.step == 2 and noisy.ranks == [0]
-    assert "first differed at step 2; closure gave other gradients" in str(noisy)
+    assert str(noisy).endswith(
+        "were not bit-identical to those of the forward run (a nondeterministic closure: different "
+        "batches, random seeds, or nondeterministic kernels; under DistributedDataParallel, pass "
+        "reverse(..., ddp=model)). Reversing from the last step, the recomputed gradients first "
+        "differed at step 2; closure gave other gradients when closure(2) was called twice at the "
+        "same parameters: a nondeterministic closure (unseeded random numbers, nondeterministic "
+        "kernels)")
+    # the parameters that missed are named once, after "for", and the reason follows them
+    assert "(here" not in str(noisy) and "): the gradients recomputed by closure(t) were not" in str(noisy)
     other = run(lambda m, X, y, t: _loss(m, X, y, t + (t == 3)))  # step 3 reads batch 4
     assert other.step == 3 and other.ranks == []
-    assert "first differed at step 3, but closure(3) repeated itself" in str(other)
+    assert str(other).endswith(
+        "first differed at step 3, but closure(3) repeated itself: it differs from the forward run "
+        "deterministically (another batch, seed or model)")
     assert "nondeterministic closure (unseeded" not in str(other)
 
 
@@ -677,7 +687,8 @@ def test_load_state_dict_refuses_malformed_state(gen):
         sd["state"][0][key] = fn(sd["state"][0][key])
         return sd
 
-    cases = [(damaged("w", lambda t: t[:10]), r"'w' of parameter .*1-D torch.int64 tensor of 50"),
+    cases = [(damaged("w", lambda t: t[:10]),
+              r"'w' of parameter .*1-D torch.int64 tensor of 50 elements, got torch.int64 \(10,\)$"),
              (damaged("head", lambda t: t.to(torch.int32)), r"'head' of parameter"),
              (damaged("spill", lambda t: t[:, :10]), r"'spill' of parameter"),
              (damaged("spill", lambda t: t.to(torch.int64)), r"'spill' of parameter .*int32"),
@@ -685,10 +696,16 @@ def test_load_state_dict_refuses_malformed_state(gen):
              # one count past the spill's rows (fewer rows than elements: rows, not columns)
              (damaged("count", lambda t: t.index_fill(0, torch.tensor([3]), rows + 1)),
               "inconsistent"),
-             (damaged("head", lambda t: t * 0), "inconsistent")]
+             (damaged("head", lambda t: t * 0), "inconsistent"),
+             (damaged("w", lambda t: t.tolist()), r"'w' of parameter .* of 50 elements, got list$"),
+             (damaged("count", lambda t: t + 1000), rf"inconsistent \(counts outside \[0, {rows}\] or "
+              r"heads below 2\^31\): not a checkpoint of this optimizer, or a damaged one$")]
     old = copy.deepcopy(good)
     del old["reversible"]["coder"]  # a checkpoint of the version-1 coder (before 2026-11-28)
     cases.append((old, "coder version 1"))
+    later = copy.deepcopy(good)
+    later["reversible"]["coder"] = 7
+    cases.append((later, r"written by coder version 7 \(an earlier fastreg\); this version reads version 2 "))
     for sd, msg in cases:
         fresh = ReversibleSGD([p], lr=0.2, momentum=0.5)
         with pytest.raises(ValueError, match=msg):
@@ -1555,7 +1572,9 @@ def test_fingerprints_known_from_a_later_step_survive_a_checkpoint():
     at step 1 (unknown) is not blamed on any step."""
     assert _culprit(torch.float64, "nudge", s=4, save_at=3, strip=True, resave=True).step == 4
     err = _culprit(torch.float64, "nudge", s=1, save_at=3, strip=True, resave=True)
-    assert err.step is None and "unknown" in str(err)
+    assert err.step is None and str(err).endswith(
+        "No step's recomputed gradients differed from the forward run's fingerprints (unknown: "
+        "steps loaded from a checkpoint without them)")
 
 
 def test_a_noisy_closure_is_named_with_a_parameter_it_does_not_use():
@@ -1633,3 +1652,25 @@ def test_spill_at_the_lowest_momentum_has_room_every_step():
     assert int(opt.state[w]["count"].max()) > 150
     opt.reverse(lambda: (w ** 2).sum(), loss)
     assert torch.equal(w.detach(), w0)
+
+
+def test_errors_name_a_named_parameter():
+    """Given named_parameters(), the errors name the parameter by its name."""
+    model = torch.nn.Linear(3, 2).double()
+    opt = ReversibleSGD(model.named_parameters(), lr=0.1, momentum=0.5)
+    model.weight.grad = torch.full((2, 3), float("inf"), dtype=torch.float64)
+    model.bias.grad = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(ReversibleOverflowError, match=r"^ReversibleSGD forward step 0: parameter 'weight' = "
+                       r"param_groups\[0\]\['params'\]\[0\] \(shape \(2, 3\)\) got a non-finite \(or huge\) "
+                       r"gradient \(frac_bits=44: resolution 2\^-44, range 2\^18; lower frac_bits for more range\)$"):
+        opt.step()
+
+
+def test_overflow_names_every_reason_met():
+    """One step with a non-finite gradient element and a weight pushed out of range names both."""
+    p = torch.nn.Parameter(torch.tensor([60.0, 0.0], dtype=torch.float64))
+    opt = ReversibleSGD([p], lr=2.0, momentum=0.5, frac_bits=56)
+    p.grad = torch.tensor([-10.0, float("nan")], dtype=torch.float64)
+    with pytest.raises(ReversibleOverflowError, match=r"got a non-finite \(or huge\) gradient and a weight "
+                                                      r"outside the fixed-point range \|w\| < 64 \(frac_bits=56"):
+        opt.step()
