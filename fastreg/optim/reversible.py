@@ -202,21 +202,17 @@ class ReversibleSGD(torch.optim.Optimizer):
                  for pi in range(len(g["params"]))]
         return params, where
 
-    def _check_size(self, p: torch.Tensor, st: dict, gi: int, pi: int, grad: bool = True) -> None:
-        """The kernels write p and read its gradient through raw pointers, sized by the state:
-        a parameter whose `.data` was replaced by one of another size, or a gradient of another
-        size, is refused before they run."""
+    def _check_size(self, p: torch.Tensor, st: dict, gi: int, pi: int) -> None:
+        """The kernels write p through raw pointers, sized by the state: a parameter whose
+        `.data` was replaced by one of another size is refused before they run (step() checks
+        the gradient's size itself)."""
         n = st["w"].numel()
         if p.numel() != n:  # p: the plain tensor or a DTensor's local shard
             raise ValueError(f"ReversibleSGD: {self._pname(gi, pi)} has {p.numel()} elements, but its "
                              f"state was made for {n} (was .data replaced?); build a new optimizer")
-        if grad and p.grad is not None and p.grad.numel() != n:
-            raise ValueError(f"ReversibleSGD: {self._pname(gi, pi)} has a gradient of "
-                             f"{p.grad.numel()} elements for {n} weights")
 
     def _init_state(self, p: torch.Tensor, gi: int, pi: int) -> None:
-        if self._t != 0:
-            raise RuntimeError("ReversibleSGD: parameter groups can only be added before the first step")
+        # only add_param_group (torch's __init__ calls it too) gets here, and it refuses after step 0
         with torch.no_grad():
             x = _data(p).to(torch.float64).reshape(-1) * self.scale
             if not bool(torch.isfinite(x).all()) or bool((x.abs() >= 2.0**62).any()):
@@ -368,7 +364,7 @@ class ReversibleSGD(torch.optim.Optimizer):
                 st = self.state[p]
                 p, grad = _data(p), grads[k]  # plain tensors (a DTensor's local shards)
                 k += 1
-                self._check_size(p, st, gi, pi, grad=False)
+                self._check_size(p, st, gi, pi)
                 if grad is not None and grad.numel() != st["w"].numel():
                     raise ValueError(f"ReversibleSGD: {self._pname(gi, pi)} has a gradient of "
                                      f"{grad.numel()} elements for {st['w'].numel()} weights")
@@ -472,7 +468,7 @@ class ReversibleSGD(torch.optim.Optimizer):
         # the plain tensors the kernels read and write: the parameters, or their local shards
         loc = {id(p): (p if type(p) in _PLAIN else _data(p)) for p in params}
         for p, (gi, pi) in zip(params, where):  # (.grad is replaced at the end)
-            self._check_size(loc[id(p)], self.state[p], gi, pi, grad=False)
+            self._check_size(loc[id(p)], self.state[p], gi, pi)
         pids = {id(p) for p in params}
         T = self._t
         if T == 0:  # no step to undo: the weights are w_0 (step() fingerprints them at its first call)
