@@ -31,6 +31,9 @@ cp -r "$ROOT/tests" tests
 mkdir bench && cp "$ROOT"/bench/*.py bench/  # some tests use bench/_util.py
 cp "$ROOT/pyproject.toml" .
 find fastreg tests -name __pycache__ -prune -exec rm -rf {} +
+# mutmut skips decorated functions (ReversibleSGD.step, the custom ops, lru_cache helpers):
+# in the copy they become `f = decorator(f)` after the function, which mutmut does mutate
+"$PY" "$ROOT/tests/mutate_undecorate.py" $FILES
 {
   echo "[mutmut]"
   echo "source_paths = fastreg"

@@ -1674,3 +1674,30 @@ def test_overflow_names_every_reason_met():
     with pytest.raises(ReversibleOverflowError, match=r"got a non-finite \(or huge\) gradient and a weight "
                                                       r"outside the fixed-point range \|w\| < 64 \(frac_bits=56"):
         opt.step()
+
+
+def test_hyperparameter_and_parameter_refusals_name_the_argument():
+    """Each refusal names the hyperparameter (lr may be negative: gradient ascent; momentum and
+    weight decay may not) or the parameter, with the value or type that was refused."""
+    p = torch.nn.Parameter(torch.randn(3))
+    ReversibleSGD([p], lr=-0.1, momentum=0.5)
+    cases = [(dict(weight_decay=-0.1), ValueError, r"^weight_decay must be >= 0, got -0.1$"),
+             (dict(lr=True), TypeError, r"^lr must be a float or a tensor, got True$"),
+             (dict(lr=float("inf")), ValueError, r"^lr must be finite, got inf$"),
+             (dict(lr=torch.tensor([float("nan")])), ValueError, r"^lr must be finite$"),
+             (dict(lr=torch.ones(2, dtype=torch.int64)), ValueError,
+              r"^lr must be a float, a 0-dim float tensor or a 1-D float tensor \(a schedule\), got a "
+              r"tensor of shape \(2,\) and dtype torch.int64$"),
+             (dict(lr="0.1"), TypeError, r"^lr must be a float or a tensor, got str$")]
+    for kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            ReversibleSGD([p], **{"lr": 0.1, "momentum": 0.5, **kw})
+    where = r"^params: parameter param_groups\[0\]\['params'\]\[0\] \(shape \(4,\)\) "
+    for q, msg in ((torch.empty(4, device="meta"), "is a meta tensor \\(no data\\); ReversibleSGD needs "
+                    "parameters with values$"),
+                   (torch.zeros(4).to_sparse(), "has layout torch.sparse_coo; ReversibleSGD takes dense "
+                    "\\(strided\\) parameters$"),
+                   (torch.zeros(4, dtype=torch.complex64), "has dtype torch.complex64; ReversibleSGD takes "
+                    "float16, bfloat16, float32 or float64 parameters$")):
+        with pytest.raises(TypeError, match=where + msg):
+            ReversibleSGD([torch.nn.Parameter(q)], lr=0.1, momentum=0.5)
