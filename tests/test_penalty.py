@@ -395,9 +395,7 @@ def test_cuda_launches_fixed():
 
 def test_hot_path_choice(gen, monkeypatch):
     """float32/float64 take the C++ host kernels when built, halves and explicit groups Numba."""
-    if _native.native() is None:
-        pytest.skip("fastreg._C not built")
-    monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
+    host_hot_path_on(monkeypatch)
     used = []
     monkeypatch.setattr(ops, "_accumulate_host", lambda *a, **k: used.append("host") or torch.zeros(()))
     monkeypatch.setattr(ops, "_accumulate_numba", lambda *a, **k: used.append("numba") or torch.zeros(()))
@@ -413,9 +411,7 @@ def test_one_pass_path_matches_general_path(gen, monkeypatch):
     the same gradients, weights and value, bit for bit. They are taken for plain lists (and
     generators) of contiguous float32/float64 CPU tensors (with grads, for accumulate_), and
     decline everything else."""
-    if _native.native() is None:
-        pytest.skip("fastreg._C not built")
-    monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
+    host_hot_path_on(monkeypatch)
     real = P._onepass
     taken = []
 
@@ -511,10 +507,8 @@ def test_tall_matrix_cols_accuracy(gen, backend, monkeypatch):
 
 
 def test_host_launches_independent_of_parameter_count(monkeypatch):
+    host_hot_path_on(monkeypatch)
     C = _native.native()
-    if C is None:
-        pytest.skip("fastreg._C not built")
-    monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
     calls = []
     real = C.penalty_accumulate_host
     monkeypatch.setattr(C, "penalty_accumulate_host", lambda *a: (calls.append(1), real(*a))[1])
@@ -559,9 +553,7 @@ CACHE_CASES = [dict(l1=0.01, l2=0.02), dict(l2=0.1, group_lasso=0.05, groups="ro
 @pytest.fixture
 def host_cache(monkeypatch):
     """The C++ host path (the CUDA path's table logic, tested on the CPU), a fresh cache."""
-    if _native.native() is None:
-        pytest.skip("fastreg._C not built")
-    monkeypatch.setattr(ops, "HOST_HOT_PATH", True)
+    host_hot_path_on(monkeypatch)
     monkeypatch.setattr(ops, "CACHE_TABLES", True)
     ops.clear_cache()
     yield
