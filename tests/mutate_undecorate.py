@@ -56,11 +56,12 @@ def rewrite(src: str) -> tuple[str, list[str]]:
     # bottom to top, so that the line numbers of the functions above stay right
     for node in sorted(_decorated(tree), key=lambda n: n.lineno, reverse=True):
         indent = lines[node.lineno - 1][: node.col_offset]
+        decs = [ast.get_source_segment(src, d) for d in node.decorator_list]
         wrapped = node.name
-        for dec in reversed(node.decorator_list):
-            wrapped = f"{ast.get_source_segment(src, dec)}({wrapped})"
+        for dec in reversed(decs):
+            wrapped = f"{dec}({wrapped})"
         add = [f"{indent}{node.name} = {wrapped}\n"]
-        if any(_OPS in ast.get_source_segment(src, d) for d in node.decorator_list for _OPS in _SCHEMA):
+        if any(op in dec for dec in decs for op in _SCHEMA):
             # torch.library reads the op's schema from the annotations, strings under `from
             # __future__ import annotations`, evaluated in the globals of what it is given:
             # mutmut's wrapper, from another module. Evaluated here, in this module.

@@ -334,11 +334,24 @@ def _loss(model, X, y, t, bs=16):
                                                     else torch.float32), y[idx])
 
 
-def _train(model, opt, X, y, T):
-    for t in range(T):
+def _train(model, opt, X, y, T, start=0):
+    _steps(opt, lambda t: _loss(model, X, y, t), range(start, T))
+
+
+def _steps(opt, loss, steps):
+    """One optimizer step per t in `steps`, on the gradients of loss(t)."""
+    for t in steps:
         opt.zero_grad()
-        _loss(model, X, y, t).backward()
+        loss(t).backward()
         opt.step()
+
+
+def _quadratic(n, seed):
+    """A float64 parameter of n weights and the loss 0.5 |w - c|^2 towards a random c."""
+    torch.manual_seed(seed)
+    w = torch.nn.Parameter(torch.randn(n, dtype=torch.float64))
+    c = torch.randn(n, dtype=torch.float64)
+    return w, lambda t: 0.5 * ((w - c) ** 2).sum()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -490,14 +503,8 @@ def test_spill_grows_over_a_long_run_and_reverses_exactly():
     words per element: the spill buffer grows from 0 rows (8 at a time, then by a quarter
     past 32) while the optimizer runs, and reverse() still recovers w_0 bit for bit (it
     raises otherwise)."""
-    torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(16, dtype=torch.float64))
-    c = torch.randn(16, dtype=torch.float64)
+    w, loss = _quadratic(16, 0)
     opt = ReversibleSGD([w], lr=0.3, momentum=0.02)
-
-    def loss(t):
-        return 0.5 * ((w - c) ** 2).sum()
-
     for t in range(250):
         opt.zero_grad()
         loss(t).backward()
@@ -739,10 +746,7 @@ def test_state_dict_keeps_the_gradient_fingerprints():
             del sd["reversible"]["grad_fingerprints"]
         opt2 = ReversibleSGD(model.parameters(), lr=0.1, momentum=0.9)
         opt2.load_state_dict(sd)
-        for t in range(3, 6):
-            opt2.zero_grad()
-            _loss(model, X, y, t).backward()
-            opt2.step()
+        _train(model, opt2, X, y, 6, start=3)
         with pytest.raises(NondeterministicClosureError) as err:
             opt2.reverse(lambda: _loss(model, X, y, 0),
                          lambda t: _loss(model, X, y, t + (t == 1)))  # step 1 reads batch 2
@@ -1483,21 +1487,10 @@ def test_a_loaded_spill_keeps_its_words_and_grows():
     each in 100 steps. Loaded into a new optimizer, the spill is int32 with those words and 8
     free rows, and its room is checked from the loaded words (not from the number of weights,
     3): 30 more steps spill past the 8 rows, and reverse() still recovers w_0 bit for bit."""
-    torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
-    c = torch.randn(3, dtype=torch.float64)
-
-    def loss(t):
-        return 0.5 * ((w - c) ** 2).sum()
-
-    def train(opt, steps):
-        for t in steps:
-            opt.zero_grad()
-            loss(t).backward()
-            opt.step()
+    w, loss = _quadratic(3, 0)
     opt = ReversibleSGD([w], lr=0.3, momentum=2.0**-15)
     w0 = w.detach().clone()  # on the grid
-    train(opt, range(100))
+    _steps(opt, loss, range(100))
     sd = copy.deepcopy(opt.state_dict())
     opt = ReversibleSGD([w], lr=0.3, momentum=2.0**-15)
     opt.load_state_dict(sd)
@@ -1505,7 +1498,7 @@ def test_a_loaded_spill_keeps_its_words_and_grows():
     used = int(st["count"].max())
     assert used > 40 and st["spill"].dtype == torch.int32 and st["spill"].shape == (used + 8, 3)
     assert torch.equal(st["spill"][:used], sd["state"][0]["spill"]) and not st["spill"][used:].any()
-    train(opt, range(100, 130))
+    _steps(opt, loss, range(100, 130))
     assert int(opt.state[w]["count"].max()) > used + 8
     opt.reverse(lambda: (w ** 2).sum(), loss)
     assert torch.equal(w.detach(), w0)
@@ -1534,10 +1527,7 @@ def _culprit(dtype, change, s, save_at=None, T=6, strip=False, resave=False):
         if strip:
             del sd["reversible"]["grad_fingerprints"]
         opt = reload(sd)
-        for t in range(save_at, T):
-            opt.zero_grad()
-            _loss(model, X, y, t).backward()
-            opt.step()
+        _train(model, opt, X, y, T, start=save_at)
     if resave:
         opt = reload(copy.deepcopy(opt.state_dict()))
     first = next(model.parameters())
@@ -1621,10 +1611,7 @@ def test_a_parameter_without_elements():
 
     def loss(t):
         return (a * a).sum() * (t + 1) + e.sum()
-    for t in range(3):
-        opt.zero_grad()
-        loss(t).backward()
-        opt.step()
+    _steps(opt, loss, range(3))
     sd = copy.deepcopy(opt.state_dict())
     assert sd["state"][1]["spill"].shape == (0, 0)
     opt = ReversibleSGD([a, e], lr=0.1, momentum=0.5)
@@ -1637,18 +1624,10 @@ def test_spill_at_the_lowest_momentum_has_room_every_step():
     """momentum_bits 24 and momentum 2^-23: 23 bits leave each weight every step, a word on
     most steps, so the spill fills as fast as it can; every step still finds room (the kernels
     raise 'an information buffer without room' otherwise) and reverse() gets w_0 back."""
-    torch.manual_seed(1)
-    w = torch.nn.Parameter(torch.randn(64, dtype=torch.float64))
-    c = torch.randn(64, dtype=torch.float64)
+    w, loss = _quadratic(64, 1)
     opt = ReversibleSGD([w], lr=0.3, momentum=2.0**-23, momentum_bits=24)
     w0 = w.detach().clone()
-
-    def loss(t):
-        return 0.5 * ((w - c) ** 2).sum()
-    for t in range(300):
-        opt.zero_grad()
-        loss(t).backward()
-        opt.step()
+    _steps(opt, loss, range(300))
     assert int(opt.state[w]["count"].max()) > 150
     opt.reverse(lambda: (w ** 2).sum(), loss)
     assert torch.equal(w.detach(), w0)
