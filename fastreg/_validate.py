@@ -72,6 +72,19 @@ def check_op_seed(seed: torch.Tensor, ref: torch.Tensor, ref_name: str, op: str)
                          f"got {seed.device}")
 
 
+def check_fake_devices(op: str, **tensors) -> None:
+    """In a fake kernel: every tensor given (None skipped) on the first one's device. The
+    dispatcher sends a call that mixes a meta tensor with real ones to the fake kernel, whose
+    uninitialised result would come back as if computed; under torch.compile the tensors are
+    FakeTensors on their real devices, where the op itself would refuse a mix too."""
+    items = iter(tensors.items())
+    ref_name, ref = next(items)
+    for name, t in items:
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"fastreg::{op}: {name} must be on {ref_name}'s device "
+                             f"({ref.device}), got {t.device}")
+
+
 def check_op_stream(stream: int, op: str) -> None:
     # the schema's int is an int64, so stream < 2^63 (fastreg._seed.SEED_LIMIT) already holds
     if stream < 0:

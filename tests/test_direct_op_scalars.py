@@ -137,14 +137,35 @@ def test_cpu_op_refuses_bad_scalars(name, cpu):
                                   if "seed" in scalars and n != "dropconnect_linear"])
 def test_public_op_refuses_seed_on_another_device(name):
     """The GPU kernels dereference the seed on the input's device. A CPU seed with a CUDA input
-    is tested in test_gpu_seed_on_another_device; here a meta seed with CPU inputs (the
+    is tested in test_gpu_checks_and_seed_on_another_device; here a meta seed with CPU inputs (the
     dispatcher sends such a mix of the inner *_cpu ops and of dropconnect_linear, a plain
-    custom op, to their fake kernels, which run nothing: the triton_ops run their bodies)."""
+    custom op, to their fake kernels, which run nothing: the public ops run their bodies)."""
     args, _, _ = _specs()[name]
     ref = next(iter(args))
     with pytest.raises(ValueError, match=re.escape(f"fastreg::{name}: seed must be on {ref}'s "
                                                    f"device (cpu), got meta")):
         _call(getattr(OPS, name), args, seed=torch.tensor(1, device="meta"))
+
+
+def _ops_with_several_tensors():
+    """(op, its _specs name) for every public and inner op that takes two tensors or more."""
+    for name, (args, _, cpu) in _specs().items():
+        if sum(isinstance(v, torch.Tensor) for v in args.values()) > 1:
+            yield from ((op, name) for op in ((name, cpu) if cpu else (name,)))
+
+
+@pytest.mark.parametrize("opname,name", list(_ops_with_several_tensors()))
+def test_a_meta_tensor_among_cpu_ones_is_refused(opname, name):
+    """The dispatcher sends a call that mixes a meta tensor with CPU ones to the op's fake
+    kernel where it has one (the *_cpu ops, the plain custom ops), whose uninitialised result
+    came back as if computed. Each tensor argument but the first, moved to the meta device, is
+    refused with an error that names the op and the argument."""
+    args, _, _ = _specs()[name]
+    first = next(iter(args))
+    for arg, v in args.items():
+        if arg != first and isinstance(v, torch.Tensor):
+            with pytest.raises(ValueError, match=rf"^fastreg::{opname}: {arg} .*\bmeta\b"):
+                _call(getattr(OPS, opname), args, **{arg: v.to("meta")})
 
 
 def test_noise_bwd_refuses_additive_grad_x():
