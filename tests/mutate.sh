@@ -48,6 +48,15 @@ find fastreg tests -name __pycache__ -prune -exec rm -rf {} +
   printf 'pytest_add_cli_args =\n    -x\n    -q\n    -p\n    no:cacheprovider\n'
   for a in "${EXTRA[@]}"; do echo "    $a"; done
 } > setup.cfg
+# mutmut keeps its map of which tests reach which function between runs and only adds the tests
+# that are new: a function that is new to the map (first undecorated, or newly called by another)
+# would be run against those alone, and its survivors would be false. Any change to the copied
+# tree or the settings since the last run makes it map every test again.
+TREE_HASH=$(find fastreg tests bench setup.cfg pyproject.toml -type f | LC_ALL=C sort | xargs sha1sum | sha1sum | cut -d' ' -f1)
+if [ "$(cat .tree-hash 2>/dev/null)" != "$TREE_HASH" ]; then
+  rm -f mutants/mutmut-stats.json
+  echo "$TREE_HASH" > .tree-hash
+fi
 # mutants/ must exist before Python starts: a PYTHONPATH entry missing at start-up is cached as
 # absent, and the tests would then import the working tree's fastreg (no mutant ever hit)
 mkdir -p mutants

@@ -16,10 +16,10 @@ becomes
     f = a(...)(b(f))
 
 which is what the decorator syntax means: the same object is bound to the same name, made at
-the same point of the module or class body. Left as they are: lone @staticmethod/@classmethod
-(mutmut handles them), functions named `_` (register_fake bodies: one name for several
-functions, and run only under torch.compile) and functions nested in other functions
-(mutated, or not, with the function that holds them).
+the same point of the module or class body. A fake kernel, `@op.register_fake def _(...)` (one
+name for several functions, which mutmut would confuse), is renamed `_fake_op` first and bound to
+`_` as before. Left as they are: lone @staticmethod/@classmethod (mutmut handles them) and
+functions nested in other functions (mutated, or not, with the function that holds them).
 
     python tests/mutate_undecorate.py fastreg/optim/reversible.py fastreg/ops/noise.py
 prints each rewritten function; --check only lists them.
@@ -44,9 +44,18 @@ def _decorated(tree: ast.Module):
             decs = node.decorator_list
             if len(decs) == 1 and isinstance(decs[0], ast.Name) and decs[0].id in _MUTMUT_KEEPS:
                 continue
-            if node.name == "_":
+            if node.name == "_" and _fake_of(node) is None:
                 continue
             yield node
+
+
+def _fake_of(node) -> str | None:
+    """`op` for a lone `@op.register_fake` decorator, else None."""
+    decs = node.decorator_list
+    if (len(decs) == 1 and isinstance(decs[0], ast.Attribute) and decs[0].attr == "register_fake"
+            and isinstance(decs[0].value, ast.Name)):
+        return decs[0].value.id
+    return None
 
 
 def rewrite(src: str) -> tuple[str, list[str]]:
@@ -57,7 +66,12 @@ def rewrite(src: str) -> tuple[str, list[str]]:
     for node in sorted(_decorated(tree), key=lambda n: n.lineno, reverse=True):
         indent = lines[node.lineno - 1][: node.col_offset]
         decs = [ast.get_source_segment(src, d) for d in node.decorator_list]
-        wrapped = node.name
+        name = node.name
+        if name == "_":  # a fake kernel: a name of its own, `_` bound as before
+            name = f"_fake{_fake_of(node)}"
+            line = lines[node.lineno - 1]
+            lines[node.lineno - 1] = line.replace("def _(", f"def {name}(", 1)
+        wrapped = name
         for dec in reversed(decs):
             wrapped = f"{dec}({wrapped})"
         add = [f"{indent}{node.name} = {wrapped}\n"]
