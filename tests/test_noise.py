@@ -350,11 +350,17 @@ def test_opcheck(backend):
                                    not add, True), **kw)
         torch.library.opcheck(torch.ops.fastreg.noise_fwd.default,
                               (torch.randn(4, 3), torch.tensor(0.5), seed, 0, 0, False), **kw)
+        # grad_x alone: grad_sigma comes back empty, in the fake kernel too
+        torch.library.opcheck(torch.ops.fastreg.noise_bwd.default,
+                              (x.detach(), x.detach(), s.detach(), seed, 2, 0, False, True, False),
+                              **kw)
     if backend == "numba":
         torch.library.opcheck(torch.ops.fastreg.noise_fwd_cpu.default,
                               (x.detach(), s.detach(), seed, 2, 0, False))
-        torch.library.opcheck(torch.ops.fastreg.noise_bwd_cpu.default,
-                              (x.detach(), x.detach(), s.detach(), seed, 2, 0, False, True, True))
+        for need_gs in (True, False):
+            torch.library.opcheck(torch.ops.fastreg.noise_bwd_cpu.default,
+                                  (x.detach(), x.detach(), s.detach(), seed, 2, 0, False, True,
+                                   need_gs))
 
 
 def test_torch_compile_fullgraph(gen):
