@@ -72,11 +72,11 @@ def check_op_seed(seed: torch.Tensor, ref: torch.Tensor, ref_name: str, op: str)
                          f"got {seed.device}")
 
 
-def check_fake_devices(op: str, **tensors) -> None:
-    """In a fake kernel: every tensor given (None skipped) on the first one's device. The
-    dispatcher sends a call that mixes a meta tensor with real ones to the fake kernel, whose
-    uninitialised result would come back as if computed; under torch.compile the tensors are
-    FakeTensors on their real devices, where the op itself would refuse a mix too."""
+def check_op_devices(op: str, **tensors) -> None:
+    """Every tensor given (None skipped) on the first one's device. Every fake kernel checks
+    this: the dispatcher sends a call that mixes a meta tensor with real ones to the fake
+    kernel, whose uninitialised result would come back as if computed (under torch.compile the
+    tensors are FakeTensors on their real devices, where the op itself refuses a mix too)."""
     items = iter(tensors.items())
     ref_name, ref = next(items)
     for name, t in items:

@@ -33,7 +33,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from fastreg import _alloc, _backend, _layout, _native
-from fastreg._validate import (check_fake_devices, check_float_tensor, check_op_like,
+from fastreg._validate import (check_op_devices, check_float_tensor, check_op_like,
                                check_op_nonneg, check_same, compute_dtype)
 
 _SUPPORTED = ("numba", "triton")
@@ -142,7 +142,7 @@ _adversarial_numba = torch.library.custom_op(
 
 @_adversarial_numba.register_fake
 def _(x, x0, grad, step, eps, lo, hi):
-    check_fake_devices("adversarial_numba", x=x, x0=x0, grad=grad)
+    check_op_devices("adversarial_numba", x=x, x0=x0, grad=grad)
     return _layout.empty_out(x)
 
 

@@ -28,7 +28,7 @@ from torch.library import triton_op
 from fastreg import _alloc, _backend
 from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scale_bits,
                            keep_threshold, seed_tensor)
-from fastreg._validate import (check_fake_devices, check_float_tensor, check_op_code, check_op_like,
+from fastreg._validate import (check_op_devices, check_float_tensor, check_op_code, check_op_like,
                                check_op_probability, check_op_rng, check_probability, compute_dtype)
 from fastreg.ops.dropout import _kernel_scalars, dropout_multipliers_reference
 from fastreg.ops.noise import _eager_fast_path, _nthreads
@@ -121,7 +121,7 @@ def _fwd_cpu(x: Tensor, bias: Tensor, seed: Tensor, stream: int, act: int, p: fl
 
 @_fwd_cpu.register_fake
 def _(x, bias, seed, stream, act, p):
-    check_fake_devices("bias_act_dropout_fwd_cpu", x=x, bias=bias, seed=seed)
+    check_op_devices("bias_act_dropout_fwd_cpu", x=x, bias=bias, seed=seed)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -153,7 +153,7 @@ def _bwd_cpu(grad: Tensor, saved: Tensor, bias: Tensor, seed: Tensor, stream: in
 
 @_bwd_cpu.register_fake
 def _(grad, saved, bias, seed, stream, act, p):
-    check_fake_devices("bias_act_dropout_bwd_cpu", grad=grad, saved=saved, bias=bias, seed=seed)
+    check_op_devices("bias_act_dropout_bwd_cpu", grad=grad, saved=saved, bias=bias, seed=seed)
     return (torch.empty(grad.shape, dtype=grad.dtype, device=grad.device),
             torch.empty(bias.shape, dtype=bias.dtype, device=bias.device))
 

@@ -31,7 +31,7 @@ from torch.library import triton_op
 from fastreg import _alloc, _backend, _layout
 from fastreg._seed import (check_seed, check_stream, dropout_scale, dropout_scale_bits,
                            keep_threshold, seed_tensor)
-from fastreg._validate import (check_fake_devices, check_float_tensor, check_op_like,
+from fastreg._validate import (check_op_devices, check_float_tensor, check_op_like,
                                check_op_probability, check_op_rng, check_probability, check_same,
                                compute_dtype)
 from fastreg.ops.rng import words_reference
@@ -171,7 +171,7 @@ def _dropout_fwd_cpu(x: Tensor, seed: Tensor, stream: int, p: float,
 
 @_dropout_fwd_cpu.register_fake
 def _(x, seed, stream, p, with_bits):
-    check_fake_devices("dropout_fwd_cpu", x=x, seed=seed)
+    check_op_devices("dropout_fwd_cpu", x=x, seed=seed)
     nbits = (x.numel() + 7) // 8 if with_bits else 0
     return _layout.empty_out(x), x.new_empty(nbits, dtype=torch.uint8)
 
@@ -202,7 +202,7 @@ def _dropout_add_fwd_cpu(x: Tensor, residual: Tensor, seed: Tensor, stream: int,
 
 @_dropout_add_fwd_cpu.register_fake
 def _(x, residual, seed, stream, p):
-    check_fake_devices("dropout_add_fwd_cpu", x=x, residual=residual, seed=seed)
+    check_op_devices("dropout_add_fwd_cpu", x=x, residual=residual, seed=seed)
     return _layout.empty_out(x)
 
 
@@ -250,7 +250,7 @@ def _dropout_bits_apply_cpu(grad: Tensor, bits: Tensor, p: float) -> Tensor:
 
 @_dropout_bits_apply_cpu.register_fake
 def _(grad, bits, p):
-    check_fake_devices("dropout_bits_apply_cpu", grad=grad, bits=bits)
+    check_op_devices("dropout_bits_apply_cpu", grad=grad, bits=bits)
     return _layout.empty_out(grad)
 
 

@@ -34,7 +34,7 @@ from fastreg import _alloc, _backend
 from fastreg._boundary import PLAIN_TYPES as _PLAIN_TYPES, check_plain
 from fastreg._seed import (check_seed, check_stream, dropout_scale_bits, keep_threshold,
                            seed_tensor)
-from fastreg._validate import (check_fake_devices, check_float_tensor, check_op_probability,
+from fastreg._validate import (check_op_devices, check_float_tensor, check_op_probability,
                                check_op_rng, check_probability, compute_dtype)
 from fastreg.ops.dropout import _kernel_scalars, dropout_multipliers_reference
 from fastreg.ops.noise import _eager_fast_path
@@ -92,7 +92,7 @@ def _locked_dropout_cpu(x: Tensor, seed: Tensor, stream: int, p: float, dim: int
 
 @_locked_dropout_cpu.register_fake
 def _(x, seed, stream, p, dim):
-    check_fake_devices("locked_dropout_cpu", x=x, seed=seed)
+    check_op_devices("locked_dropout_cpu", x=x, seed=seed)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -239,16 +239,13 @@ def dropconnect_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], see
     """x (W * mask / (1 - p))^T + bias; the masked weight is a temporary."""
     _check_scalars(x, seed, stream, p, "dropconnect_linear")
     # the mask kernel runs on weight's device and reads the seed there (checked on x's device)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"fastreg::dropconnect_linear: {name} must be on x's device "
-                             f"({x.device}), got {t.device}")
+    check_op_devices("dropconnect_linear", x=x, weight=weight, bias=bias)
     return torch.nn.functional.linear(x, _masked_weight(weight, seed, stream, p, True), bias)
 
 
 @dropconnect_linear_op.register_fake
 def _(x, weight, bias, seed, stream, p):
-    check_fake_devices("dropconnect_linear", x=x, weight=weight, bias=bias, seed=seed)
+    check_op_devices("dropconnect_linear", x=x, weight=weight, bias=bias, seed=seed)
     return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
 
 

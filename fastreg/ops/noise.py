@@ -44,7 +44,7 @@ from torch.library import triton_op
 from fastreg import _alloc, _backend, _layout
 from fastreg._boundary import PLAIN_TYPES as _PLAIN_TYPES, check_plain
 from fastreg._seed import check_seed, check_stream, seed_tensor
-from fastreg._validate import (check_fake_devices, check_float_tensor, check_op_code, check_op_like,
+from fastreg._validate import (check_op_devices, check_float_tensor, check_op_code, check_op_like,
                                check_op_rng, check_probability, compute_dtype)
 from fastreg.ops.rng import normals_reference, uniform_from_words_reference, words_reference
 
@@ -235,7 +235,7 @@ def _noise_fwd_cpu(x: Tensor, sigma: Tensor, seed: Tensor, stream: int, dist: in
 
 @_noise_fwd_cpu.register_fake
 def _(x, sigma, seed, stream, dist, additive):
-    check_fake_devices("noise_fwd_cpu", x=x, sigma=sigma, seed=seed)
+    check_op_devices("noise_fwd_cpu", x=x, sigma=sigma, seed=seed)
     return _layout.empty_out(x)
 
 
@@ -309,7 +309,7 @@ def _noise_bwd_cpu(grad: Tensor, x: Tensor, sigma: Tensor, seed: Tensor, stream:
 
 @_noise_bwd_cpu.register_fake
 def _(grad, x, sigma, seed, stream, dist, additive, need_gx, need_gs):
-    check_fake_devices("noise_bwd_cpu", grad=grad, x=x, sigma=sigma, seed=seed)
+    check_op_devices("noise_bwd_cpu", grad=grad, x=x, sigma=sigma, seed=seed)
     gx = _layout.empty_out(grad) if need_gx else grad.new_empty(0)
     gs = _layout.empty_out(sigma) if need_gs else sigma.new_empty(0)
     return gx, gs

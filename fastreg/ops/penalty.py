@@ -28,7 +28,7 @@ import torch
 
 from fastreg import _backend, _native
 from fastreg._boundary import check_plain, check_plain_list
-from fastreg._validate import check_fake_devices, check_op_like, check_op_nonneg
+from fastreg._validate import check_op_devices, check_op_like, check_op_nonneg
 
 MODE_NONE, MODE_DIM0, MODE_DIM1, MODE_EXPLICIT = 0, 1, 2, 3
 GROUP_NAMES = {"rows": MODE_DIM0, "filters": MODE_DIM0, "cols": MODE_DIM1, "channels": MODE_DIM1}
@@ -737,7 +737,7 @@ def activity_penalty_backward(gy: torch.Tensor, x: torch.Tensor, gv: torch.Tenso
 
 @activity_penalty_backward.register_fake
 def _(gy, x, gv, l1, l2):
-    check_fake_devices("activity_penalty_backward", gy=gy, x=x, gv=gv)
+    check_op_devices("activity_penalty_backward", gy=gy, x=x, gv=gv)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 

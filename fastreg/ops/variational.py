@@ -35,7 +35,7 @@ from torch.library import triton_op, wrap_triton
 
 from fastreg import _alloc, _backend, _layout, _native
 from fastreg._seed import check_stream, seed_tensor
-from fastreg._validate import (check_fake_devices, check_float_tensor, check_op_like,
+from fastreg._validate import (check_op_devices, check_float_tensor, check_op_like,
                                check_op_nonneg, check_op_rng, check_same, compute_dtype)
 from fastreg.ops.rng import normals_reference
 
@@ -135,7 +135,7 @@ _vd_sample_cpu = torch.library.custom_op("fastreg::vd_sample_cpu", _vd_sample_cp
 
 @_vd_sample_cpu.register_fake
 def _(mu, var, seed, stream, eps):
-    check_fake_devices("vd_sample_cpu", mu=mu, var=var, seed=seed)
+    check_op_devices("vd_sample_cpu", mu=mu, var=var, seed=seed)
     return _layout.empty_out(mu)
 
 
@@ -171,7 +171,7 @@ _vd_sample_grad_var_cpu = torch.library.custom_op(
 
 @_vd_sample_grad_var_cpu.register_fake
 def _(grad, var, seed, stream, eps):
-    check_fake_devices("vd_sample_grad_var_cpu", grad=grad, var=var, seed=seed)
+    check_op_devices("vd_sample_grad_var_cpu", grad=grad, var=var, seed=seed)
     return _layout.empty_out(grad)
 
 
